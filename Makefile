@@ -1,0 +1,33 @@
+# Two commands: `make run` (execute the notebooks headless) and `make test` (the test suite).
+# Each creates .venv and installs the project on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run run-quick test bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch pinned first so nothing pulls the multi-GB CUDA build
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name esper-lib --display-name "Python (esper-lib)" > /dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m esper_lib.notebook_runner
+
+run-quick: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m esper_lib.notebook_runner --quick
+
+test: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m pytest -n 2 --durations=15
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_network.py
+
+clean:
+	rm -rf artefacts .pytest_cache

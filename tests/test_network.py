@@ -1,0 +1,349 @@
+"""The V2 network: the plan's validation block, value conditioning, masks, recurrence, gradients."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from esper_lib.constants import (
+    CANONICAL_ACTION,
+    HEAD_NAMES,
+    HEAD_RELEVANCE,
+    NUM_OPS,
+    LifecycleOp,
+    head_sizes,
+)
+from esper_lib.network import (
+    EvaluateOutput,
+    FactoredRecurrentActorCritic,
+    ForwardOutput,
+    GetActionResult,
+    expected_parameter_count,
+)
+
+SIZES = head_sizes(3)
+
+
+def make_inputs(b: int = 2, t: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, 121, generator=g), torch.randint(-1, 13, (b, t, 3), generator=g)
+
+
+def random_actions(b: int, t: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randint(0, k, (b, t), generator=g) for name, k in SIZES.items()}
+
+
+def test_plan_validation_block(capsys: pytest.CaptureFixture[str]) -> None:
+    """The Phase 4 plan's validation snippet, at full size, with the shapes it promises."""
+    net = FactoredRecurrentActorCritic(state_dim=121, num_slots=3)
+    state = torch.randn(2, 5, 121)
+    bp_idx = torch.randint(0, 13, (2, 5, 3))
+    out = net(state, bp_idx)
+    assert isinstance(out, ForwardOutput)
+    print(f"Op logits: {out.op_logits.shape}")
+    print(f"Value: {out.value.shape}")
+    print(f"Sampled op: {out.sampled_op.shape}")
+    eval_out = net.evaluate_actions(state, bp_idx, random_actions(2, 5))
+    assert isinstance(eval_out, EvaluateOutput)
+    print(f"Value (eval): {eval_out.value.shape}")
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"Params: {n_params}")
+    printed = capsys.readouterr().out
+    assert "Op logits: torch.Size([2, 5, 6])" in printed
+    assert "Value: torch.Size([2, 5])" in printed
+    assert "Sampled op: torch.Size([2, 5])" in printed
+    assert "Value (eval): torch.Size([2, 5])" in printed
+    # The plan says "~2.1M"; its own layer list gives this (design section 3).
+    assert n_params == expected_parameter_count(121, 3, 512, 512) == 3_628_898
+    assert out.blueprint_logits.shape == (2, 5, 13)
+    assert out.slot_logits.shape == (2, 5, 3)
+    assert out.hidden[0].shape == (1, 2, 512)
+
+
+def test_parameter_table_sums_to_total(small_net: FactoredRecurrentActorCritic) -> None:
+    assert sum(n for _, n in small_net.parameter_table()) == sum(p.numel() for p in small_net.parameters())
+    assert sum(p.numel() for p in small_net.parameters()) == expected_parameter_count(121, 3, 32, 32)
+
+
+def test_init_gains_and_forget_bias() -> None:
+    net = FactoredRecurrentActorCritic(feature_dim=64, hidden_dim=64)
+    for name, head in net.heads.items():
+        last = head[-1].weight
+        # Orthogonal with gain g: singular values all equal g.
+        sv = torch.linalg.svdvals(last)
+        assert torch.allclose(sv, torch.full_like(sv, 0.01), atol=1e-5), name
+    first = net.heads["op"][0].weight
+    assert torch.allclose(torch.linalg.svdvals(first), torch.full((32,), math.sqrt(2)), atol=1e-4)
+    h = net.hidden_dim
+    forget = net.lstm.bias_ih_l0[h : 2 * h] + net.lstm.bias_hh_l0[h : 2 * h]
+    assert torch.equal(forget, torch.ones(h))
+    other = torch.cat([net.lstm.bias_ih_l0[:h], net.lstm.bias_ih_l0[2 * h :]])
+    assert torch.equal(other, torch.zeros(3 * h))
+
+
+def test_forward_value_equals_evaluate_value_for_stored_op(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(3, 6)
+    out = small_net(state, bp)
+    actions = random_actions(3, 6)
+    actions["op"] = out.sampled_op
+    ev = small_net.evaluate_actions(state, bp, actions)
+    assert torch.allclose(out.value, ev.value, atol=1e-5)
+
+
+def test_changing_only_the_op_changes_q(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(2, 3)
+    q = [small_net.get_value(state, bp, None, torch.full((2, 3), op)) for op in range(NUM_OPS)]
+    for a in range(NUM_OPS):
+        for b in range(a + 1, NUM_OPS):
+            assert not torch.allclose(q[a], q[b]), (a, b)
+
+
+def test_get_value_equals_q_values(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(2, 4)
+    q_all, probs, _ = small_net.q_values(state, bp)
+    assert q_all.shape == (2, 4, NUM_OPS) and probs.shape == (2, 4, NUM_OPS)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 4), atol=1e-6)
+    for op in range(NUM_OPS):
+        v = small_net.get_value(state, bp, None, torch.full((2, 4), op))
+        assert torch.allclose(v, q_all[..., op], atol=1e-5)
+
+
+def test_q_values_respects_op_mask(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(1, 2)
+    mask = torch.tensor([True, False, True, False, False, True]).expand(1, 2, 6)
+    _, probs, _ = small_net.q_values(state, bp, action_mask={"op": mask})
+    assert (probs[~mask] == 0).all()
+
+
+def test_deterministic_get_action_is_argmax_of_valid_logits(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(4, 1)
+    h = small_net.initial_hidden(4)
+    g = torch.Generator().manual_seed(5)
+    masks = {name: torch.rand(4, k, generator=g) < 0.6 for name, k in SIZES.items()}
+    for name in masks:
+        masks[name][:, 0] = True
+    res = small_net.get_action(state, bp, h, action_mask=masks, deterministic=True)
+    out = small_net(state, bp, h)
+    op_logits = out.op_logits[:, 0].masked_fill(~masks["op"], -1e9)
+    assert torch.equal(res.actions["op"], op_logits.argmax(-1))
+    for i in range(4):
+        op = LifecycleOp(int(res.actions["op"][i]))
+        for name in HEAD_NAMES[1:]:
+            logits = getattr(out, f"{name}_logits")[i, 0]
+            if name in HEAD_RELEVANCE[op]:
+                expected = logits.masked_fill(~masks[name][i], -1e9).argmax()
+            else:
+                expected = torch.tensor(CANONICAL_ACTION[name])
+            assert res.actions[name][i].item() == expected.item(), (name, op)
+
+
+def test_get_action_accepts_2d_and_3d_inputs(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(5, 1)
+    h = small_net.initial_hidden(5)
+    a = small_net.get_action(state[:, 0], bp[:, 0], h, deterministic=True)
+    b = small_net.get_action(state, bp, h, deterministic=True)
+    assert isinstance(a, GetActionResult)
+    for name in HEAD_NAMES:
+        assert torch.equal(a.actions[name], b.actions[name])
+        assert a.actions[name].shape == (5,)
+    assert torch.allclose(a.value, b.value)
+    assert a.hidden[0].shape == (1, 5, 32)
+    assert torch.equal(a.sampled_op, a.actions["op"])
+    with pytest.raises(ValueError, match="one step"):
+        small_net.get_action(*make_inputs(5, 2), h)
+
+
+def test_get_action_never_samples_masked_and_canonicalises(small_net: FactoredRecurrentActorCritic) -> None:
+    b = 512
+    state, bp = make_inputs(b, 1, seed=3)
+    g = torch.Generator().manual_seed(9)
+    masks = {name: torch.rand(b, k, generator=g) < 0.5 for name, k in SIZES.items()}
+    for name in masks:
+        masks[name][torch.arange(b), torch.randint(0, SIZES[name], (b,), generator=g)] = True
+    slot_by_op = torch.rand(b, NUM_OPS, 3, generator=g) < 0.5
+    slot_by_op[..., 0] = True
+    masks["slot"][:, 0] = True  # slot 0 valid in both, so the and-ed row is never empty
+    masks["slot_by_op"] = slot_by_op
+    res = small_net.get_action(state, bp, None, action_mask=masks, return_q_all=True, generator=g)
+    op = res.actions["op"]
+    assert masks["op"].gather(1, op[:, None]).all()
+    slot_row = slot_by_op[torch.arange(b), op] & masks["slot"]
+    for name in HEAD_NAMES[1:]:
+        used = res.masks[name]
+        assert used.gather(1, res.actions[name][:, None]).all(), name
+        rel = torch.tensor([name in HEAD_RELEVANCE[LifecycleOp(int(o))] for o in op])
+        given = slot_row if name == "slot" else masks[name]
+        assert torch.equal(used[rel], given[rel]), name
+        assert (used[~rel].sum(-1) == 1).all()
+        assert torch.equal(res.log_probs[name][~rel], torch.zeros(int((~rel).sum())))
+        assert (res.actions[name][~rel] == CANONICAL_ACTION[name]).all()
+    assert torch.allclose(res.q_all.gather(1, op[:, None]).squeeze(1), res.value)
+    assert torch.allclose(res.op_probs.sum(-1), torch.ones(b), atol=1e-6)
+
+
+def test_evaluate_actions_canonical_heads_zero(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(2, 6)
+    actions = random_actions(2, 6, seed=4)
+    actions["op"] = torch.arange(6).expand(2, 6).clone()
+    ev = small_net.evaluate_actions(state, bp, actions)
+    for op in LifecycleOp:
+        for name in HEAD_NAMES[1:]:
+            lp, ent = ev.log_probs[name][:, int(op)], ev.entropy[name][:, int(op)]
+            if name in HEAD_RELEVANCE[op]:
+                assert (lp < 0).all() and (ent > 0).all(), (name, op)
+            else:
+                assert torch.equal(lp, torch.zeros(2)) and torch.equal(ent, torch.zeros(2)), (name, op)
+
+
+def test_get_action_log_probs_match_evaluate_actions(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(6, 1, seed=2)
+    h = small_net.initial_hidden(6)
+    res = small_net.get_action(state, bp, h)
+    ev = small_net.evaluate_actions(
+        state, bp, {k: v[:, None] for k, v in res.actions.items()}, h, action_mask={k: v[:, None] for k, v in res.masks.items()}
+    )
+    for name in HEAD_NAMES:
+        assert torch.allclose(res.log_probs[name], ev.log_probs[name][:, 0], atol=1e-5), name
+    assert torch.allclose(res.value, ev.value[:, 0], atol=1e-5)
+
+
+def test_blueprint_minus_one_uses_null_row(small_net: FactoredRecurrentActorCritic) -> None:
+    emb = small_net.blueprint_embedding
+    out = emb(torch.tensor([[-1, 0, 12]]))
+    assert torch.equal(out[0, :4], emb.embedding.weight[13])
+    assert torch.equal(out[0, 4:8], emb.embedding.weight[0])
+    assert torch.equal(out[0, 8:], emb.embedding.weight[12])
+
+
+@pytest.mark.parametrize("bad", [13, -2])
+def test_blueprint_out_of_range_raises(small_net: FactoredRecurrentActorCritic, bad: int) -> None:
+    state, bp = make_inputs(1, 2)
+    bp[0, 1, 2] = bad
+    with pytest.raises(ValueError, match=r"blueprint_indices must lie in \[-1, 12\]"):
+        small_net(state, bp)
+
+
+def test_bad_inputs_raise_with_argument_names(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(2, 3)
+    with pytest.raises(ValueError, match=r"state must have shape \[B, T, 121\]"):
+        small_net(state[..., :120], bp)
+    with pytest.raises(ValueError, match="state must have shape"):
+        small_net(state[0], bp)
+    with pytest.raises(TypeError, match="state must be a floating-point"):
+        small_net(state.long(), bp)
+    with pytest.raises(TypeError, match="blueprint_indices must be an int64"):
+        small_net(state, bp.int())
+    with pytest.raises(ValueError, match="blueprint_indices must have shape"):
+        small_net(state, bp[..., :2])
+    with pytest.raises(TypeError, match=r"action_mask\['op'\] must be a bool"):
+        small_net(state, bp, action_mask={"op": torch.ones(2, 3, 6)})
+    with pytest.raises(ValueError, match=r"action_mask\['op'\] must have shape \(2, 3, 6\)"):
+        small_net(state, bp, action_mask={"op": torch.ones(2, 3, 5, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="unknown head 'opp'"):
+        small_net(state, bp, action_mask={"opp": torch.ones(2, 3, 6, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"op: mask has a row with no valid action"):
+        small_net(state, bp, action_mask={"op": torch.zeros(2, 3, 6, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="hidden h must have shape"):
+        small_net(state, bp, hidden=small_net.initial_hidden(3))
+    actions = random_actions(2, 3)
+    with pytest.raises(ValueError, match="missing heads"):
+        small_net.evaluate_actions(state, bp, {"op": actions["op"]})
+    bad = dict(actions, slot=torch.full((2, 3), 3))
+    with pytest.raises(ValueError, match=r"actions\['slot'\] must lie in \[0, 2\]"):
+        small_net.evaluate_actions(state, bp, bad)
+    with pytest.raises(TypeError, match=r"actions\['tempo'\] must be an int64"):
+        small_net.evaluate_actions(state, bp, dict(actions, tempo=actions["tempo"].float()))
+    with pytest.raises(ValueError, match=r"actions\['op'\] must have shape \(2, 3\)"):
+        small_net.evaluate_actions(state, bp, dict(actions, op=actions["op"][:, :2]))
+    with pytest.raises(ValueError, match="op must lie in"):
+        small_net.get_value(state, bp, None, torch.full((2, 3), 6))
+
+
+def test_relevant_masked_stored_action_raises(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(1, 1)
+    actions = {name: torch.zeros(1, 1, dtype=torch.long) for name in HEAD_NAMES}
+    actions["op"] = torch.full((1, 1), int(LifecycleOp.GERMINATE))
+    mask = {"blueprint": torch.tensor([[[False] + [True] * 12]])}
+    with pytest.raises(ValueError, match="blueprint: log_prob asked for a masked"):
+        small_net.evaluate_actions(state, bp, actions, action_mask=mask)
+
+
+def test_gradients_reach_every_part(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(3, 4)
+    actions = random_actions(3, 4, seed=7)
+    actions["op"] = torch.tensor([[1, 2, 3, 1]] * 3)  # GERMINATE, SET_ALPHA_TARGET, PRUNE: every head relevant somewhere
+    ev = small_net.evaluate_actions(state, bp, actions)
+    loss = sum(v.sum() for v in ev.log_probs.values()) + sum(v.sum() for v in ev.entropy.values()) + ev.value.sum()
+    loss.backward()
+    for name, p in small_net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_step_by_step_equals_sequence_call(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(3, 7, seed=11)
+    actions = random_actions(3, 7, seed=12)
+    actions["op"] = torch.full((3, 7), int(LifecycleOp.GERMINATE))
+    h0 = (torch.randn(1, 3, 32) * 0.1, torch.randn(1, 3, 32) * 0.1)
+    seq = small_net(state, bp, h0)
+    ev = small_net.evaluate_actions(state, bp, actions, h0)
+    hidden = h0
+    for t in range(7):
+        step = small_net(state[:, t : t + 1], bp[:, t : t + 1], hidden)
+        for field in ("op_logits", "blueprint_logits", "alpha_curve_logits"):
+            assert torch.allclose(getattr(step, field)[:, 0], getattr(seq, field)[:, t], atol=1e-5)
+        q = small_net.get_value(state[:, t : t + 1], bp[:, t : t + 1], hidden, actions["op"][:, t])
+        assert torch.allclose(q[:, 0], ev.value[:, t], atol=1e-5)
+        hidden = step.hidden
+    assert torch.allclose(hidden[0], seq.hidden[0], atol=1e-5)
+    assert torch.allclose(hidden[1], seq.hidden[1], atol=1e-5)
+
+
+def test_episode_starts_reset_hidden_inside_sequence(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(2, 6, seed=13)
+    starts = torch.zeros(2, 6, dtype=torch.bool)
+    starts[0, 3] = True
+    starts[1, 4] = True
+    h0 = (torch.randn(1, 2, 32), torch.randn(1, 2, 32))
+    joint = small_net(state, bp, h0, episode_starts=starts)
+    # Row 0 after the reset equals a fresh run from step 3 with zero state.
+    fresh = small_net(state[:1, 3:], bp[:1, 3:])
+    assert torch.allclose(joint.op_logits[0, 3:], fresh.op_logits[0], atol=1e-5)
+    before = small_net(state[:1, :3], bp[:1, :3], (h0[0][:, :1], h0[1][:, :1]))
+    assert torch.allclose(joint.op_logits[0, :3], before.op_logits[0], atol=1e-5)
+    fresh1 = small_net(state[1:, 4:], bp[1:, 4:])
+    assert torch.allclose(joint.op_logits[1, 4:], fresh1.op_logits[0], atol=1e-5)
+    with pytest.raises(ValueError, match="episode_starts"):
+        small_net(state, bp, episode_starts=starts.float())
+
+
+def test_state_dict_round_trip_and_float64(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(2, 3)
+    other = FactoredRecurrentActorCritic(feature_dim=32, hidden_dim=32)
+    other.load_state_dict(small_net.state_dict())
+    q1, _, _ = small_net.q_values(state, bp)
+    q2, _, _ = other.q_values(state, bp)
+    assert torch.equal(q1, q2)
+    double = FactoredRecurrentActorCritic(feature_dim=32, hidden_dim=32)
+    double.load_state_dict(small_net.state_dict())
+    double = double.to(torch.float64)
+    q64, _, h = double.q_values(state.double(), bp)
+    assert q64.dtype == torch.float64 and h[0].dtype == torch.float64
+    assert torch.allclose(q64.float(), q1, atol=1e-5)
+    res = double.get_action(state[:, :1].double(), bp[:, :1], double.initial_hidden(2))
+    assert res.value.dtype == torch.float64
+
+
+def test_constructor_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="hidden_dim"):
+        FactoredRecurrentActorCritic(hidden_dim=0)
+    with pytest.raises(ValueError, match="num_slots"):
+        FactoredRecurrentActorCritic(num_slots=-1)
+
+
+def test_validation_switch_off_skips_checks(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(1, 1)
+    small_net.validate_inputs = False
+    out = small_net(state, bp)  # still runs, without the checks
+    assert out.value.shape == (1, 1)
