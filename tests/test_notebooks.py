@@ -1,0 +1,65 @@
+"""Every notebook runs headless under papermill with its quick parameters and writes its artefacts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from esper_lib.notebook_runner import NOTEBOOKS, QUICK_PARAMETERS, check_parameters, notebook_parameters, run_notebook
+
+# Files each notebook must leave in its output folder (besides the executed copy).
+EXPECTED_ARTEFACTS: dict[str, tuple[str, ...]] = {
+    "01_build_v2_model": ("tamiyo_v2.pt", "parameters_per_module.png", "parameters_per_module.csv", "init_gains.csv"),
+    "02_validate_shapes": ("shape_table.csv", "masked_sampling.csv", "value_consistency.csv", "recurrence.png"),
+}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_quick_parameters_are_declared(name: str) -> None:
+    declared = notebook_parameters(name)
+    assert "out_dir" in declared
+    unknown = set(QUICK_PARAMETERS[name]) - set(declared)
+    assert not unknown, f"{name}: quick parameters {unknown} are not in the parameters cell"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_without_outputs_and_with_a_parameters_cell(name: str) -> None:
+    nb = nbformat.read(Path("notebooks") / f"{name}.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert not any(c.get("outputs") or c.get("execution_count") for c in code), f"{name} carries outputs"
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and tagged[0] is code[0], f"{name}: the first code cell must be the only parameters cell"
+    assert nb.metadata["kernelspec"]["name"] == "esper-lib"
+
+
+def test_unknown_parameter_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"unknown papermill parameter\(s\) \['hiden_dim'\]"):
+        check_parameters("01_build_v2_model", {"hiden_dim": 64})
+    with pytest.raises(FileNotFoundError, match="no notebook"):
+        check_parameters("99_missing", {})
+
+
+@pytest.mark.notebook
+def test_notebooks_01_02_run_quick(tmp_path: Path) -> None:
+    for name in ("01_build_v2_model", "02_validate_shapes"):
+        executed = run_notebook(name, quick=True, out_root=tmp_path)
+        assert executed.is_file()
+        for artefact in EXPECTED_ARTEFACTS[name]:
+            assert (tmp_path / name / artefact).is_file(), f"{name} did not write {artefact}"
+    # 02 can validate the model notebook 01 saved.
+    run_notebook(
+        "02_validate_shapes",
+        parameters={"checkpoint_path": str(tmp_path / "01_build_v2_model" / "tamiyo_v2.pt")},
+        quick=True,
+        out_root=tmp_path / "from_ckpt",
+    )
+    assert (tmp_path / "from_ckpt" / "02_validate_shapes" / "shape_table.csv").is_file()
+
+
+@pytest.mark.notebook
+def test_notebook_failure_surfaces(tmp_path: Path) -> None:
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match="batch_sizes must be a non-empty list"):
+        run_notebook("02_validate_shapes", parameters={"batch_sizes": [0]}, quick=True, out_root=tmp_path)
