@@ -30,8 +30,15 @@ NOTEBOOKS: tuple[str, ...] = (
 QUICK_PARAMETERS: dict[str, dict[str, Any]] = {
     "01_build_v2_model": {},
     "02_validate_shapes": {"batch_sizes": [1, 3], "seq_lens": [1, 4], "num_draws": 500},
-    "03_value_landscape": {},
+    "03_value_landscape": {"max_epochs": 5, "batches_per_epoch": 2, "sweep_points": 7},
     "04_short_training": {},
+}
+
+# Inputs a notebook reads from an earlier notebook's output folder (relative to the same out_root);
+# passed only when not given explicitly and the file exists (else the notebook's own default applies).
+LINKED_PARAMETERS: dict[str, dict[str, str]] = {
+    "02_validate_shapes": {"checkpoint_path": "01_build_v2_model/tamiyo_v2.pt"},
+    "03_value_landscape": {"checkpoint_path": "01_build_v2_model/tamiyo_v2.pt"},
 }
 
 
@@ -77,6 +84,7 @@ def run_notebook(
 
     ``out_dir`` (when the notebook declares it) is set to ``<out_root>/<name>`` unless given.
     ``quick`` starts from ``QUICK_PARAMETERS[name]``; explicit ``parameters`` override it.
+    ``LINKED_PARAMETERS`` point a notebook at what an earlier one saved under the same ``out_root``.
     """
     import papermill
 
@@ -86,6 +94,10 @@ def run_notebook(
     declared = notebook_parameters(name)
     if "out_dir" in declared:
         params.setdefault("out_dir", str(out_dir))
+    for key, relative in LINKED_PARAMETERS.get(name, {}).items():
+        linked = Path(out_root) / relative
+        if key not in params and linked.is_file():
+            params[key] = str(linked)
     check_parameters(name, params)
     out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / f"{name}.ipynb"

@@ -1,0 +1,142 @@
+"""The host of the morphogenetic env: scikit-learn's 8x8 digits and a small CNN with seed slots.
+
+Data: ``load_digits`` (1,797 images, 10 classes, bundled with scikit-learn, no download), scaled
+to [0, 1] then standardised with the train split's mean and std, as ``[N, 1, 8, 8]`` float32.
+
+Host (default ``channels=(16, 32, 32)``, 3 blocks): each block is ``Conv3x3 -> ReLU`` (block 1
+also max-pools 8x8 -> 4x4) and is followed by a ``SeedSlot``; a global average pool and a linear
+classifier finish it::
+
+    x [B,1,8,8] -> block0 [B,16,8,8] -> slot0 -> block1 [B,32,4,4] -> slot1
+                -> block2 [B,32,4,4] -> slot2 -> mean over H,W [B,32] -> linear [B,10]
+
+About 14k parameters at the defaults, deliberately small (and without a dense layer on the
+spatial map) so that seeds have capacity to add and an epoch runs in tens of milliseconds on CPU.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from esper_lib.constants import SeedStage
+from esper_lib.envs.blueprints import parameter_count
+from esper_lib.envs.lifecycle import SeedSlot
+
+NUM_CLASSES = 10
+NUM_DIGITS = 1797
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    """A train/validation split: ``x_*`` ``[N, 1, 8, 8]`` float32, ``y_*`` ``[N]`` int64."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return (data.data / 16.0).astype(np.float32), data.target.astype(np.int64)
+
+
+def load_digits_split(val_size: int = 360, train_size: int | None = None, seed: int = 0) -> DigitsSplit:
+    """Stratified split of the digits into ``val_size`` validation and ``train_size`` training images.
+
+    ``train_size=None`` takes every image not in validation. The split depends only on ``seed``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    x, y = _digits()
+    if not isinstance(val_size, (int, np.integer)) or not 10 <= val_size <= NUM_DIGITS - 10:
+        raise ValueError(f"val_size must be an int in [10, {NUM_DIGITS - 10}], got {val_size!r}")
+    rest = NUM_DIGITS - int(val_size)
+    if train_size is None:
+        train_size = rest
+    if not isinstance(train_size, (int, np.integer)) or not 10 <= train_size <= rest:
+        raise ValueError(f"train_size must be None or an int in [10, {rest}] (with val_size={val_size}), got {train_size!r}")
+    idx_train, idx_val = train_test_split(
+        np.arange(NUM_DIGITS), test_size=int(val_size), stratify=y, random_state=int(seed) % (2**32)
+    )
+    idx_train = idx_train[: int(train_size)]
+    mean, std = float(x[idx_train].mean()), float(x[idx_train].std())
+
+    def prep(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = torch.from_numpy((x[idx] - mean) / std).reshape(-1, 1, 8, 8).contiguous()
+        return xs, torch.from_numpy(y[idx])
+
+    x_tr, y_tr = prep(idx_train)
+    x_va, y_va = prep(idx_val)
+    return DigitsSplit(x_tr, y_tr, x_va, y_va)
+
+
+class HostCNN(nn.Module):
+    """Small CNN with a ``SeedSlot`` after each block; ``forward`` ``[B, 1, 8, 8] -> [B, 10]`` logits.
+
+    Args:
+        channels: output channels of each block; one slot per block (``len(channels)`` slots).
+        pool_after: blocks followed by a 2x2 max-pool.
+    """
+
+    def __init__(self, channels: Sequence[int] = (16, 32, 32), pool_after: Sequence[int] = (1,)):
+        super().__init__()
+        blocks, c_in = [], 1
+        for i, c in enumerate(channels):
+            layers: list[nn.Module] = [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU()]
+            if i in pool_after:
+                layers.append(nn.MaxPool2d(2))
+            blocks.append(nn.Sequential(*layers))
+            c_in = c
+        self.blocks = nn.ModuleList(blocks)
+        self.slots = nn.ModuleList(SeedSlot(i, c) for i, c in enumerate(channels))
+        self.head = nn.Linear(c_in, NUM_CLASSES)
+        self.base_param_count = sum(parameter_count(m) for m in (self.blocks, self.head))
+
+    def host_parameters(self) -> list[nn.Parameter]:
+        """The original host's parameters (fossilized seeds are added to the host optimizer separately)."""
+        return [*self.blocks.parameters(), *self.head.parameters()]
+
+    def param_count(self) -> int:
+        """Host parameters including every fossilized seed (they are part of the host)."""
+        fossils = sum(s.param_count() for s in self.slots if s.stage == SeedStage.FOSSILIZED)
+        return self.base_param_count + fossils
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, 8, 8] -> [B, 10]`` logits with every slot per its stage."""
+        h = x
+        for block, slot in zip(self.blocks, self.slots):
+            h = slot(block(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+    def forward_cached(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits ``[B, 10]`` and each block's output before its slot (for ``forward_ablated``)."""
+        cache, h = [], x
+        for block, slot in zip(self.blocks, self.slots):
+            h = block(h)
+            cache.append(h)
+            h = slot(h)
+        return self.head(h.mean(dim=(2, 3))), cache
+
+    def forward_ablated(self, cache: list[torch.Tensor], ablate: frozenset[int] | set[int]) -> torch.Tensor:
+        """Logits with the slots in ``ablate`` replaced by the identity (their seed's alpha forced to 0).
+
+        Starts from the cached activation of the first ablated slot, so the unchanged prefix of the
+        network is not recomputed.
+        """
+        start = min(ablate)
+        h = cache[start]
+        for k in range(start, len(self.blocks)):
+            if k > start:
+                h = self.blocks[k](h)
+            if k not in ablate:
+                h = self.slots[k](h)
+        return self.head(h.mean(dim=(2, 3)))
