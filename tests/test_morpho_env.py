@@ -576,3 +576,17 @@ def test_vector_envs_step(vector_cls):
         assert np.all(np.isfinite(obs["state"]))
     finally:
         venv.close()
+
+
+def test_step_trains_the_host_inside_no_grad() -> None:
+    """A rollout loop may run under torch.no_grad(); the host epoch must still learn."""
+    import torch
+
+    from esper_lib.envs.morpho import MorphoEnv
+
+    env = MorphoEnv(max_epochs=3, batches_per_epoch=2, train_size=200, val_size=100)
+    env.reset(seed=0)
+    before = [p.detach().clone() for p in env.host.parameters()]
+    with torch.no_grad():
+        env.step(np.zeros(8, dtype=np.int64))
+    assert any(not torch.equal(a, b) for a, b in zip(before, env.host.parameters()))

@@ -12,6 +12,19 @@ from esper_lib.notebook_runner import NOTEBOOKS, QUICK_PARAMETERS, check_paramet
 EXPECTED_ARTEFACTS: dict[str, tuple[str, ...]] = {
     "01_build_v2_model": ("tamiyo_v2.pt", "parameters_per_module.png", "parameters_per_module.csv", "init_gains.csv"),
     "02_validate_shapes": ("shape_table.csv", "masked_sampling.csv", "value_consistency.csv", "recurrence.png"),
+    "04_short_training": (
+        "tamiyo_v2_ppo.pt",
+        "metrics.csv",
+        "op_usage.csv",
+        "training_episodes.csv",
+        "evaluation_summary.csv",
+        "iteration_timing.csv",
+        "run_summary.json",
+        "learning_curve_and_entropy.png",
+        "diagnostics.png",
+        "ops_and_reward_terms.png",
+        "controller_comparison.png",
+    ),
 }
 
 
@@ -63,3 +76,27 @@ def test_notebook_failure_surfaces(tmp_path: Path) -> None:
 
     with pytest.raises(papermill.PapermillExecutionError, match="batch_sizes must be a non-empty list"):
         run_notebook("02_validate_shapes", parameters={"batch_sizes": [0]}, quick=True, out_root=tmp_path)
+
+
+@pytest.mark.notebook
+def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
+    import json
+
+    import pandas as pd
+
+    from esper_lib.ppo import load_trained
+
+    run_notebook("04_short_training", quick=True, out_root=tmp_path)
+    out = tmp_path / "04_short_training"
+    for artefact in EXPECTED_ARTEFACTS["04_short_training"]:
+        assert (out / artefact).is_file(), f"04 did not write {artefact}"
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert len(metrics) == QUICK_PARAMETERS["04_short_training"]["updates"]
+    summary = pd.read_csv(out / "evaluation_summary.csv")
+    assert set(summary["controller"]) == {"ppo", "heuristic", "random", "wait"}
+    assert (summary["n"] == QUICK_PARAMETERS["04_short_training"]["eval_episodes"]).all()
+    run = json.loads((out / "run_summary.json").read_text())
+    assert run["peak_rss_gib"] < 3.0, "a quick run of notebook 04 must stay under 3 GiB"
+    policy, normalizer, config = load_trained(out / "tamiyo_v2_ppo.pt")
+    assert policy.hidden_dim == QUICK_PARAMETERS["04_short_training"]["hidden_dim"] and normalizer is not None
+    assert config.num_envs == QUICK_PARAMETERS["04_short_training"]["num_envs"]

@@ -435,6 +435,7 @@ class MorphoEnv(gym.Env):
             perm = perm[:need]
         return list(torch.split(perm, self.batch_size))
 
+    @torch.enable_grad()  # callers (e.g. a PPO rollout) may step the env inside torch.no_grad()
     def _train_epoch(self) -> None:
         host, data = self.host, self._data
         host.train()

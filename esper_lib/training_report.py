@@ -1,0 +1,224 @@
+"""Recording and plotting a PPO run on the morphogenetic env (notebook 04).
+
+- ``EpisodeRecorder``: a Gymnasium wrapper that keeps one summary per finished episode (return,
+  reward-term sums, final accuracy, op counts) and the seconds spent inside ``env.step`` (host
+  training and validation), so a run's wall time can be split into host work and policy work.
+- ``OpUsage``: a ``PPOTrainer.run`` callback that records the op distribution of each rollout.
+- Plot functions take an ``ax`` (or make one) and return the figure; none calls ``plt.show``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from esper_lib.constants import HEAD_NAMES, NUM_OPS, LifecycleOp
+
+OP_NAMES: tuple[str, ...] = tuple(op.name for op in LifecycleOp)
+
+
+class EpisodeRecorder(gym.Wrapper):
+    """Keeps ``episodes`` (one dict per finished episode) and ``step_seconds`` (time inside ``step``)."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.episodes: list[dict[str, Any]] = []
+        self.step_seconds = 0.0
+        self.steps = 0
+        self._current: dict[str, Any] = {}
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(**kwargs)
+        self._current = {"return": 0.0, "steps": 0, **{f"op_{name}": 0 for name in OP_NAMES}}
+        return obs, info
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        start = time.perf_counter()
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.step_seconds += time.perf_counter() - start
+        self.steps += 1
+        cur = self._current
+        cur["return"] += float(reward)
+        cur["steps"] += 1
+        op = int(np.asarray(action)[0])
+        if 0 <= op < NUM_OPS:
+            cur[f"op_{OP_NAMES[op]}"] += 1
+        for key, value in info.get("reward_terms", {}).items():
+            cur[f"reward_{key}"] = cur.get(f"reward_{key}", 0.0) + float(value)
+        if terminated or truncated:
+            cur["final_val_accuracy"] = info.get("val_accuracy", np.nan)
+            for key in ("germinations", "fossilizations", "prunes", "seed_params"):
+                cur[key] = info.get(key, np.nan)
+            cur["episode"] = len(self.episodes)
+            self.episodes.append(dict(cur))
+        return obs, reward, terminated, truncated, info
+
+
+def recorders(env: Any) -> list[EpisodeRecorder]:
+    """The ``EpisodeRecorder`` wrappers inside a (vector) env, outermost first per sub-env."""
+    subs = getattr(env, "envs", None) or [env]
+    found = []
+    for sub in subs:
+        while sub is not None:
+            if isinstance(sub, EpisodeRecorder):
+                found.append(sub)
+                break
+            sub = getattr(sub, "env", None)
+    return found
+
+
+def episodes_frame(env: Any) -> pd.DataFrame:
+    """All recorded episodes of every sub-env, in the order they finished per env (column ``env``)."""
+    rows = [dict(ep, env=i) for i, rec in enumerate(recorders(env)) for ep in rec.episodes]
+    return pd.DataFrame(rows)
+
+
+class OpUsage:
+    """``PPOTrainer.run`` callback: op fractions over the valid steps of each rollout (``frame()``)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def __call__(self, trainer: Any, row: dict[str, float]) -> None:
+        buffer = trainer.buffer
+        ops = buffer.actions[..., 0][buffer.valid]
+        counts = np.bincount(ops.cpu().numpy(), minlength=NUM_OPS).astype(float)
+        fractions = counts / max(counts.sum(), 1.0)
+        self.rows.append({"update": row["update"], "env_steps": row["env_steps"], **dict(zip(OP_NAMES, fractions))})
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["update", "env_steps", *OP_NAMES])
+
+
+def _ax(ax: Axes | None, figsize: tuple[float, float] = (7, 4)) -> Axes:
+    return plt.subplots(figsize=figsize)[1] if ax is None else ax
+
+
+def plot_learning_curve(metrics: pd.DataFrame, ax: Axes | None = None) -> Figure:
+    """Mean episode return (± std) per update against env steps."""
+    ax = _ax(ax)
+    x, mean, std = metrics["env_steps"], metrics["episode_return_mean"], metrics["episode_return_std"].fillna(0)
+    ax.plot(x, mean, marker="o", ms=3, label="episode return (mean)")
+    ax.fill_between(x, mean - std, mean + std, alpha=0.2, label="± std")
+    ax.set_xlabel("env steps (host epochs)")
+    ax.set_ylabel("return")
+    ax.set_title("Learning curve")
+    ax.legend()
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_head_entropies(metrics: pd.DataFrame, ax: Axes | None = None) -> Figure:
+    """Per-head entropy (over steps where the head is relevant) per update."""
+    ax = _ax(ax)
+    for name in HEAD_NAMES:
+        ax.plot(metrics["update"], metrics[f"entropy_{name}"], label=name)
+    ax.set_xlabel("update")
+    ax.set_ylabel("entropy (nats)")
+    ax.set_title("Per-head entropy")
+    ax.legend(ncol=2, fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_training_diagnostics(metrics: pd.DataFrame, axes: Sequence[Axes] | None = None) -> Figure:
+    """Value loss, explained variance, approximate KL and grad norm per update (2 x 2 grid)."""
+    if axes is None:
+        axes = plt.subplots(2, 2, figsize=(9, 6))[1].ravel()
+    for ax, column in zip(axes, ("value_loss", "explained_variance", "approx_kl", "grad_norm")):
+        ax.plot(metrics["update"], metrics[column], marker="o", ms=3)
+        ax.set_title(column)
+        ax.set_xlabel("update")
+    axes[0].figure.tight_layout()
+    return axes[0].figure
+
+
+def plot_op_distribution(op_usage: pd.DataFrame, ax: Axes | None = None) -> Figure:
+    """Stacked area of the op fractions of each rollout."""
+    ax = _ax(ax)
+    ax.stackplot(op_usage["update"], *(op_usage[name] for name in OP_NAMES), labels=OP_NAMES, alpha=0.85)
+    ax.set_xlabel("update")
+    ax.set_ylabel("fraction of steps")
+    ax.set_ylim(0, 1)
+    ax.set_title("Op distribution over training")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def reward_term_columns(episodes: pd.DataFrame) -> list[str]:
+    """The ``reward_<term>`` columns of an episodes frame."""
+    return [c for c in episodes.columns if c.startswith("reward_")]
+
+
+def plot_reward_terms(episodes: pd.DataFrame, ax: Axes | None = None, title: str = "Reward terms per training episode") -> Figure:
+    """Per-episode sums of each reward term (bars) and the episode return (line)."""
+    ax = _ax(ax)
+    terms = reward_term_columns(episodes)
+    if not terms:
+        raise ValueError("episodes has no reward_<term> columns: record the env with EpisodeRecorder")
+    x = np.arange(len(episodes))
+    pos = np.zeros(len(episodes))
+    neg = np.zeros(len(episodes))
+    for term in terms:
+        v = episodes[term].to_numpy(dtype=float)
+        bottom = np.where(v >= 0, pos, neg)
+        ax.bar(x, v, bottom=bottom, label=term.removeprefix("reward_"))
+        pos += np.clip(v, 0, None)
+        neg += np.clip(v, None, 0)
+    ax.plot(x, episodes["return"], color="black", marker=".", label="return")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("episode (in finishing order)")
+    ax.set_ylabel("sum over the episode")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_controller_comparison(summary: pd.DataFrame, metric: str = "final_val_accuracy", ax: Axes | None = None) -> Figure:
+    """Mean and confidence interval of ``metric`` per controller (from ``baselines.summarize_results``)."""
+    ax = _ax(ax, (6, 3.5))
+    for column in (f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high"):
+        if column not in summary.columns:
+            raise ValueError(f"summary has no column {column!r}; summarise with metrics including {metric!r}")
+    mean = summary[f"{metric}_mean"].to_numpy(dtype=float)
+    low = np.nan_to_num(mean - summary[f"{metric}_ci_low"].to_numpy(dtype=float))
+    high = np.nan_to_num(summary[f"{metric}_ci_high"].to_numpy(dtype=float) - mean)
+    x = np.arange(len(summary))
+    ax.bar(x, mean, yerr=[low, high], capsize=6, color="tab:blue", alpha=0.8)
+    ax.set_xticks(x, summary["controller"])
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}: mean and 95% CI over held-out seeds")
+    if metric.endswith("accuracy"):
+        ax.set_ylim(max(0.0, float(np.nanmin(mean - low)) - 0.05), min(1.0, float(np.nanmax(mean + high)) + 0.02))
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def iteration_timing(metrics: pd.DataFrame, env_step_seconds: float) -> pd.DataFrame:
+    """Wall time per PPO iteration split into host work (inside ``env.step``) and policy work.
+
+    Policy work = rollout time outside ``env.step`` (network inference, buffer writes) + the update.
+    """
+    collect = float(metrics["collect_s"].sum())
+    update = float(metrics["update_s"].sum())
+    n = max(len(metrics), 1)
+    host = min(env_step_seconds, collect)
+    rows = [
+        ("host training + validation (env.step)", host / n),
+        ("policy inference + buffer (rollout outside env.step)", (collect - host) / n),
+        ("PPO update", update / n),
+    ]
+    df = pd.DataFrame(rows, columns=["part", "seconds_per_iteration"])
+    total = df["seconds_per_iteration"].sum()
+    df["share_%"] = (100 * df["seconds_per_iteration"] / total).round(1) if total > 0 else 0.0
+    df.loc[len(df)] = ["total", total, 100.0]
+    return df

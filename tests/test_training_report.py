@@ -1,0 +1,129 @@
+"""Recording and plotting helpers of notebook 04."""
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from gymnasium import spaces
+
+from esper_lib.constants import HEAD_NAMES, LifecycleOp
+from esper_lib.training_report import (
+    OP_NAMES,
+    EpisodeRecorder,
+    OpUsage,
+    episodes_frame,
+    iteration_timing,
+    plot_controller_comparison,
+    plot_head_entropies,
+    plot_learning_curve,
+    plot_op_distribution,
+    plot_reward_terms,
+    plot_training_diagnostics,
+    recorders,
+)
+
+
+class TermEnv(gym.Env):
+    """Three-step episodes; reward = gain - cost with both terms reported."""
+
+    observation_space = spaces.Box(-1, 1, (1,), np.float32)
+    action_space = spaces.MultiDiscrete([6, 3, 13, 4, 3, 3, 4, 5])
+
+    def reset(self, *, seed=None, options=None):  # type: ignore[no-untyped-def]
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):  # type: ignore[no-untyped-def]
+        self.t += 1
+        terms = {"gain": 1.0, "cost": -0.25}
+        info = {"reward_terms": terms, "val_accuracy": 0.5 + 0.1 * self.t, "germinations": 1}
+        return np.zeros(1, np.float32), sum(terms.values()), False, self.t == 3, info
+
+
+def run_episode(env: gym.Env, ops: list[int]) -> None:
+    env.reset(seed=0)
+    for op in ops:
+        action = np.zeros(8, dtype=np.int64)
+        action[0] = op
+        env.step(action)
+
+
+def test_episode_recorder_sums_terms_and_counts_ops() -> None:
+    env = EpisodeRecorder(TermEnv())
+    run_episode(env, [int(LifecycleOp.WAIT), int(LifecycleOp.GERMINATE), int(LifecycleOp.WAIT)])
+    run_episode(env, [int(LifecycleOp.PRUNE)] * 3)
+    df = episodes_frame(env)
+    assert len(df) == 2 and list(df["env"]) == [0, 0]
+    first = df.iloc[0]
+    assert first["return"] == pytest.approx(2.25)
+    assert first["reward_gain"] == pytest.approx(3.0) and first["reward_cost"] == pytest.approx(-0.75)
+    assert first["op_WAIT"] == 2 and first["op_GERMINATE"] == 1 and first["final_val_accuracy"] == pytest.approx(0.8)
+    assert df.iloc[1]["op_PRUNE"] == 3
+    assert env.steps == 6 and env.step_seconds > 0
+
+
+def test_recorders_found_inside_a_vector_env() -> None:
+    vec = gym.vector.SyncVectorEnv([lambda: EpisodeRecorder(TermEnv()), lambda: EpisodeRecorder(TermEnv())])
+    vec.reset(seed=0)
+    for _ in range(3):
+        vec.step(np.zeros((2, 8), dtype=np.int64))
+    assert len(recorders(vec)) == 2
+    assert len(episodes_frame(vec)) == 2
+
+
+def test_op_usage_counts_valid_steps_only() -> None:
+    class FakeBuffer:
+        actions = torch.zeros(2, 4, len(HEAD_NAMES), dtype=torch.int64)
+        valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
+
+    FakeBuffer.actions[0, :, 0] = torch.tensor([1, 1, 0, 5])  # the 5 is not valid
+    FakeBuffer.actions[1, :, 0] = torch.tensor([3, 0, 5, 5])
+
+    class FakeTrainer:
+        buffer = FakeBuffer()
+
+    usage = OpUsage()
+    usage(FakeTrainer(), {"update": 0, "env_steps": 5})
+    row = usage.frame().iloc[0]
+    assert row["GERMINATE"] == pytest.approx(0.4) and row["WAIT"] == pytest.approx(0.4)
+    assert row["PRUNE"] == pytest.approx(0.2) and row["ADVANCE"] == 0
+    assert row[list(OP_NAMES)].sum() == pytest.approx(1.0)
+
+
+def test_iteration_timing_splits_host_and_policy() -> None:
+    metrics = pd.DataFrame({"collect_s": [3.0, 3.0], "update_s": [1.0, 1.0]})
+    table = iteration_timing(metrics, env_step_seconds=4.0).set_index("part")
+    assert table.loc["host training + validation (env.step)", "seconds_per_iteration"] == pytest.approx(2.0)
+    assert table.loc["policy inference + buffer (rollout outside env.step)", "seconds_per_iteration"] == pytest.approx(1.0)
+    assert table.loc["PPO update", "seconds_per_iteration"] == pytest.approx(1.0)
+    assert table.loc["total", "seconds_per_iteration"] == pytest.approx(4.0)
+    assert table.loc["host training + validation (env.step)", "share_%"] == pytest.approx(50.0)
+
+
+def test_plots_draw_the_data() -> None:
+    from esper_lib.ppo import METRIC_COLUMNS
+
+    n = 4
+    metrics = pd.DataFrame({c: np.linspace(0, 1, n) for c in METRIC_COLUMNS})
+    metrics["update"] = np.arange(n)
+    fig = plot_learning_curve(metrics)
+    assert list(fig.axes[0].lines[0].get_ydata()) == list(metrics["episode_return_mean"])
+    assert len(plot_head_entropies(metrics).axes[0].lines) == len(HEAD_NAMES)
+    assert len(plot_training_diagnostics(metrics).axes) == 4
+    usage = pd.DataFrame({"update": np.arange(n), "env_steps": np.arange(n), **{op: np.full(n, 1 / 6) for op in OP_NAMES}})
+    assert len(plot_op_distribution(usage).axes[0].collections) == len(OP_NAMES)
+    episodes = pd.DataFrame({"return": [1.0, 2.0], "reward_gain": [1.5, 2.5], "reward_cost": [-0.5, -0.5]})
+    fig = plot_reward_terms(episodes)
+    assert len(fig.axes[0].patches) == 4  # two terms x two episodes
+    with pytest.raises(ValueError, match="reward_<term>"):
+        plot_reward_terms(pd.DataFrame({"return": [1.0]}))
+    summary = pd.DataFrame(
+        {"controller": ["a", "b"], "return_mean": [1.0, 2.0], "return_ci_low": [0.5, 1.5], "return_ci_high": [1.5, 2.5]}
+    )
+    fig = plot_controller_comparison(summary, "return")
+    assert [p.get_height() for p in fig.axes[0].patches] == [1.0, 2.0]
+    with pytest.raises(ValueError, match="final_val_accuracy_mean"):
+        plot_controller_comparison(summary, "final_val_accuracy")
