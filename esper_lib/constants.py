@@ -96,6 +96,7 @@ ALPHA_SPEED_EPOCHS: dict[AlphaSpeedAction, int] = {
 }
 
 NUM_OPS = len(LifecycleOp)
+OP_NAMES: tuple[str, ...] = tuple(op.name for op in LifecycleOp)  # labels for tables and plots
 NUM_BLUEPRINTS = len(BlueprintAction)
 NUM_STYLES = len(GerminationStyle)
 NUM_TEMPOS = len(TempoAction)

@@ -29,11 +29,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from esper_lib.constants import HEAD_NAMES, NUM_OPS, LifecycleOp, state_dim_for
+from esper_lib.constants import HEAD_NAMES, NUM_OPS, OP_NAMES, state_dim_for
 from esper_lib.network import FactoredRecurrentActorCritic, Hidden
 from esper_lib.observation import FEATURE_BOUND, feature_index, feature_names
 
-OP_NAMES: tuple[str, ...] = tuple(op.name for op in LifecycleOp)
 MASK_KEYS: tuple[str, ...] = (*HEAD_NAMES, "slot_by_op")
 _NPZ_FORMAT = "esper_lib.trajectory/1"
 

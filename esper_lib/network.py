@@ -25,7 +25,6 @@ from torch import nn
 
 from esper_lib.constants import (
     BLUEPRINT_EMBED_DIM,
-    BLUEPRINT_NULL_INDEX,
     DEFAULT_NUM_SLOTS,
     FEATURE_DIM,
     HEAD_NAMES,

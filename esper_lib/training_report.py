@@ -19,9 +19,8 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from esper_lib.constants import HEAD_NAMES, NUM_OPS, LifecycleOp
+from esper_lib.constants import HEAD_NAMES, NUM_OPS, OP_NAMES
 
-OP_NAMES: tuple[str, ...] = tuple(op.name for op in LifecycleOp)
 
 
 class EpisodeRecorder(gym.Wrapper):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from esper_lib.model_report import init_gain_frame, parameter_count_check, parameter_frame
-from esper_lib.network import FactoredRecurrentActorCritic, GetActionResult
+from esper_lib.network import FactoredRecurrentActorCritic
 from esper_lib.shape_checks import (
     check_positive_ints,
     make_masks,
