@@ -1,0 +1,330 @@
+"""Rollout collection from Gymnasium envs with a carried LSTM state.
+
+Accepted envs: a single ``gymnasium.Env`` (wrapped as a one-env vector env with same-step
+autoreset) or a ``gymnasium.vector.VectorEnv`` whose ``metadata["autoreset_mode"]`` is
+
+- ``SAME_STEP`` (preferred; ``make_vector_env`` builds this): when an env finishes, the step returns
+  the first observation of the next episode and the final observation sits in
+  ``info["final_obs"][i]``. The truncation bootstrap is computed from that final observation.
+- ``NEXT_STEP`` (gymnasium's default): the step that ends an episode returns the final observation;
+  the next step ignores its action, resets and returns reward 0. That ignored step is stored with
+  ``valid=False``: it gets no advantage, no loss and no statistics, and cuts the GAE chain.
+
+``DISABLED`` raises. Per env the collector carries the LSTM state, zeroes it when an episode starts
+(and marks ``episode_starts``), stores it at every sequence start, and at a time-limit truncation
+bootstraps from the final observation with the carried state (the state after the last step).
+``terminated`` never bootstraps.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
+
+from esper_lib.constants import HEAD_NAMES
+from esper_lib.envs.spaces import actions_to_array
+from esper_lib.network import FactoredRecurrentActorCritic
+from esper_lib.ppo.buffer import RolloutBuffer
+from esper_lib.ppo.normalization import RunningObsNormalizer
+
+MASK_KEYS = (*HEAD_NAMES, "slot_by_op")
+
+
+class RolloutStats(NamedTuple):
+    """What one ``collect`` saw: finished episodes and timing."""
+
+    episode_returns: list[float]
+    episode_lengths: list[int]
+    env_steps: int  # valid steps (transitions that count)
+    seconds: float
+
+
+class SingleEnvAdapter:
+    """A ``gymnasium.Env`` seen as a one-env vector env with SAME_STEP autoreset (no copying of spaces)."""
+
+    def __init__(self, env: gym.Env):
+        self.env = env
+        self.envs = [env]
+        self.num_envs = 1
+        self.single_observation_space = env.observation_space
+        self.single_action_space = env.action_space
+        self.metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        obs, info = self.env.reset(seed=seed, options=options)
+        return _batch(obs), info
+
+    def step(self, actions: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]:
+        obs, reward, terminated, truncated, info = self.env.step(np.asarray(actions)[0])
+        infos: dict[str, Any] = {}
+        if terminated or truncated:
+            final = np.full(1, None, dtype=object)
+            final[0] = obs
+            infos = {"final_obs": final, "_final_obs": np.ones(1, dtype=bool), "final_info": info}
+            obs, info = self.env.reset()
+        return (
+            _batch(obs),
+            np.array([reward], dtype=np.float64),
+            np.array([terminated], dtype=bool),
+            np.array([truncated], dtype=bool),
+            infos,
+        )
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _batch(obs: Any) -> Any:
+    if isinstance(obs, dict):
+        return {k: _batch(v) for k, v in obs.items()}
+    return np.asarray(obs)[None]
+
+
+def make_vector_env(env_fn: Callable[[], gym.Env], num_envs: int) -> VectorEnv | SingleEnvAdapter:
+    """``num_envs`` copies of ``env_fn()`` in a ``SyncVectorEnv`` with SAME_STEP autoreset.
+
+    ``env_fn`` may also return a ``VectorEnv`` (used as is; its ``num_envs`` must match).
+    """
+    first = env_fn()
+    if isinstance(first, VectorEnv):
+        if first.num_envs != num_envs:
+            raise ValueError(f"env_fn returned a vector env with {first.num_envs} envs, config.num_envs is {num_envs}")
+        return first
+    if not isinstance(first, gym.Env):
+        raise TypeError(f"env_fn must return a gymnasium.Env or VectorEnv, got {type(first).__name__}")
+    if num_envs == 1:
+        return SingleEnvAdapter(first)
+    fns = [lambda first=first: first] + [env_fn] * (num_envs - 1)
+    # copy=False: the collector copies every observation into its own tensors at once.
+    return SyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def as_vector_env(env: Any) -> VectorEnv | SingleEnvAdapter:
+    if isinstance(env, (VectorEnv, SingleEnvAdapter)):
+        return env
+    if isinstance(env, gym.Env):
+        return SingleEnvAdapter(env)
+    raise TypeError(f"env must be a gymnasium.Env or gymnasium.vector.VectorEnv, got {type(env).__name__}")
+
+
+def autoreset_mode_of(env: Any) -> AutoresetMode:
+    mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+    mode = AutoresetMode(mode) if not isinstance(mode, AutoresetMode) else mode
+    if mode == AutoresetMode.DISABLED:
+        raise ValueError("vector envs with autoreset_mode=DISABLED are not supported; use SAME_STEP (recommended) or NEXT_STEP")
+    return mode
+
+
+class RolloutCollector:
+    """Steps envs with the policy and fills a ``RolloutBuffer``.
+
+    Args:
+        env: a ``gymnasium.Env`` or ``VectorEnv`` (see the module docstring for autoreset modes).
+        policy: the network; sampling uses ``generator`` so runs are reproducible.
+        normalizer: running normaliser of ``state`` (updated with every observation received), or None.
+        generator: torch RNG for action sampling.
+    """
+
+    def __init__(
+        self,
+        env: Any,
+        policy: FactoredRecurrentActorCritic,
+        normalizer: RunningObsNormalizer | None,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+    ):
+        self.env = as_vector_env(env)
+        self.mode = autoreset_mode_of(self.env)
+        self.policy = policy
+        self.normalizer = normalizer
+        self.generator = generator
+        self.device = torch.device(device)
+        space = self.env.single_observation_space
+        try:
+            self.state_dim = int(space["state"].shape[0])
+            self.num_slots = int(space["blueprint_indices"].shape[0])
+        except (KeyError, TypeError) as exc:
+            raise ValueError("env observation space must be the Tamiyo Dict space (esper_lib.envs.spaces.observation_space)") from exc
+        if self.state_dim != policy.state_dim or self.num_slots != policy.num_slots:
+            raise ValueError(
+                f"env has state_dim={self.state_dim}, num_slots={self.num_slots}; the policy was built for "
+                f"state_dim={policy.state_dim}, num_slots={policy.num_slots}"
+            )
+        N = self.num_envs = self.env.num_envs
+        dev = self.device
+        self._state = torch.zeros(N, self.state_dim, device=dev)
+        self._bp = torch.zeros(N, self.num_slots, dtype=torch.int64, device=dev)
+        self._masks = {
+            k: torch.zeros((N, *space["action_mask"][k].shape), dtype=torch.bool, device=dev) for k in MASK_KEYS
+        }
+        self.hidden = policy.initial_hidden(N, dev)
+        self._episode_start = torch.ones(N, dtype=torch.bool, device=dev)
+        self._pending = torch.zeros(N, dtype=torch.bool, device=dev)  # NEXT_STEP: next action is ignored
+        self._ep_return = np.zeros(N, dtype=np.float64)
+        self._ep_len = np.zeros(N, dtype=np.int64)
+        self.started = False
+
+    # --- observations ---------------------------------------------------------------------
+
+    def _ingest(self, obs: dict, update_stats: bool = True) -> None:
+        """Copy a batched observation into the staging tensors (normalising the state)."""
+        state = torch.from_numpy(np.asarray(obs["state"], dtype=np.float32)).to(self.device)
+        if self.normalizer is not None:
+            if update_stats:
+                self.normalizer.update(state)
+            self.normalizer.normalize(state, out=self._state)
+        else:
+            self._state.copy_(state)
+        self._bp.copy_(torch.from_numpy(np.asarray(obs["blueprint_indices"])))
+        for k in MASK_KEYS:
+            self._masks[k].copy_(torch.from_numpy(np.asarray(obs["action_mask"][k])))
+
+    def _tensors(self, states: np.ndarray, bps: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Normalised tensors for a few observations (bootstrap path; statistics untouched)."""
+        state = torch.from_numpy(np.asarray(states, dtype=np.float32)).to(self.device)
+        if self.normalizer is not None:
+            state = self.normalizer.normalize(state)
+        bp = torch.from_numpy(np.asarray(bps, dtype=np.int64)).to(self.device)
+        return state, bp, {k: torch.from_numpy(np.asarray(v)).to(self.device).bool() for k, v in masks.items()}
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def reset(self, seed: int | None = None) -> None:
+        """Reset every env (seeded: env i gets ``seed + i`` in a vector env) and the carried state."""
+        obs, _ = self.env.reset(seed=seed)
+        self._ingest(obs)
+        self.hidden = self.policy.initial_hidden(self.num_envs, self.device)
+        self._episode_start.fill_(True)
+        self._pending.fill_(False)
+        self._ep_return[:] = 0.0
+        self._ep_len[:] = 0
+        self.started = True
+
+    @torch.no_grad()
+    def _bootstrap(self, hidden: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, final_obs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q(s', sampled op), sum_o pi(o | s') Q(s', o)) for the final observations of envs ``idx``."""
+        state, bp, masks = self._tensors(
+            np.stack([o["state"] for o in final_obs]),
+            np.stack([o["blueprint_indices"] for o in final_obs]),
+            {k: np.stack([o["action_mask"][k] for o in final_obs]) for k in MASK_KEYS},
+        )
+        res = self.policy.get_action(state, bp, (hidden[0][:, idx], hidden[1][:, idx]), masks, return_q_all=True, generator=self.generator)
+        return res.value, (res.q_all * res.op_probs).sum(-1)
+
+    @torch.no_grad()
+    def collect(self, buffer: RolloutBuffer) -> RolloutStats:
+        """Fill ``buffer`` (reset first) with ``buffer.num_steps`` steps and ``finish`` it."""
+        if buffer.num_envs != self.num_envs:
+            raise ValueError(f"buffer has {buffer.num_envs} envs, the collector steps {self.num_envs}")
+        if not self.started:
+            self.reset()
+        t0 = time.perf_counter()
+        buffer.reset()
+        policy, gen = self.policy, self.generator
+        same_step = self.mode == AutoresetMode.SAME_STEP
+        returns: list[float] = []
+        lengths: list[int] = []
+        valid_steps = 0
+        for _ in range(buffer.num_steps):
+            hidden_in = self.hidden
+            res = policy.get_action(self._state, self._bp, hidden_in, self._masks, return_q_all=True, generator=gen)
+            obs, reward, terminated, truncated, info = self.env.step(actions_to_array(res.actions))
+            valid = ~self._pending
+            rew = torch.from_numpy(np.asarray(reward, dtype=np.float32)).to(self.device) * valid
+            term = torch.from_numpy(np.asarray(terminated, dtype=bool)).to(self.device) & valid
+            trunc = torch.from_numpy(np.asarray(truncated, dtype=bool)).to(self.device) & valid & ~term
+            t = buffer.add(
+                state=self._state,
+                blueprint_indices=self._bp,
+                actions=res.actions,
+                masks=res.masks,
+                log_probs=res.log_probs,
+                values=res.value,
+                q_all=res.q_all,
+                op_probs=res.op_probs,
+                rewards=rew,
+                terminated=term,
+                truncated=trunc,
+                episode_starts=self._episode_start,
+                valid=valid,
+                hidden=hidden_in,
+            )
+            done = term | trunc
+            if bool(trunc.any()):
+                idx = trunc.nonzero().flatten()
+                if same_step:
+                    final = [info["final_obs"][i] for i in idx.tolist()]
+                else:
+                    final = [_row(obs, i) for i in idx.tolist()]
+                sampled, expected = self._bootstrap(res.hidden, idx, final)
+                buffer.set_bootstrap(t, idx, sampled, expected)
+            # episode bookkeeping (numpy, vectorised)
+            valid_np = valid.cpu().numpy()
+            self._ep_return += np.asarray(reward, dtype=np.float64) * valid_np
+            self._ep_len += valid_np
+            valid_steps += int(valid_np.sum())
+            if bool(done.any()):
+                done_np = done.cpu().numpy()
+                returns.extend(self._ep_return[done_np].tolist())
+                lengths.extend(self._ep_len[done_np].tolist())
+                self._ep_return[done_np] = 0.0
+                self._ep_len[done_np] = 0
+            # next observation and carried state
+            self._ingest(obs)
+            if same_step:
+                starts = done
+            else:
+                starts = self._pending.clone()  # this step was the ignored one: obs is a fresh reset
+                self._pending = done
+            keep = (~starts).to(res.hidden[0].dtype).view(1, -1, 1)
+            self.hidden = (res.hidden[0] * keep, res.hidden[1] * keep)
+            self._episode_start = starts
+        res = policy.get_action(self._state, self._bp, self.hidden, self._masks, return_q_all=True, generator=gen)
+        buffer.finish(res.value, (res.q_all * res.op_probs).sum(-1))
+        return RolloutStats(returns, lengths, valid_steps, time.perf_counter() - t0)
+
+    # --- checkpointing ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The carried state between rollouts (tensors), for exact resumption."""
+        return {
+            "state": self._state.cpu().clone(),
+            "blueprint_indices": self._bp.cpu().clone(),
+            "masks": {k: v.cpu().clone() for k, v in self._masks.items()},
+            "hidden": (self.hidden[0].cpu().clone(), self.hidden[1].cpu().clone()),
+            "episode_start": self._episode_start.cpu().clone(),
+            "pending": self._pending.cpu().clone(),
+            "ep_return": torch.from_numpy(self._ep_return.copy()),
+            "ep_len": torch.from_numpy(self._ep_len.copy()),
+            "started": self.started,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["state"].shape) != tuple(self._state.shape) or tuple(state["hidden"][0].shape) != tuple(self.hidden[0].shape):
+            raise ValueError(
+                f"collector state is for {tuple(state['state'].shape)} states / {tuple(state['hidden'][0].shape)} hidden; "
+                f"this collector has {tuple(self._state.shape)} / {tuple(self.hidden[0].shape)}"
+            )
+        self._state.copy_(state["state"])
+        self._bp.copy_(state["blueprint_indices"])
+        for k in MASK_KEYS:
+            self._masks[k].copy_(state["masks"][k])
+        self.hidden = (state["hidden"][0].to(self.device).clone(), state["hidden"][1].to(self.device).clone())
+        self._episode_start = state["episode_start"].to(self.device).clone()
+        self._pending = state["pending"].to(self.device).clone()
+        self._ep_return = state["ep_return"].numpy().copy()
+        self._ep_len = state["ep_len"].numpy().copy()
+        self.started = bool(state["started"])
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _row(obs: Any, i: int) -> Any:
+    if isinstance(obs, dict):
+        return {k: _row(v, i) for k, v in obs.items()}
+    return np.asarray(obs)[i]

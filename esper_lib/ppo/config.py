@@ -1,0 +1,197 @@
+"""``PPOConfig``: every hyperparameter of recurrent PPO, validated on construction.
+
+A bad value raises ``ValueError`` whose message starts with ``PPOConfig.<field>``. The config is a
+frozen dataclass of plain Python values, so it round-trips through ``to_dict`` / ``from_dict``
+(that is how checkpoints store it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from esper_lib.constants import FEATURE_DIM, LSTM_HIDDEN_DIM
+
+BOOTSTRAP_MODES = ("expected", "sampled")
+OP_ADVANTAGE_MODES = ("expected", "q")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Hyperparameters of recurrent PPO for the factored V2 policy.
+
+    Rollout: ``num_envs`` envs x ``num_steps`` steps per update; training length is
+    ``total_updates`` updates, or ``ceil(total_env_steps / (num_envs * num_steps))`` when
+    ``total_env_steps`` is set (it then takes precedence).
+
+    Update: ``epochs`` passes over the rollout cut into sequences (chunks) of ``seq_len`` steps
+    (``num_steps`` must be a multiple of ``seq_len``), ``minibatch_sequences`` chunks per minibatch.
+
+    Estimators (design section 4): ``bootstrap_mode`` "expected" bootstraps with
+    sum_o pi(o|s') Q(s', o), "sampled" with Q(s', sampled op) (the plan's); ``op_advantage``
+    "expected" gives the op head A + Q(s, op_t) - sum_o pi(o|s) Q(s, o), "q" gives it the same
+    advantage as every other head (the plan's).
+
+    Optional knobs: ``value_clip`` (None = unclipped value loss), ``target_kl`` (None = no early
+    stop; otherwise the update stops at the first minibatch whose approximate KL, measured before
+    its gradient step, exceeds it), ``num_threads`` (None = leave torch's thread count alone).
+    """
+
+    # rollout
+    num_envs: int = 8
+    num_steps: int = 128
+    total_updates: int = 100
+    total_env_steps: int | None = None
+    # returns and advantages
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    bootstrap_mode: str = "expected"
+    op_advantage: str = "expected"
+    normalize_advantages: bool = True
+    # update
+    epochs: int = 4
+    seq_len: int = 16
+    minibatch_sequences: int = 8
+    lr: float = 3e-4
+    anneal_lr: bool = False
+    adam_eps: float = 1e-5
+    clip_coef: float = 0.2
+    value_clip: float | None = None
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    target_kl: float | None = 0.03
+    # observations
+    normalize_obs: bool = True
+    obs_clip: float = 10.0
+    # network
+    feature_dim: int = FEATURE_DIM
+    hidden_dim: int = LSTM_HIDDEN_DIM
+    validate_inputs: bool = False
+    # run
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- validation -------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        for name in ("num_envs", "num_steps", "total_updates", "epochs", "seq_len", "minibatch_sequences", "feature_dim", "hidden_dim"):
+            _positive_int(name, getattr(self, name))
+        if self.total_env_steps is not None:
+            _positive_int("total_env_steps", self.total_env_steps)
+        if self.num_threads is not None:
+            _positive_int("num_threads", self.num_threads)
+        if self.hidden_dim < 2:
+            raise ValueError(f"PPOConfig.hidden_dim must be >= 2, got {self.hidden_dim}")
+        _int("seed", self.seed)
+        if self.seed < 0:
+            raise ValueError(f"PPOConfig.seed must be >= 0, got {self.seed}")
+        _unit_interval("gamma", self.gamma, closed_right=False)
+        _unit_interval("gae_lambda", self.gae_lambda, closed_right=True)
+        for name in ("lr", "clip_coef", "adam_eps", "max_grad_norm", "obs_clip"):
+            _positive_float(name, getattr(self, name))
+        for name in ("ent_coef", "vf_coef"):
+            _nonneg_float(name, getattr(self, name))
+        for name in ("value_clip", "target_kl"):
+            if getattr(self, name) is not None:
+                _positive_float(name, getattr(self, name))
+        for name in ("normalize_advantages", "normalize_obs", "anneal_lr", "validate_inputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PPOConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.bootstrap_mode not in BOOTSTRAP_MODES:
+            raise ValueError(f"PPOConfig.bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {self.bootstrap_mode!r}")
+        if self.op_advantage not in OP_ADVANTAGE_MODES:
+            raise ValueError(f"PPOConfig.op_advantage must be one of {OP_ADVANTAGE_MODES}, got {self.op_advantage!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"PPOConfig.device must be a device string such as 'cpu', got {self.device!r}")
+        if self.num_steps % self.seq_len:
+            raise ValueError(
+                f"PPOConfig.seq_len ({self.seq_len}) must divide num_steps ({self.num_steps}): the rollout is cut into whole sequences"
+            )
+        if self.minibatch_sequences > self.num_sequences:
+            raise ValueError(
+                f"PPOConfig.minibatch_sequences ({self.minibatch_sequences}) exceeds the number of sequences per rollout "
+                f"(num_envs * num_steps / seq_len = {self.num_sequences})"
+            )
+
+    # --- derived ----------------------------------------------------------------------------
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences (chunks of ``seq_len`` steps) per rollout."""
+        return self.num_envs * (self.num_steps // self.seq_len)
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def num_updates(self) -> int:
+        """Updates to run: from ``total_env_steps`` when set, else ``total_updates``."""
+        if self.total_env_steps is not None:
+            return math.ceil(self.total_env_steps / self.steps_per_update)
+        return self.total_updates
+
+    # --- (de)serialisation ------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PPOConfig":
+        """Rebuild from ``to_dict()``; unknown keys raise ``ValueError`` naming them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"PPOConfig.from_dict needs a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"PPOConfig has no field(s) {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "PPOConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"PPOConfig has no field(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+
+def _int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"PPOConfig.{name} must be an int, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _int(name, value)
+    if value < 1:
+        raise ValueError(f"PPOConfig.{name} must be >= 1, got {value}")
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"PPOConfig.{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _positive_float(name: str, value: Any) -> None:
+    if _float(name, value) <= 0:
+        raise ValueError(f"PPOConfig.{name} must be > 0, got {value}")
+
+
+def _nonneg_float(name: str, value: Any) -> None:
+    if _float(name, value) < 0:
+        raise ValueError(f"PPOConfig.{name} must be >= 0, got {value}")
+
+
+def _unit_interval(name: str, value: Any, closed_right: bool) -> None:
+    v = _float(name, value)
+    ok = 0.0 <= v <= 1.0 if closed_right else 0.0 <= v < 1.0
+    if not ok:
+        raise ValueError(f"PPOConfig.{name} must lie in [0, 1{']' if closed_right else ')'}, got {value}")

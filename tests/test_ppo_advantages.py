@@ -1,0 +1,140 @@
+"""GAE against Q(s, op) with a terminated and a truncated step, both bootstrap modes, op-head correction.
+
+Hand example (gamma = 0.9, lambda = 0.8, so gamma * lambda = 0.72), two envs, four steps:
+
+env 0: r = [1, 0, 2, 1], terminated at t=1 (t=2 starts a new episode), rollout ends at t=3
+env 1: r = [0.5, 1, 0, -1], truncated at t=1 (bootstrap: sampled 3.0, expected 2.0), terminated at t=3
+Q(s_t, op_t):   env 0 [0.5, 0.2, 1.0, 0.3]     env 1 [0.4, 0.6, 0.1, 0.2]
+V^pi(s_t):      env 0 [0.6, 0.1, 0.8, 0.35]    env 1 [0.5, 0.7, 0.3, 0.0]
+value of the observation after t=3: sampled [0.7, 9.0], expected [0.9, 9.0] (env 1 terminated: unused)
+
+sampled mode, V'_t = Q(s_{t+1}, op_{t+1}):
+ env 0: d = [1 + .9*.2 - .5, 0 - .2 (terminated: no bootstrap), 2 + .9*.3 - 1, 1 + .9*.7 - .3]
+          = [0.68, -0.2, 1.27, 1.33]
+        A3 = 1.33; A2 = 1.27 + .72*1.33 = 2.2276; A1 = -0.2; A0 = 0.68 + .72*(-0.2) = 0.536
+ env 1: d = [.5 + .9*.6 - .4, 1 + .9*3.0 - .6 (truncated: bootstrap), 0 + .9*.2 - .1, -1 - .2]
+          = [0.64, 3.1, 0.08, -1.2]
+        A3 = -1.2; A2 = .08 - .864 = -0.784; A1 = 3.1 (chain cut); A0 = .64 + .72*3.1 = 2.872
+expected mode, V'_t = V^pi(s_{t+1}):
+ env 0: d = [1 + .09 - .5, -0.2, 2 + .315 - 1, 1 + .81 - .3] = [0.59, -0.2, 1.315, 1.51]
+        A = [0.446, -0.2, 2.4022, 1.51]
+ env 1: d = [.5 + .63 - .4, 1 + 1.8 - .6, 0 + 0 - .1, -1.2] = [0.73, 2.2, -0.1, -1.2]
+        A = [2.314, 2.2, -0.964, -1.2]
+op head, op_advantage="expected": A_op = A + Q - V^pi, with Q - V^pi = env 0 [-0.1, 0.1, 0.2, -0.05],
+env 1 [-0.1, -0.1, -0.2, 0.2].
+"""
+import pytest
+import torch
+
+from esper_lib.constants import HEAD_NAMES, NUM_OPS, head_sizes
+from esper_lib.ppo import RolloutBuffer, compute_advantages, gae, normalize_masked, op_head_advantages
+
+GAMMA, LAM = 0.9, 0.8
+R = [[1.0, 0.0, 2.0, 1.0], [0.5, 1.0, 0.0, -1.0]]
+Q = [[0.5, 0.2, 1.0, 0.3], [0.4, 0.6, 0.1, 0.2]]
+V = [[0.6, 0.1, 0.8, 0.35], [0.5, 0.7, 0.3, 0.0]]
+TERM = [[False, True, False, False], [False, False, False, True]]
+TRUNC = [[False, False, False, False], [False, True, False, False]]
+STARTS = [[True, False, True, False], [True, False, True, False]]
+
+A_SAMPLED = [[0.536, -0.2, 2.2276, 1.33], [2.872, 3.1, -0.784, -1.2]]
+A_EXPECTED = [[0.446, -0.2, 2.4022, 1.51], [2.314, 2.2, -0.964, -1.2]]
+Q_MINUS_V = [[-0.1, 0.1, 0.2, -0.05], [-0.1, -0.1, -0.2, 0.2]]
+
+
+def hand_buffer(valid=None) -> RolloutBuffer:
+    n, t_len = 2, 4
+    buf = RolloutBuffer(n, t_len, 2, 121, 3, 4)
+    sizes = head_sizes(3)
+    for t in range(t_len):
+        q = torch.tensor([Q[i][t] for i in range(n)])
+        v = torch.tensor([V[i][t] for i in range(n)])
+        # op 1 was taken with pi = 0.5; op 0 has pi = 0.5 and Q = 2V - Q so that V^pi = V
+        q_all = torch.zeros(n, NUM_OPS)
+        q_all[:, 1] = q
+        q_all[:, 0] = 2 * v - q
+        op_probs = torch.zeros(n, NUM_OPS)
+        op_probs[:, :2] = 0.5
+        buf.add(
+            state=torch.zeros(n, 121),
+            blueprint_indices=torch.full((n, 3), -1),
+            actions={h: torch.full((n,), 1 if h == "op" else 0) for h in HEAD_NAMES},
+            masks={h: torch.ones(n, sizes[h], dtype=torch.bool) for h in HEAD_NAMES},
+            log_probs={h: torch.zeros(n) for h in HEAD_NAMES},
+            values=q,
+            q_all=q_all,
+            op_probs=op_probs,
+            rewards=torch.tensor([R[i][t] for i in range(n)]),
+            terminated=torch.tensor([TERM[i][t] for i in range(n)]),
+            truncated=torch.tensor([TRUNC[i][t] for i in range(n)]),
+            episode_starts=torch.tensor([STARTS[i][t] for i in range(n)]),
+            valid=None if valid is None else torch.tensor([valid[i][t] for i in range(n)]),
+            hidden=(torch.zeros(1, n, 4), torch.zeros(1, n, 4)),
+        )
+        if t == 1:
+            buf.set_bootstrap(1, torch.tensor([1]), sampled=torch.tensor([3.0]), expected=torch.tensor([2.0]))
+    buf.finish(final_value_sampled=torch.tensor([0.7, 9.0]), final_value_expected=torch.tensor([0.9, 9.0]))
+    return buf
+
+
+@pytest.mark.parametrize("mode, want", [("sampled", A_SAMPLED), ("expected", A_EXPECTED)])
+def test_gae_hand_example(mode, want):
+    buf = hand_buffer()
+    compute_advantages(buf, gamma=GAMMA, gae_lambda=LAM, bootstrap_mode=mode, op_advantage="q")
+    torch.testing.assert_close(buf.advantages, torch.tensor(want), atol=1e-5, rtol=0)
+    torch.testing.assert_close(buf.returns, torch.tensor(want) + torch.tensor(Q), atol=1e-5, rtol=0)
+    # op_advantage="q" (the plan's): the op head gets the same advantage as every other head
+    torch.testing.assert_close(buf.op_advantages, buf.advantages)
+
+
+@pytest.mark.parametrize("mode, base", [("sampled", A_SAMPLED), ("expected", A_EXPECTED)])
+def test_op_head_expected_correction_hand_example(mode, base):
+    buf = hand_buffer()
+    compute_advantages(buf, gamma=GAMMA, gae_lambda=LAM, bootstrap_mode=mode, op_advantage="expected")
+    want = torch.tensor(base) + torch.tensor(Q_MINUS_V)
+    torch.testing.assert_close(buf.op_advantages, want, atol=1e-5, rtol=0)
+    # spelled out for one entry: env 0, t = 0, expected bootstrap: 0.446 + 0.5 - 0.6 = 0.346
+    if mode == "expected":
+        assert float(buf.op_advantages[0, 0]) == pytest.approx(0.346, abs=1e-5)
+    # the other heads keep the plain GAE advantage; the per-head view puts A_op in column 0
+    torch.testing.assert_close(buf.advantages, torch.tensor(base), atol=1e-5, rtol=0)
+    seqs = buf.sequences()
+    assert torch.equal(seqs.advantages[..., 0], buf.op_advantages.reshape(4, 2))
+    for h in range(1, len(HEAD_NAMES)):
+        assert torch.equal(seqs.advantages[..., h], buf.advantages.reshape(4, 2))
+
+
+def test_terminated_never_bootstraps_even_with_a_bootstrap_value():
+    z = torch.zeros(1, 1)
+    adv, _ = gae(
+        rewards=torch.ones(1, 1), values=z, next_values=torch.full((1, 1), 5.0), bootstrap_values=torch.full((1, 1), 7.0),
+        terminated=torch.ones(1, 1, dtype=torch.bool), truncated=torch.zeros(1, 1, dtype=torch.bool),
+        valid=torch.ones(1, 1, dtype=torch.bool), gamma=0.9, gae_lambda=0.95,
+    )
+    assert float(adv) == 1.0
+
+
+def test_invalid_steps_get_zero_advantage_and_cut_the_chain():
+    # env 1 step 2 is the ignored step of a NEXT_STEP autoreset after the truncation at t=1
+    valid = [[True] * 4, [True, True, False, True]]
+    buf = hand_buffer(valid)
+    compute_advantages(buf, gamma=GAMMA, gae_lambda=LAM, bootstrap_mode="sampled", op_advantage="expected")
+    assert float(buf.advantages[1, 2]) == 0.0 and float(buf.op_advantages[1, 2]) == 0.0
+    # t=1 was truncated, so nothing changes before the invalid step
+    assert float(buf.advantages[1, 1]) == pytest.approx(3.1, abs=1e-5)
+
+
+def test_normalisation_uses_valid_steps_only():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    valid = torch.tensor([[True, True, True, False]])
+    out = normalize_masked(x, valid)
+    assert float(out[0, 3]) == 0.0
+    torch.testing.assert_close(out[0, :3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+
+
+def test_mode_errors():
+    with pytest.raises(ValueError, match="op_advantage"):
+        op_head_advantages(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), "v")
+    buf = hand_buffer()
+    with pytest.raises(ValueError, match="bootstrap_mode"):
+        compute_advantages(buf, gamma=0.9, gae_lambda=0.9, bootstrap_mode="mean")

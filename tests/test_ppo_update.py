@@ -1,0 +1,154 @@
+"""PPO losses: causal masking (exact zero gradient for irrelevant heads), loss values, KL early stop."""
+import math
+
+import pytest
+import torch
+
+from esper_lib.constants import ENTROPY_COEF_PER_HEAD, HEAD_NAMES, RELEVANCE_TABLE, LifecycleOp, head_sizes
+from esper_lib.masking import canonicalise_actions, canonicalise_mask
+from esper_lib.network import FactoredRecurrentActorCritic
+from esper_lib.ppo import PPOConfig, SequenceBatch, ppo_losses
+from esper_lib.ppo.update import evaluate_batch
+
+OPS = [LifecycleOp.WAIT, LifecycleOp.GERMINATE, LifecycleOp.PRUNE, LifecycleOp.WAIT, LifecycleOp.SET_ALPHA_TARGET, LifecycleOp.FOSSILIZE]
+
+
+def make_batch(policy: FactoredRecurrentActorCritic, ops=OPS, seed: int = 0) -> SequenceBatch:
+    """One sequence of len(ops) steps with the given ops, behaviour log-probs = the current policy's."""
+    g = torch.Generator().manual_seed(seed)
+    L = len(ops)
+    sizes = head_sizes(policy.num_slots)
+    op = torch.tensor([[int(o) for o in ops]])
+    actions = {h: torch.randint(0, k, (1, L), generator=g) for h, k in sizes.items()}
+    actions["op"] = op
+    actions = canonicalise_actions(actions)
+    masks = {h: canonicalise_mask(h, torch.ones(1, L, k, dtype=torch.bool), op) for h, k in sizes.items()}
+    batch = SequenceBatch(
+        state=torch.randn(1, L, policy.state_dim, generator=g),
+        blueprint_indices=torch.full((1, L, policy.num_slots), -1),
+        actions=torch.stack([actions[h] for h in HEAD_NAMES], -1),
+        masks=masks,
+        log_probs=torch.zeros(1, L, 8),
+        values=torch.zeros(1, L),
+        returns=torch.randn(1, L, generator=g),
+        advantages=torch.randn(1, L, 8, generator=g),
+        valid=torch.ones(1, L, dtype=torch.bool),
+        episode_starts=torch.zeros(1, L, dtype=torch.bool),
+        hidden=policy.initial_hidden(1),
+    )
+    with torch.no_grad():
+        lp, _, v = evaluate_batch(policy, batch)
+    return batch._replace(log_probs=lp, values=v)
+
+
+def test_irrelevant_heads_get_exactly_zero_gradient_from_policy_loss_and_entropy():
+    """Leaf tensors for the per-head log-probs and entropies: their gradient is 0 wherever the head is irrelevant."""
+    L = len(OPS)
+    op = torch.tensor([[int(o) for o in OPS]])
+    batch = SequenceBatch(
+        state=torch.zeros(1, L, 1), blueprint_indices=torch.zeros(1, L, 1, dtype=torch.int64),
+        actions=torch.cat([op.unsqueeze(-1), torch.zeros(1, L, 7, dtype=torch.int64)], -1), masks={},
+        log_probs=torch.full((1, L, 8), -0.7), values=torch.zeros(1, L), returns=torch.zeros(1, L),
+        advantages=torch.linspace(-1, 1, L * 8).reshape(1, L, 8) + 0.05, valid=torch.ones(1, L, dtype=torch.bool),
+        episode_starts=torch.zeros(1, L, dtype=torch.bool), hidden=(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1)),
+    )
+    new_lp = torch.full((1, L, 8), -0.7, requires_grad=True)  # ratio 1: nothing clipped
+    entropy = torch.full((1, L, 8), 0.5, requires_grad=True)
+    out = ppo_losses(new_lp, entropy, torch.zeros(1, L, requires_grad=True), batch, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)
+    out.loss.backward()
+    rel = RELEVANCE_TABLE[op]  # [1, L, 8]
+    assert torch.all(new_lp.grad[~rel] == 0.0) and torch.all(entropy.grad[~rel] == 0.0)
+    assert torch.all(new_lp.grad[rel] != 0.0) and torch.all(entropy.grad[rel] != 0.0)
+    # entropy gradient of a relevant head = -ent_coef * per-head coefficient / number of valid steps
+    for h, name in enumerate(HEAD_NAMES):
+        for t in range(L):
+            if rel[0, t, h]:
+                assert float(entropy.grad[0, t, h]) == pytest.approx(-0.01 * ENTROPY_COEF_PER_HEAD[name] / L)
+
+
+def test_irrelevant_head_logits_get_zero_gradient_through_the_network():
+    torch.manual_seed(0)
+    policy = FactoredRecurrentActorCritic(feature_dim=16, hidden_dim=16)
+    batch = make_batch(policy)
+    grads: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, inp, out):
+            out.retain_grad()
+            grads[name] = out
+        return hook
+
+    for name in HEAD_NAMES:
+        policy.heads[name].register_forward_hook(keep(name))
+    log_probs, entropy, values = evaluate_batch(policy, batch)
+    out = ppo_losses(log_probs, entropy, values, batch, clip_coef=0.2, ent_coef=0.05, vf_coef=0.0)
+    (out.policy_loss - 0.05 * out.entropy_bonus).backward()
+    op = batch.actions[0, :, 0]
+    for h, name in enumerate(HEAD_NAMES):
+        g = grads[name].grad[0]  # [L, k] gradient w.r.t. that head's logits
+        for t in range(len(OPS)):
+            if RELEVANCE_TABLE[op[t], h]:
+                assert g[t].abs().sum() > 0, (name, t)
+            else:
+                assert torch.all(g[t] == 0.0), (name, t)
+
+
+def test_all_wait_minibatch_leaves_non_op_heads_without_gradient():
+    torch.manual_seed(1)
+    policy = FactoredRecurrentActorCritic(feature_dim=16, hidden_dim=16)
+    batch = make_batch(policy, ops=[LifecycleOp.WAIT] * 5)
+    log_probs, entropy, values = evaluate_batch(policy, batch)
+    out = ppo_losses(log_probs, entropy, values, batch, clip_coef=0.2, ent_coef=0.05, vf_coef=0.5)
+    out.loss.backward()
+    for name in HEAD_NAMES[1:]:
+        for p in policy.heads[name].parameters():
+            assert p.grad is None or torch.all(p.grad == 0.0), name
+    assert any(p.grad.abs().sum() > 0 for p in policy.heads["op"].parameters())
+    # heads never relevant in the minibatch report NaN entropy and clip fraction (not a misleading 0)
+    for h in range(1, len(HEAD_NAMES)):
+        assert math.isnan(float(out.entropy_per_head[h])) and math.isnan(float(out.clip_frac_per_head[h]))
+
+
+def test_loss_values_against_a_direct_computation():
+    torch.manual_seed(2)
+    policy = FactoredRecurrentActorCritic(feature_dim=16, hidden_dim=16)
+    batch = make_batch(policy)
+    # move the behaviour log-probs so some ratios are clipped
+    batch = batch._replace(log_probs=batch.log_probs + 0.3 * torch.randn(batch.log_probs.shape), values=batch.values + 0.5)
+    lp, ent, val = evaluate_batch(policy, batch)
+    out = ppo_losses(lp, ent, val, batch, clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, value_clip=0.1)
+    lp, ent, val = lp.detach(), ent.detach(), val.detach()
+    op = batch.actions[0, :, 0]
+    n = len(OPS)
+    pl = torch.zeros(8)
+    eb = 0.0
+    for t in range(n):
+        for h, name in enumerate(HEAD_NAMES):
+            if not RELEVANCE_TABLE[op[t], h]:
+                continue
+            r = math.exp(float(lp[0, t, h] - batch.log_probs[0, t, h]))
+            a = float(batch.advantages[0, t, h])
+            pl[h] += max(-a * r, -a * min(max(r, 0.8), 1.2)) / n
+            eb += ENTROPY_COEF_PER_HEAD[name] * float(ent[0, t, h]) / n
+    vl = 0.0
+    for t in range(n):
+        q, old, ret = float(val[0, t]), float(batch.values[0, t]), float(batch.returns[0, t])
+        clipped = old + min(max(q - old, -0.1), 0.1)
+        vl += 0.5 * max((q - ret) ** 2, (clipped - ret) ** 2) / n
+    torch.testing.assert_close(out.policy_loss_per_head.detach(), pl, atol=1e-5, rtol=1e-5)
+    assert float(out.entropy_bonus.detach()) == pytest.approx(eb, rel=1e-5)
+    assert float(out.value_loss.detach()) == pytest.approx(vl, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(pl.sum()) - 0.01 * eb + 0.5 * vl, rel=1e-5)
+
+
+def test_target_kl_stops_the_update_early():
+    from esper_lib.envs.probes import OpRewardProbe
+    from esper_lib.ppo import PPOTrainer
+
+    base = dict(num_envs=2, num_steps=8, seq_len=4, minibatch_sequences=1, epochs=8, feature_dim=16, hidden_dim=16, lr=0.05, num_threads=1)
+    tr = PPOTrainer(OpRewardProbe, PPOConfig(**base, target_kl=1e-4))
+    row = tr.step()
+    assert row["early_stop"] == 1.0 and row["epochs_completed"] < 8
+    tr2 = PPOTrainer(OpRewardProbe, PPOConfig(**base, target_kl=None))
+    row2 = tr2.step()
+    assert row2["early_stop"] == 0.0 and row2["epochs_completed"] == 8
