@@ -38,6 +38,11 @@ from esper_lib.masking import MaskedCategorical, canonicalise_actions, canonical
 
 Hidden = tuple[torch.Tensor, torch.Tensor]
 
+# With episode resets inside a sequence: step the fused LSTM cell when segments * ratio > T.
+# Measured on 2 CPU cores at 512/512 (B=12, T=25, fwd+bwd): one oneDNN call ~21 ms plus ~9 ms per
+# extra segment, vs ~2 ms per step for the cell loop.
+STEP_LOOP_SEGMENT_RATIO = 4
+
 
 class ForwardOutput(NamedTuple):
     """Output of ``forward()`` (rollout path over a sequence)."""
@@ -261,8 +266,9 @@ class FactoredRecurrentActorCritic(nn.Module):
         """``state [B, T, D]`` -> ``lstm_out [B, T, H]`` and the final hidden state.
 
         ``episode_starts [B, T]`` (bool, optional): the LSTM state of a row is zeroed before each
-        step flagged True, so one sequence may span episode boundaries. The LSTM runs once per
-        stretch between distinct reset times (not once per step).
+        step flagged True, so one sequence may span episode boundaries. With few distinct reset
+        times the LSTM runs once per stretch between them (oneDNN sequence kernel); with many
+        (short episodes) the fused cell runs step by step, which is then several times faster.
         """
         x = torch.cat([state, self.blueprint_embedding(blueprint_indices).to(state.dtype)], dim=-1)
         x = self.feature_net(x)
@@ -282,6 +288,14 @@ class FactoredRecurrentActorCritic(nn.Module):
             raise ValueError(f"episode_starts must be a bool tensor of shape {tuple(state.shape[:2])}, got {_describe(episode_starts)}")
         cut_times = episode_starts.any(dim=0).nonzero().flatten().tolist()
         bounds = sorted(set([0, *cut_times, x.shape[1]]))
+        if (len(bounds) - 1) * STEP_LOOP_SEGMENT_RATIO > x.shape[1]:
+            out, hidden = self._lstm_by_step(x, hidden, episode_starts)
+        else:
+            out, hidden = self._lstm_by_segment(x, hidden, episode_starts, bounds)
+        return self.lstm_norm(out), hidden
+
+    def _lstm_by_segment(self, x: torch.Tensor, hidden: Hidden, episode_starts: torch.Tensor, bounds: list[int]) -> tuple[torch.Tensor, Hidden]:
+        """One ``nn.LSTM`` call per stretch between reset times ``bounds``; ``x [B, T, F]`` -> ``[B, T, H]``."""
         h, c = hidden
         outs = []
         for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -289,7 +303,20 @@ class FactoredRecurrentActorCritic(nn.Module):
             h, c = h * keep, c * keep
             out, (h, c) = self.lstm(x[:, start:stop], (h, c))
             outs.append(out)
-        return self.lstm_norm(torch.cat(outs, dim=1)), (h, c)
+        return torch.cat(outs, dim=1), (h, c)
+
+    def _lstm_by_step(self, x: torch.Tensor, hidden: Hidden, episode_starts: torch.Tensor) -> tuple[torch.Tensor, Hidden]:
+        """The fused LSTM cell step by step, zeroing the state of rows that start an episode; ``[B, T, F]`` -> ``[B, T, H]``."""
+        lstm = self.lstm
+        keep = (~episode_starts).to(x.dtype).unsqueeze(-1)  # [B, T, 1]
+        h, c = hidden[0][0], hidden[1][0]
+        outs = []
+        for t in range(x.shape[1]):
+            h, c = torch.lstm_cell(
+                x[:, t], (h * keep[:, t], c * keep[:, t]), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0
+            )
+            outs.append(h)
+        return torch.stack(outs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
 
     def _head_logits(self, lstm_out: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: head(lstm_out) for name, head in self.heads.items()}

@@ -347,3 +347,28 @@ def test_validation_switch_off_skips_checks(small_net: FactoredRecurrentActorCri
     small_net.validate_inputs = False
     out = small_net(state, bp)  # still runs, without the checks
     assert out.value.shape == (1, 1)
+
+
+@pytest.mark.parametrize("reset_every", [2, 7, 40])
+def test_lstm_paths_with_resets_agree(small_net: FactoredRecurrentActorCritic, reset_every: int) -> None:
+    """Step-by-step cell and per-segment nn.LSTM give the same outputs, final state and gradients."""
+    b, t = 3, 20
+    x = torch.randn(b, t, small_net.feature_dim, requires_grad=True)
+    starts = torch.zeros(b, t, dtype=torch.bool)
+    for row in range(b):
+        starts[row, (torch.arange(t) + row) % reset_every == 0] = True
+    hidden = (torch.randn(1, b, 32), torch.randn(1, b, 32))
+    bounds = sorted(set([0, *starts.any(0).nonzero().flatten().tolist(), t]))
+    out_seg, (h_seg, c_seg) = small_net._lstm_by_segment(x, hidden, starts, bounds)
+    grad_seg = torch.autograd.grad(out_seg.square().sum(), x)[0]
+    out_step, (h_step, c_step) = small_net._lstm_by_step(x, hidden, starts)
+    grad_step = torch.autograd.grad(out_step.square().sum(), x)[0]
+    assert torch.allclose(out_seg, out_step, atol=1e-5)
+    assert torch.allclose(h_seg, h_step, atol=1e-5) and torch.allclose(c_seg, c_step, atol=1e-5)
+    assert torch.allclose(grad_seg, grad_step, atol=1e-5)
+    # A row's output right after its reset does not depend on the state before it.
+    first_reset = int(starts[0].nonzero()[0]) if starts[0].any() else None
+    if first_reset is not None:
+        other = (hidden[0] * 3, hidden[1] * 3)
+        out_other, _ = small_net._lstm_by_step(x, other, starts)
+        assert torch.allclose(out_other[0, first_reset:], out_step[0, first_reset:], atol=1e-6)
