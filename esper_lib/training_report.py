@@ -1,8 +1,10 @@
 """Recording and plotting a PPO run on the morphogenetic env (notebook 04).
 
 - ``EpisodeRecorder``: a Gymnasium wrapper that keeps one summary per finished episode (return,
-  reward-term sums, final accuracy, op counts) and the seconds spent inside ``env.step`` (host
-  training and validation), so a run's wall time can be split into host work and policy work.
+  reward-term sums, final accuracy, op counts) and the seconds spent inside ``env.step``.
+- ``StepTimer``: a vector-env wrapper that measures the wall time of every vector ``step`` in the
+  training process (host training and validation of all envs, in parallel for an
+  ``AsyncVectorEnv``), so a run's wall time can be split into host work and policy work.
 - ``OpUsage``: a ``PPOTrainer.run`` callback that records the op distribution of each rollout.
 - Plot functions take an ``ax`` (or make one) and return the figure; none calls ``plt.show``.
 """
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
+from gymnasium.vector import VectorEnv, VectorWrapper
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -60,8 +63,22 @@ class EpisodeRecorder(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+class StepTimer(VectorWrapper):
+    """Wall time spent in the wrapped vector env's ``step`` (``step_seconds``), measured in this process."""
+
+    def __init__(self, env: VectorEnv):
+        super().__init__(env)
+        self.step_seconds = 0.0
+
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        start = time.perf_counter()
+        result = self.env.step(actions)
+        self.step_seconds += time.perf_counter() - start
+        return result
+
+
 def recorders(env: Any) -> list[EpisodeRecorder]:
-    """The ``EpisodeRecorder`` wrappers inside a (vector) env, outermost first per sub-env."""
+    """The ``EpisodeRecorder`` wrappers of an env or of the sub-envs of an in-process vector env."""
     subs = getattr(env, "envs", None) or [env]
     found = []
     for sub in subs:
@@ -74,9 +91,15 @@ def recorders(env: Any) -> list[EpisodeRecorder]:
 
 
 def episodes_frame(env: Any) -> pd.DataFrame:
-    """All recorded episodes of every sub-env, in the order they finished per env (column ``env``)."""
-    rows = [dict(ep, env=i) for i, rec in enumerate(recorders(env)) for ep in rec.episodes]
-    return pd.DataFrame(rows)
+    """All episodes recorded by ``EpisodeRecorder`` in every sub-env (column ``env``), finishing order per env.
+
+    Works for a single env, a ``SyncVectorEnv`` and an ``AsyncVectorEnv`` (read with ``get_attr``).
+    """
+    if isinstance(env, VectorEnv) and not getattr(env, "envs", None):
+        per_env = env.get_attr("episodes")
+    else:
+        per_env = [rec.episodes for rec in recorders(env)]
+    return pd.DataFrame([dict(ep, env=i) for i, episodes in enumerate(per_env) for ep in episodes])
 
 
 class OpUsage:
@@ -205,6 +228,7 @@ def plot_controller_comparison(summary: pd.DataFrame, metric: str = "final_val_a
 def iteration_timing(metrics: pd.DataFrame, env_step_seconds: float) -> pd.DataFrame:
     """Wall time per PPO iteration split into host work (inside ``env.step``) and policy work.
 
+    ``env_step_seconds``: wall time inside the vector env's ``step`` over the run (``StepTimer``).
     Policy work = rollout time outside ``env.step`` (network inference, buffer writes) + the update.
     """
     collect = float(metrics["collect_s"].sum())

@@ -13,6 +13,7 @@ from esper_lib.training_report import (
     OP_NAMES,
     EpisodeRecorder,
     OpUsage,
+    StepTimer,
     episodes_frame,
     iteration_timing,
     plot_controller_comparison,
@@ -65,13 +66,20 @@ def test_episode_recorder_sums_terms_and_counts_ops() -> None:
     assert env.steps == 6 and env.step_seconds > 0
 
 
-def test_recorders_found_inside_a_vector_env() -> None:
-    vec = gym.vector.SyncVectorEnv([lambda: EpisodeRecorder(TermEnv()), lambda: EpisodeRecorder(TermEnv())])
-    vec.reset(seed=0)
-    for _ in range(3):
-        vec.step(np.zeros((2, 8), dtype=np.int64))
-    assert len(recorders(vec)) == 2
-    assert len(episodes_frame(vec)) == 2
+@pytest.mark.parametrize("vector_class", [gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv])
+def test_episodes_and_step_time_from_a_vector_env(vector_class: type) -> None:
+    vec = StepTimer(vector_class([lambda: EpisodeRecorder(TermEnv()), lambda: EpisodeRecorder(TermEnv())]))
+    try:
+        vec.reset(seed=0)
+        for _ in range(3):
+            vec.step(np.zeros((2, 8), dtype=np.int64))
+        df = episodes_frame(vec.env)
+        assert list(df["env"]) == [0, 1] and (df["reward_gain"] == 3.0).all()
+        assert vec.step_seconds > 0
+        if vector_class is gym.vector.SyncVectorEnv:
+            assert len(recorders(vec.env)) == 2
+    finally:
+        vec.close()
 
 
 def test_op_usage_counts_valid_steps_only() -> None:
