@@ -336,25 +336,31 @@ def landscape_frame(
     states, bps, op_mask = _network_inputs(policy, trajectory, obs_normalizer)
     q, pi, _ = policy.q_values(states, bps, hidden=None, action_mask={"op": op_mask})
     q, pi, valid = q[0].float().cpu(), pi[0].float().cpu(), op_mask[0].cpu()  # [T, NUM_OPS]
-    v, spread = _summaries(q, pi, valid)
     t = len(trajectory)
-    steps = np.repeat(np.arange(t), NUM_OPS)
-    op_index = np.tile(np.arange(NUM_OPS), t)
-    frame = pd.DataFrame(
+    columns = _op_columns(q, pi, valid)
+    return pd.DataFrame(
         {
-            "step": steps,
-            "op": pd.Categorical.from_codes(op_index, categories=list(OP_NAMES), ordered=True),
-            "op_index": op_index,
-            "q": q.numpy().reshape(-1),
-            "pi": pi.numpy().reshape(-1),
-            "valid": valid.numpy().reshape(-1),
-            "V": np.repeat(v.numpy(), NUM_OPS),
-            "spread": np.repeat(spread.numpy(), NUM_OPS),
-            "taken": op_index == np.repeat(trajectory.ops, NUM_OPS),
+            "step": np.repeat(np.arange(t), NUM_OPS),
+            **columns,
+            "taken": columns["op_index"] == np.repeat(trajectory.ops, NUM_OPS),
             "reward": np.repeat(trajectory.rewards, NUM_OPS),
         }
     )
-    return frame
+
+
+def _op_columns(q: torch.Tensor, pi: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+    """Long-format columns for ``[N, NUM_OPS]`` Q, pi and op mask: op, op_index, q, pi, valid, V, spread (N * 6 rows)."""
+    v, spread = _summaries(q, pi, valid)
+    op_index = np.tile(np.arange(NUM_OPS), q.shape[0])
+    return {
+        "op": pd.Categorical.from_codes(op_index, categories=list(OP_NAMES), ordered=True),
+        "op_index": op_index,
+        "q": q.numpy().reshape(-1),
+        "pi": pi.numpy().reshape(-1),
+        "valid": valid.numpy().reshape(-1),
+        "V": np.repeat(v.numpy(), NUM_OPS),
+        "spread": np.repeat(spread.numpy(), NUM_OPS),
+    }
 
 
 def step_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -477,8 +483,6 @@ def feature_sweep(
     hidden = (hidden[0].expand(-1, n, -1).contiguous(), hidden[1].expand(-1, n, -1).contiguous())
     q, pi, _ = policy.q_values(states, bps, hidden=hidden, action_mask={"op": op_mask})
     q, pi, valid = q[:, 0].float().cpu(), pi[:, 0].float().cpu(), op_mask[:, 0].cpu()  # [N, NUM_OPS]
-    v, spread = _summaries(q, pi, valid)
-    op_index = np.tile(np.arange(NUM_OPS), n)
     observed = float(trajectory.states[int(step), resolve_feature(feature_name, trajectory.num_slots, trajectory.state_dim)])
     return pd.DataFrame(
         {
@@ -486,13 +490,7 @@ def feature_sweep(
             "step": int(step),
             "value": np.repeat(values.astype(np.float64), NUM_OPS),
             "observed": observed,
-            "op": pd.Categorical.from_codes(op_index, categories=list(OP_NAMES), ordered=True),
-            "op_index": op_index,
-            "q": q.numpy().reshape(-1),
-            "pi": pi.numpy().reshape(-1),
-            "valid": valid.numpy().reshape(-1),
-            "V": np.repeat(v.numpy(), NUM_OPS),
-            "spread": np.repeat(spread.numpy(), NUM_OPS),
+            **_op_columns(q, pi, valid),
         }
     )
 
