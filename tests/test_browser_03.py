@@ -153,11 +153,16 @@ def lab(tmp_path: Path):
         _wait(lambda: urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).status == 200, 60, "JupyterLab to start")
         yield url, token, name
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Terminate a helper process, killing it if it does not exit within 20 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 @pytest.fixture
@@ -166,7 +171,8 @@ def page(tmp_path: Path):
     browser = subprocess.Popen(
         [_chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
          f"--remote-debugging-port={port}", f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,2400",
-         "about:blank"],
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+         "--disable-quic", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "chromium.log", "wb"),
     )
     try:
@@ -181,11 +187,7 @@ def page(tmp_path: Path):
         finally:
             client.close()
     finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            browser.kill()
+        _stop(browser)
 
 
 def test_step_slider_redraws_the_plots_in_jupyterlab(lab, page) -> None:
