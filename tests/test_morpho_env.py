@@ -96,11 +96,12 @@ def test_check_env_passes_and_spaces_are_the_shared_ones():
     assert isinstance(make_morpho_env(**TINY), MorphoEnv)
 
 
-def test_episode_truncates_at_max_epochs_and_never_terminates():
+def test_episode_terminates_at_max_epochs_and_never_truncates():
+    """The host's run has a fixed length: its last epoch ends the task (no bootstrap past it)."""
     env = tiny_env(max_epochs=3)
     env.reset(seed=1)
     flags = [env.step(WAIT)[2:4] for _ in range(3)]
-    assert flags == [(False, False), (False, False), (False, True)]
+    assert flags == [(False, False), (False, False), (True, False)]
     with pytest.raises(RuntimeError, match="reset"):
         env.step(WAIT)
 
@@ -110,11 +111,11 @@ def test_reward_is_sum_of_terms_and_terminal_only_at_the_end():
     env.reset(seed=2)
     prev = None
     for t in range(4):
-        _, reward, _, truncated, info = env.step(germinate(0) if t == 0 else WAIT)
+        _, reward, terminated, _, info = env.step(germinate(0) if t == 0 else WAIT)
         terms = info["reward_terms"]
         assert set(terms) == {"accuracy_delta", "rent", "terminal"}
         assert reward == pytest.approx(sum(terms.values()))
-        assert terms["terminal"] == (pytest.approx(info["val_accuracy"]) if truncated else 0.0)
+        assert terms["terminal"] == (pytest.approx(info["val_accuracy"]) if terminated else 0.0)
         if prev is not None:
             assert terms["accuracy_delta"] == pytest.approx(info["val_accuracy"] - prev)
         prev = info["val_accuracy"]
@@ -572,7 +573,7 @@ def test_vector_envs_step(vector_cls):
         rent = info["reward_terms"]["rent"]
         assert rent[0] < 0.0 and rent[1] == 0.0
         obs, reward, term, trunc, info = venv.step(actions)
-        assert trunc.all() and not term.any()
+        assert term.all() and not trunc.any()
         assert np.all(np.isfinite(obs["state"]))
     finally:
         venv.close()

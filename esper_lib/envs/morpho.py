@@ -27,7 +27,7 @@ Reward (each term in ``info["reward_terms"]``; the reward is their sum):
   during the epoch (GERMINATED to PRUNING, and FOSSILIZED), whatever its alpha, ``host_params``
   being the original host's (a seed pruned INSTANTly pays nothing for that epoch). ``rent_coef`` is thus the total rent of carrying seeds as large as the host for a
   whole episode, independent of ``max_epochs``.
-- ``terminal = terminal_coef * final validation accuracy`` on the last step (time limit), else 0.
+- ``terminal = terminal_coef * final validation accuracy`` on the last step (termination), else 0.
 
 Known exploits and what the env does against them:
 - Germinate / prune churn (collecting noise-driven accuracy gains, or the dip-and-recover of
@@ -54,7 +54,10 @@ An action outside the masks is not executed: ``info["action_valid"] = False`` an
 has ``last_action_success = 0``; the epoch still runs. An action outside the action space (wrong
 shape, out-of-range index) is a programming error and raises ValueError.
 
-Episodes end at ``max_epochs`` with ``truncated=True`` (time limit); ``terminated`` is always False.
+Episodes end at ``max_epochs`` with ``terminated=True``: the host's training run has a fixed length, its
+last epoch is the end of the task (where the terminal term is paid), so PPO must not bootstrap past
+it. ``truncated`` is always False here; a cut of an episode whose task goes on (a ``TimeLimit``
+wrapper shorter than the run, a rollout boundary) is the wrapper's or the buffer's business.
 Reproducibility: ``reset(seed=s)`` seeds ``np_random``, from which every torch seed of the episode
 (host init, minibatch order, seed-module init) is drawn; torch runs with ``num_threads`` threads
 (default 1) inside ``reset``/``step`` only and the global thread count is restored afterwards.
@@ -154,7 +157,7 @@ class MorphoEnv(gym.Env):
     """Gymnasium env: a CNN host on 8x8 digits whose slots Tamiyo fills with seeds.
 
     Args:
-        max_epochs: episode length in host epochs (truncation).
+        max_epochs: episode length in host epochs (the last one terminates the episode).
         num_slots: seed slots (one after each host block); must equal ``len(host_channels)``.
         host_channels: channels of the host blocks.
         seed_budget: germinations allowed per episode.
@@ -304,12 +307,12 @@ class MorphoEnv(gym.Env):
         self._val_loss_hist.append(val_loss)
         self._val_acc_hist.append(val_acc)
 
-        truncated = self._epoch >= self.max_epochs
+        terminated = self._epoch >= self.max_epochs
         rent = self.rent_coef * epoch_seed_params / self.host.base_param_count / self.max_epochs
         terms = {
             "accuracy_delta": val_acc - self._prev_acc,
             "rent": -rent if rent else 0.0,
-            "terminal": self.terminal_coef * val_acc if truncated else 0.0,
+            "terminal": self.terminal_coef * val_acc if terminated else 0.0,
         }
         self._prev_acc = val_acc
         reward = float(sum(terms.values()))
@@ -332,7 +335,7 @@ class MorphoEnv(gym.Env):
             "seed_params": self._seed_param_total(),
             "host_params": self.host.param_count(),
         }
-        return self._observation(), reward, False, truncated, info
+        return self._observation(), reward, terminated, False, info
 
     # ------------------------------------------------------------------ actions and masks
 
