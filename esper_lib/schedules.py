@@ -25,19 +25,25 @@ comes from ``obs["action_mask"]["slot_by_op"]`` only: the controller never sends
 the masks; a masked op is simply retried the next epoch.
 
 ``schedule_grid`` builds the documented family; ``select_best_schedule`` picks its best member on
-training seeds.
+training seeds; ``headroom_table`` measures the best member against always-WAIT and the random
+masked policy on held-out seeds, paired by seed (the env's headroom, design section 5).
 """
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from esper_lib.baselines import evaluate_controller, make_action
+from esper_lib.baselines import (
+    AlwaysWaitController,
+    RandomMaskedController,
+    evaluate_controller,
+    make_action,
+)
 from esper_lib.constants import (
     DEFAULT_NUM_SLOTS,
     AlphaSpeedAction,
@@ -48,6 +54,7 @@ from esper_lib.constants import (
     TempoAction,
 )
 from esper_lib.envs.blueprints import CNN_BLUEPRINTS
+from esper_lib.evaluation_stats import compare_controllers
 from esper_lib.observation import feature_index
 
 Seeding = tuple[int, BlueprintAction, int]  # (slot, blueprint, germinate_at)
@@ -324,3 +331,57 @@ def select_best_schedule(
     table["rank"] = np.arange(1, len(table) + 1)
     best = schedules[names.index(table["schedule"].iloc[0])]
     return best, table
+
+
+class _RandomPerEpisode(RandomMaskedController):
+    """Random masked policy whose episode stream depends on both its own seed and the episode seed."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed=seed)
+        self.base_seed = int(seed)
+
+    def reset(self, seed: int | None = None) -> None:
+        if seed is not None:
+            self.rng = np.random.default_rng([self.base_seed, int(seed)])
+
+
+class Headroom(NamedTuple):
+    """Result of ``headroom_table``."""
+
+    episodes: pd.DataFrame  # one row per (controller, held-out seed), columns of evaluate_controller
+    summary: pd.DataFrame  # compare_controllers(episodes, metric, baseline="always_wait")
+
+
+def headroom_table(
+    env_fn: Callable[[], Any],
+    best: FixedSchedule,
+    heldout_seeds: Iterable[int],
+    random_seed: int = 0,
+    metric: str = "return",
+    progress: bool = False,
+    **compare_kwargs: Any,
+) -> Headroom:
+    """Best schedule, always-WAIT and random masked on the same held-out seeds, paired by seed.
+
+    The controllers are labelled ``best_schedule`` (the schedule's name is in the
+    ``schedule`` column), ``always_wait`` and ``random_masked``. The summary is
+    ``compare_controllers`` against ``always_wait``: the headroom is the best schedule's
+    paired difference (mean, bootstrap CI, P(improvement)); ``compare_kwargs`` go to it.
+    The random policy's generator is seeded per episode with ``[random_seed, episode seed]``.
+    """
+    if not isinstance(best, FixedSchedule):
+        raise ValueError(f"best must be a FixedSchedule, got {type(best).__name__}")
+    seeds = [int(s) for s in heldout_seeds]
+    if not seeds:
+        raise ValueError("heldout_seeds must not be empty")
+    num_slots = _num_slots(env_fn)
+    controllers = {
+        "best_schedule": ScheduleController(best, num_slots),
+        "always_wait": AlwaysWaitController(),
+        "random_masked": _RandomPerEpisode(random_seed),
+    }
+    frames = [evaluate_controller(c, env_fn, seeds, name=label, progress=progress) for label, c in controllers.items()]
+    episodes = pd.concat(frames, ignore_index=True)
+    episodes["schedule"] = np.where(episodes["controller"] == "best_schedule", best.name, "")
+    summary = compare_controllers(episodes, metric, baseline="always_wait", **compare_kwargs)
+    return Headroom(episodes, summary)

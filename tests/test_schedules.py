@@ -163,3 +163,28 @@ def test_bad_grid_and_controller_arguments_raise_naming_the_argument():
         select_best_schedule(_fake_env_fn, schedule_grid(max_epochs=4)[:2], train_seeds=[], progress=False)
     with pytest.raises(ValueError, match="schedules"):
         select_best_schedule(_fake_env_fn, [], train_seeds=[0], progress=False)
+
+
+def test_headroom_table_pairs_the_three_controllers_on_the_heldout_seeds():
+    env_fn = functools.partial(MorphoEnv, **{**TINY, "max_epochs": 4})
+    best = FixedSchedule(2, BlueprintAction.CONV_LIGHT, 0, tempo=TempoAction.FAST)
+    head = sched.headroom_table(env_fn, best, heldout_seeds=[10, 11, 12], random_seed=3, n_resamples=200)
+    ep = head.episodes
+    assert sorted(ep.controller.unique()) == ["always_wait", "best_schedule", "random_masked"]
+    assert all(sorted(g.seed) == [10, 11, 12] for _, g in ep.groupby("controller"))
+    assert (ep.invalid_actions == 0).all()
+    assert set(ep.loc[ep.controller == "best_schedule", "schedule"]) == {best.name}
+    s = head.summary.set_index("controller")
+    assert np.isnan(s.loc["always_wait", "diff_mean"]) and s.loc["best_schedule", "n_pairs"] == 3
+    wait = ep[ep.controller == "always_wait"].set_index("seed")["return"]
+    mine = ep[ep.controller == "best_schedule"].set_index("seed")["return"]
+    assert s.loc["best_schedule", "diff_mean"] == pytest.approx(float((mine - wait).mean()))
+    with pytest.raises(ValueError, match="heldout_seeds"):
+        sched.headroom_table(env_fn, best, heldout_seeds=[])
+
+
+def test_random_seed_changes_the_random_policy_but_not_the_pairing():
+    a = sched._RandomPerEpisode(0)
+    b = sched._RandomPerEpisode(1)
+    a.reset(seed=5), b.reset(seed=5)
+    assert a.rng.integers(1 << 30) != b.rng.integers(1 << 30)
