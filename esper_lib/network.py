@@ -31,6 +31,8 @@ from esper_lib.constants import (
     LSTM_HIDDEN_DIM,
     NUM_BLUEPRINTS,
     NUM_OPS,
+    RELEVANCE_TABLE,
+    LifecycleOp,
     head_sizes,
     state_dim_for,
 )
@@ -42,6 +44,9 @@ Hidden = tuple[torch.Tensor, torch.Tensor]
 # Measured on 2 CPU cores at 512/512 (B=12, T=25, fwd+bwd): one oneDNN call ~21 ms plus ~9 ms per
 # extra segment, vs ~2 ms per step for the cell loop.
 STEP_LOOP_SEGMENT_RATIO = 4
+
+# [NUM_OPS] bool: ops whose step uses the slot head (every op but WAIT).
+_SLOT_RELEVANT = RELEVANCE_TABLE[:, HEAD_NAMES.index("slot")]
 
 
 class ForwardOutput(NamedTuple):
@@ -195,10 +200,16 @@ class FactoredRecurrentActorCritic(nn.Module):
     # --- validation ---------------------------------------------------------------------------
 
     def _check_inputs(self, state: torch.Tensor, blueprint_indices: torch.Tensor, hidden: Hidden | None) -> None:
+        dtype = self.lstm_norm.weight.dtype
         if not torch.is_tensor(state) or not state.is_floating_point():
             raise TypeError(f"state must be a floating-point tensor [B, T, {self.state_dim}], got {_describe(state)}")
+        if state.dtype != dtype:
+            raise TypeError(f"state must have the network's dtype {dtype} (cast it, or the network with .to()), got {state.dtype}")
         if state.dim() != 3 or state.shape[-1] != self.state_dim:
             raise ValueError(f"state must have shape [B, T, {self.state_dim}], got {tuple(state.shape)}")
+        if state.shape[1] == 0:
+            raise ValueError(f"state has T = 0 steps (shape {tuple(state.shape)}); a sequence needs at least one step")
+        _check_finite("state", state)
         if not torch.is_tensor(blueprint_indices) or blueprint_indices.dtype != torch.int64:
             raise TypeError(f"blueprint_indices must be an int64 tensor, got {_describe(blueprint_indices)}")
         expected = (*state.shape[:2], self.num_slots)
@@ -217,6 +228,9 @@ class FactoredRecurrentActorCritic(nn.Module):
             for name, t in zip(("h", "c"), hidden):
                 if not torch.is_tensor(t) or tuple(t.shape) != want:
                     raise ValueError(f"hidden {name} must have shape {want}, got {_describe(t)}")
+                if t.dtype != dtype:
+                    raise TypeError(f"hidden {name} must have the network's dtype {dtype}, got {t.dtype}")
+                _check_finite(f"hidden {name}", t)
 
     def _check_mask(self, name: str, mask: torch.Tensor, lead: tuple[int, ...]) -> None:
         if name == "slot_by_op":
@@ -237,6 +251,23 @@ class FactoredRecurrentActorCritic(nn.Module):
             raise TypeError(f"action_mask must be a dict head -> bool tensor, got {type(action_mask).__name__}")
         for name, mask in action_mask.items():
             self._check_mask(name, mask, lead)
+        by_op = action_mask.get("slot_by_op")
+        if by_op is None:
+            return
+        # An op the op mask allows must leave a valid slot, or the slot head has no action when it is drawn.
+        slot = action_mask.get("slot")
+        rows = by_op if slot is None else by_op & slot.unsqueeze(-2)  # [..., NUM_OPS, num_slots]
+        dead = ~rows.any(dim=-1) & _SLOT_RELEVANT.to(rows.device)  # [..., NUM_OPS]
+        if "op" in action_mask:
+            dead &= action_mask["op"]
+        if bool(dead.any()):
+            where = dead.nonzero()[0].tolist()
+            op = LifecycleOp(where[-1]).name
+            extra = " and the slot mask" if slot is not None else ""
+            raise ValueError(
+                f"action_mask allows op {op} but its slot_by_op row{extra} leaves no valid slot (first at index {where[:-1]}); "
+                f"mask the op out, or allow a slot for it"
+            )
 
     def _check_actions(self, actions: dict[str, torch.Tensor], lead: tuple[int, ...]) -> None:
         if not isinstance(actions, dict):
@@ -532,6 +563,12 @@ def _describe(x: object) -> str:
     if torch.is_tensor(x):
         return f"tensor of dtype {x.dtype} and shape {tuple(x.shape)}"
     return type(x).__name__
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    """Raise ValueError naming ``name`` and the first index of a NaN or inf in ``x`` (one reduction when clean)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains a non-finite value (NaN or inf; first at index {(~torch.isfinite(x)).nonzero()[0].tolist()})")
 
 
 def expected_parameter_count(state_dim: int = 121, num_slots: int = DEFAULT_NUM_SLOTS, feature_dim: int = FEATURE_DIM, hidden_dim: int = LSTM_HIDDEN_DIM) -> int:
