@@ -45,6 +45,9 @@ Hidden = tuple[torch.Tensor, torch.Tensor]
 # extra segment, vs ~2 ms per step for the cell loop.
 STEP_LOOP_SEGMENT_RATIO = 4
 
+# The plan's attribute names of the policy heads (``op_head`` ...), all views of ``heads`` (see _PlanHead).
+PLAN_HEAD_ATTRS: frozenset[str] = frozenset(f"{name}_head" for name in HEAD_NAMES)
+
 # [NUM_OPS] bool: ops whose step uses the slot head (every op but WAIT).
 _SLOT_RELEVANT = RELEVANCE_TABLE[:, HEAD_NAMES.index("slot")]
 
@@ -104,6 +107,26 @@ def _mlp_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
 
 
+class _PlanHead:
+    """The Phase 4 plan's name for a policy head: ``net.op_head`` *is* ``net.heads["op"]``.
+
+    The heads are registered once, in the ``heads`` ModuleDict (state_dict keys ``heads.<name>.*``);
+    this descriptor only gives them the plan's attribute names, so there is no second module and no
+    second copy of any parameter. Assigning (``net.blueprint_head = ...``) replaces ``heads[name]``.
+    """
+
+    def __set_name__(self, owner: type, attr: str) -> None:
+        self.head = attr.removesuffix("_head")
+
+    def __get__(self, obj: "FactoredRecurrentActorCritic | None", objtype: type | None = None) -> nn.Module:
+        return self if obj is None else obj.heads[self.head]  # type: ignore[return-value]
+
+    def __set__(self, obj: "FactoredRecurrentActorCritic", value: nn.Module) -> None:
+        if not isinstance(value, nn.Module):
+            raise TypeError(f"{self.head}_head must be an nn.Module, got {type(value).__name__}")
+        obj.heads[self.head] = value
+
+
 class FactoredRecurrentActorCritic(nn.Module):
     """Tamiyo V2: eight masked categorical heads and Q(s, op) on a shared LSTM trunk.
 
@@ -114,7 +137,19 @@ class FactoredRecurrentActorCritic(nn.Module):
         hidden_dim: LSTM hidden size (512); heads use ``hidden_dim // 2``.
         validate_inputs: check shapes, dtypes and ranges of every input (a few cheap reductions);
             set False on hot paths once the pipeline is trusted.
+
+    The policy heads live in ``heads`` (a ModuleDict, head name -> module); the plan's names
+    ``op_head``, ``slot_head``, ``blueprint_head``, ... are the same modules. ``value_head`` is the critic.
     """
+
+    op_head = _PlanHead()
+    slot_head = _PlanHead()
+    blueprint_head = _PlanHead()
+    style_head = _PlanHead()
+    tempo_head = _PlanHead()
+    alpha_target_head = _PlanHead()
+    alpha_speed_head = _PlanHead()
+    alpha_curve_head = _PlanHead()
 
     def __init__(
         self,
@@ -161,6 +196,12 @@ class FactoredRecurrentActorCritic(nn.Module):
         self.value_head = _mlp_head(hidden_dim + NUM_OPS, self.head_hidden, 1)
         self._init_weights()
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in PLAN_HEAD_ATTRS:  # nn.Module would register a second module; the descriptor replaces heads[...]
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # --- construction ---------------------------------------------------------------------
 
     def constructor_kwargs(self) -> dict[str, int | bool]:
@@ -189,6 +230,17 @@ class FactoredRecurrentActorCritic(nn.Module):
                 # PyTorch gate order: input, forget, cell, output. Forget bias (b_ih + b_hh) starts at 1.
                 if name == "bias_ih_l0":
                     param.data[self.hidden_dim : 2 * self.hidden_dim] = 1.0
+
+    def _init_head(self, name: str) -> None:
+        """Re-initialise one policy head: orthogonal, gain sqrt(2) inside, 0.01 on the last layer; zero biases."""
+        layers = [m for m in self.heads[name] if isinstance(m, nn.Linear)]
+        for i, layer in enumerate(layers):
+            nn.init.orthogonal_(layer.weight, gain=0.01 if i == len(layers) - 1 else math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+
+    def _init_blueprint_head(self) -> None:
+        """The plan's (section 4b) init of the 3-layer blueprint head: gains sqrt(2), sqrt(2), 0.01; zero biases."""
+        self._init_head("blueprint")
 
     def initial_hidden(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Hidden:
         """Zero LSTM state ``([1, B, H], [1, B, H])``."""

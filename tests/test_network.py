@@ -435,3 +435,36 @@ def test_allowed_op_without_a_valid_slot_raises_on_every_call(small_net: Factore
     masks["op"][1, int(LifecycleOp.PRUNE)] = False
     masks["slot_by_op"][:, int(LifecycleOp.WAIT)] = False
     small_net.get_action(state[:, 0], bp[:, 0], action_mask=masks)
+
+
+def test_plan_head_names_are_the_registered_heads_without_copies() -> None:
+    """The plan's ``self.op_head`` ... ``self.value_head`` work, with one module each and the same parameters."""
+    net = FactoredRecurrentActorCritic()
+    for name in HEAD_NAMES:
+        assert getattr(net, f"{name}_head") is net.heads[name], name
+    assert net.op_head is net.heads["op"]
+    assert isinstance(net.value_head[0], torch.nn.Linear) and net.value_head[0].in_features == 512 + NUM_OPS
+    params = list(net.parameters())
+    assert sum(p.numel() for p in params) == 3_628_898
+    assert len({id(p) for p in params}) == len(params) == len(dict(net.named_parameters()))
+    assert not any(k.split(".")[0].endswith("_head") and k.split(".")[0] != "value_head" for k in net.state_dict())
+    # assigning by the plan's name replaces the head in place (no second module registered)
+    new_tempo = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.ReLU(), torch.nn.Linear(256, 3))
+    net.tempo_head = new_tempo
+    assert net.heads["tempo"] is new_tempo and "tempo_head" not in net._modules
+    assert sum(p.numel() for p in net.parameters()) == 3_628_898
+
+
+def test_init_blueprint_head_reinitialises_with_the_plans_gains(small_net: FactoredRecurrentActorCritic) -> None:
+    with torch.no_grad():
+        for p in small_net.parameters():
+            p.fill_(0.5)
+    small_net._init_blueprint_head()
+    layers = [m for m in small_net.blueprint_head if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 3
+    for layer, gain in zip(layers, (math.sqrt(2), math.sqrt(2), 0.01)):
+        sv = torch.linalg.svdvals(layer.weight)
+        assert torch.allclose(sv, torch.full_like(sv, gain), atol=1e-5)
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    # other heads untouched
+    assert (small_net.op_head[-1].weight == 0.5).all()
