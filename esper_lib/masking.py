@@ -27,6 +27,7 @@ from esper_lib.constants import (
     NUM_OPS,
     RELEVANCE_TABLE,
 )
+from esper_lib.finite import check_finite
 
 
 class MaskedCategorical:
@@ -52,9 +53,7 @@ class MaskedCategorical:
             if not bool(mask.any(dim=-1).all()):
                 bad = (~mask.any(dim=-1)).nonzero()[0].tolist()
                 raise ValueError(f"{head}: mask has a row with no valid action (first at index {bad})")
-            if not bool(torch.isfinite(logits).all()):
-                bad = (~torch.isfinite(logits)).nonzero()[0].tolist()
-                raise ValueError(f"{head}: logits contain a non-finite value (NaN or inf; first at index {bad})")
+            check_finite(f"{head}: logits", logits)  # NonFiniteError, a ValueError
         self.head = head
         self.logits = logits
         self.mask = mask

@@ -36,6 +36,7 @@ from esper_lib.constants import (
     head_sizes,
     state_dim_for,
 )
+from esper_lib.finite import check_finite
 from esper_lib.masking import MaskedCategorical, canonicalise_actions, canonicalise_mask
 
 Hidden = tuple[torch.Tensor, torch.Tensor]
@@ -261,7 +262,7 @@ class FactoredRecurrentActorCritic(nn.Module):
             raise ValueError(f"state must have shape [B, T, {self.state_dim}], got {tuple(state.shape)}")
         if state.shape[1] == 0:
             raise ValueError(f"state has T = 0 steps (shape {tuple(state.shape)}); a sequence needs at least one step")
-        _check_finite("state", state)
+        check_finite("state", state)
         if not torch.is_tensor(blueprint_indices) or blueprint_indices.dtype != torch.int64:
             raise TypeError(f"blueprint_indices must be an int64 tensor, got {_describe(blueprint_indices)}")
         expected = (*state.shape[:2], self.num_slots)
@@ -282,7 +283,7 @@ class FactoredRecurrentActorCritic(nn.Module):
                     raise ValueError(f"hidden {name} must have shape {want}, got {_describe(t)}")
                 if t.dtype != dtype:
                     raise TypeError(f"hidden {name} must have the network's dtype {dtype}, got {t.dtype}")
-                _check_finite(f"hidden {name}", t)
+                check_finite(f"hidden {name}", t)
 
     def _check_mask(self, name: str, mask: torch.Tensor, lead: tuple[int, ...]) -> None:
         if name == "slot_by_op":
@@ -615,12 +616,6 @@ def _describe(x: object) -> str:
     if torch.is_tensor(x):
         return f"tensor of dtype {x.dtype} and shape {tuple(x.shape)}"
     return type(x).__name__
-
-
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    """Raise ValueError naming ``name`` and the first index of a NaN or inf in ``x`` (one reduction when clean)."""
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains a non-finite value (NaN or inf; first at index {(~torch.isfinite(x)).nonzero()[0].tolist()})")
 
 
 def expected_parameter_count(state_dim: int = 121, num_slots: int = DEFAULT_NUM_SLOTS, feature_dim: int = FEATURE_DIM, hidden_dim: int = LSTM_HIDDEN_DIM) -> int:

@@ -205,6 +205,6 @@ def test_masked_fill_keeps_gradients_finite_at_large_scale() -> None:
 def test_non_finite_logits_raise_when_validating(bad: float) -> None:
     logits = torch.zeros(2, 4)
     logits[1, 2] = bad
-    with pytest.raises(ValueError, match=r"blueprint: logits contain a non-finite value.*\[1, 2\]"):
+    with pytest.raises(ValueError, match=r"blueprint: logits contains a non-finite value \(.*\) at index \[1, 2\]"):
         MaskedCategorical(logits, torch.ones(2, 4, dtype=torch.bool), head="blueprint")
     MaskedCategorical(logits, torch.ones(2, 4, dtype=torch.bool), validate=False)  # hot path: no check
