@@ -1,8 +1,18 @@
 """Masked categorical distributions, canonicalisation of irrelevant heads, causal masks.
 
-Convention: a mask is a bool tensor, True = the action is valid. Masked logits are filled with
-``MASK_FILL_VALUE`` (-1e4, never -inf), so probabilities of masked actions are exactly 0 in
-float32/float64 and every gradient stays finite.
+Convention: a mask is a bool tensor, True = the action is valid.
+
+Masking: the logits are first shifted by their maximum over the valid entries of the row (a
+constant per row, so the distribution is unchanged), then masked entries are filled with
+``MASK_FILL_VALUE`` (-1e4, never -inf):
+
+    masked_logits = where(mask, logits - max_valid(logits), -1e4)
+
+After the shift the best valid logit is exactly 0, so a masked action sits at least 1e4 below it
+and its probability is exp(-1e4 - logsumexp) = exactly 0 in float16, bfloat16, float32 and float64,
+whatever the scale of the valid logits (without the shift, valid logits of -1e5 and -2e5 would lose
+to a masked 0). The fill stays finite, so entropy and every gradient stay finite (no -inf - -inf),
+and masked logits get exactly zero gradient. The shift is detached: log-softmax does not depend on it.
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ from esper_lib.constants import (
     NUM_OPS,
     RELEVANCE_TABLE,
 )
+from esper_lib.finite import check_finite
 
 
 class MaskedCategorical:
@@ -26,7 +37,7 @@ class MaskedCategorical:
         logits: ``[..., K]`` float tensor.
         mask: ``[..., K]`` bool tensor, True = valid. Every row needs one valid action.
         head: name used in error messages.
-        validate: check dtype, shape and all-false rows (one cheap reduction).
+        validate: check dtype, shape, all-false rows and non-finite logits (two cheap reductions).
     """
 
     def __init__(self, logits: torch.Tensor, mask: torch.Tensor, head: str = "action", validate: bool = True):
@@ -42,10 +53,14 @@ class MaskedCategorical:
             if not bool(mask.any(dim=-1).all()):
                 bad = (~mask.any(dim=-1)).nonzero()[0].tolist()
                 raise ValueError(f"{head}: mask has a row with no valid action (first at index {bad})")
+            check_finite(f"{head}: logits", logits)  # NonFiniteError, a ValueError
         self.head = head
         self.logits = logits
         self.mask = mask
-        self.masked_logits = logits.masked_fill(~mask, MASK_FILL_VALUE)
+        invalid = ~mask
+        # Shift so the best valid logit is 0, then fill: masked actions end >= 1e4 below every row's max.
+        valid_max = logits.detach().masked_fill(invalid, float("-inf")).amax(dim=-1, keepdim=True)
+        self.masked_logits = (logits - valid_max).masked_fill(invalid, MASK_FILL_VALUE)
         self.log_probs_all = torch.log_softmax(self.masked_logits, dim=-1)
 
     @property
@@ -64,7 +79,7 @@ class MaskedCategorical:
         return (self.probs / race).argmax(dim=-1)
 
     def mode(self) -> torch.Tensor:
-        """``[...]`` argmax over the valid logits."""
+        """``[...]`` argmax over the valid logits (``masked_logits`` are the logits shifted by their valid max)."""
         return self.masked_logits.argmax(dim=-1)
 
     def log_prob(self, actions: torch.Tensor, validate: bool = True) -> torch.Tensor:

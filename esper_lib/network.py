@@ -31,9 +31,12 @@ from esper_lib.constants import (
     LSTM_HIDDEN_DIM,
     NUM_BLUEPRINTS,
     NUM_OPS,
+    RELEVANCE_TABLE,
+    LifecycleOp,
     head_sizes,
     state_dim_for,
 )
+from esper_lib.finite import check_finite
 from esper_lib.masking import MaskedCategorical, canonicalise_actions, canonicalise_mask
 
 Hidden = tuple[torch.Tensor, torch.Tensor]
@@ -42,6 +45,12 @@ Hidden = tuple[torch.Tensor, torch.Tensor]
 # Measured on 2 CPU cores at 512/512 (B=12, T=25, fwd+bwd): one oneDNN call ~21 ms plus ~9 ms per
 # extra segment, vs ~2 ms per step for the cell loop.
 STEP_LOOP_SEGMENT_RATIO = 4
+
+# The plan's attribute names of the policy heads (``op_head`` ...), all views of ``heads`` (see _PlanHead).
+PLAN_HEAD_ATTRS: frozenset[str] = frozenset(f"{name}_head" for name in HEAD_NAMES)
+
+# [NUM_OPS] bool: ops whose step uses the slot head (every op but WAIT).
+_SLOT_RELEVANT = RELEVANCE_TABLE[:, HEAD_NAMES.index("slot")]
 
 
 class ForwardOutput(NamedTuple):
@@ -99,6 +108,26 @@ def _mlp_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
 
 
+class _PlanHead:
+    """The Phase 4 plan's name for a policy head: ``net.op_head`` *is* ``net.heads["op"]``.
+
+    The heads are registered once, in the ``heads`` ModuleDict (state_dict keys ``heads.<name>.*``);
+    this descriptor only gives them the plan's attribute names, so there is no second module and no
+    second copy of any parameter. Assigning (``net.blueprint_head = ...``) replaces ``heads[name]``.
+    """
+
+    def __set_name__(self, owner: type, attr: str) -> None:
+        self.head = attr.removesuffix("_head")
+
+    def __get__(self, obj: "FactoredRecurrentActorCritic | None", objtype: type | None = None) -> nn.Module:
+        return self if obj is None else obj.heads[self.head]  # type: ignore[return-value]
+
+    def __set__(self, obj: "FactoredRecurrentActorCritic", value: nn.Module) -> None:
+        if not isinstance(value, nn.Module):
+            raise TypeError(f"{self.head}_head must be an nn.Module, got {type(value).__name__}")
+        obj.heads[self.head] = value
+
+
 class FactoredRecurrentActorCritic(nn.Module):
     """Tamiyo V2: eight masked categorical heads and Q(s, op) on a shared LSTM trunk.
 
@@ -109,7 +138,19 @@ class FactoredRecurrentActorCritic(nn.Module):
         hidden_dim: LSTM hidden size (512); heads use ``hidden_dim // 2``.
         validate_inputs: check shapes, dtypes and ranges of every input (a few cheap reductions);
             set False on hot paths once the pipeline is trusted.
+
+    The policy heads live in ``heads`` (a ModuleDict, head name -> module); the plan's names
+    ``op_head``, ``slot_head``, ``blueprint_head``, ... are the same modules. ``value_head`` is the critic.
     """
+
+    op_head = _PlanHead()
+    slot_head = _PlanHead()
+    blueprint_head = _PlanHead()
+    style_head = _PlanHead()
+    tempo_head = _PlanHead()
+    alpha_target_head = _PlanHead()
+    alpha_speed_head = _PlanHead()
+    alpha_curve_head = _PlanHead()
 
     def __init__(
         self,
@@ -156,6 +197,12 @@ class FactoredRecurrentActorCritic(nn.Module):
         self.value_head = _mlp_head(hidden_dim + NUM_OPS, self.head_hidden, 1)
         self._init_weights()
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in PLAN_HEAD_ATTRS:  # nn.Module would register a second module; the descriptor replaces heads[...]
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # --- construction ---------------------------------------------------------------------
 
     def constructor_kwargs(self) -> dict[str, int | bool]:
@@ -185,6 +232,17 @@ class FactoredRecurrentActorCritic(nn.Module):
                 if name == "bias_ih_l0":
                     param.data[self.hidden_dim : 2 * self.hidden_dim] = 1.0
 
+    def _init_head(self, name: str) -> None:
+        """Re-initialise one policy head: orthogonal, gain sqrt(2) inside, 0.01 on the last layer; zero biases."""
+        layers = [m for m in self.heads[name] if isinstance(m, nn.Linear)]
+        for i, layer in enumerate(layers):
+            nn.init.orthogonal_(layer.weight, gain=0.01 if i == len(layers) - 1 else math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+
+    def _init_blueprint_head(self) -> None:
+        """The plan's (section 4b) init of the 3-layer blueprint head: gains sqrt(2), sqrt(2), 0.01; zero biases."""
+        self._init_head("blueprint")
+
     def initial_hidden(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Hidden:
         """Zero LSTM state ``([1, B, H], [1, B, H])``."""
         ref = self.lstm_norm.weight
@@ -195,10 +253,16 @@ class FactoredRecurrentActorCritic(nn.Module):
     # --- validation ---------------------------------------------------------------------------
 
     def _check_inputs(self, state: torch.Tensor, blueprint_indices: torch.Tensor, hidden: Hidden | None) -> None:
+        dtype = self.lstm_norm.weight.dtype
         if not torch.is_tensor(state) or not state.is_floating_point():
             raise TypeError(f"state must be a floating-point tensor [B, T, {self.state_dim}], got {_describe(state)}")
+        if state.dtype != dtype:
+            raise TypeError(f"state must have the network's dtype {dtype} (cast it, or the network with .to()), got {state.dtype}")
         if state.dim() != 3 or state.shape[-1] != self.state_dim:
             raise ValueError(f"state must have shape [B, T, {self.state_dim}], got {tuple(state.shape)}")
+        if state.shape[1] == 0:
+            raise ValueError(f"state has T = 0 steps (shape {tuple(state.shape)}); a sequence needs at least one step")
+        check_finite("state", state)
         if not torch.is_tensor(blueprint_indices) or blueprint_indices.dtype != torch.int64:
             raise TypeError(f"blueprint_indices must be an int64 tensor, got {_describe(blueprint_indices)}")
         expected = (*state.shape[:2], self.num_slots)
@@ -217,6 +281,9 @@ class FactoredRecurrentActorCritic(nn.Module):
             for name, t in zip(("h", "c"), hidden):
                 if not torch.is_tensor(t) or tuple(t.shape) != want:
                     raise ValueError(f"hidden {name} must have shape {want}, got {_describe(t)}")
+                if t.dtype != dtype:
+                    raise TypeError(f"hidden {name} must have the network's dtype {dtype}, got {t.dtype}")
+                check_finite(f"hidden {name}", t)
 
     def _check_mask(self, name: str, mask: torch.Tensor, lead: tuple[int, ...]) -> None:
         if name == "slot_by_op":
@@ -237,6 +304,23 @@ class FactoredRecurrentActorCritic(nn.Module):
             raise TypeError(f"action_mask must be a dict head -> bool tensor, got {type(action_mask).__name__}")
         for name, mask in action_mask.items():
             self._check_mask(name, mask, lead)
+        by_op = action_mask.get("slot_by_op")
+        if by_op is None:
+            return
+        # An op the op mask allows must leave a valid slot, or the slot head has no action when it is drawn.
+        slot = action_mask.get("slot")
+        rows = by_op if slot is None else by_op & slot.unsqueeze(-2)  # [..., NUM_OPS, num_slots]
+        dead = ~rows.any(dim=-1) & _SLOT_RELEVANT.to(rows.device)  # [..., NUM_OPS]
+        if "op" in action_mask:
+            dead &= action_mask["op"]
+        if bool(dead.any()):
+            where = dead.nonzero()[0].tolist()
+            op = LifecycleOp(where[-1]).name
+            extra = " and the slot mask" if slot is not None else ""
+            raise ValueError(
+                f"action_mask allows op {op} but its slot_by_op row{extra} leaves no valid slot (first at index {where[:-1]}); "
+                f"mask the op out, or allow a slot for it"
+            )
 
     def _check_actions(self, actions: dict[str, torch.Tensor], lead: tuple[int, ...]) -> None:
         if not isinstance(actions, dict):

@@ -169,3 +169,42 @@ def test_canonicalise_actions_replaces_only_irrelevant_heads() -> None:
 def test_max_entropy_of_uniform() -> None:
     dist = MaskedCategorical(torch.zeros(1, 13), torch.ones(1, 13, dtype=torch.bool))
     assert dist.entropy().item() == pytest.approx(math.log(13), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e5])
+def test_masked_action_has_probability_zero_at_any_logit_scale(dtype: torch.dtype, scale: float) -> None:
+    if dtype == torch.float16 and scale > 1e4:
+        pytest.skip("float16 cannot hold logits of 1e5")
+    # valid logits far below the masked one: without the shift by the valid max, the masked action wins
+    logits = torch.tensor([[-1.0, -2.0, 0.0], [2.0, 1.0, 3.0]], dtype=torch.float64).mul(scale).to(dtype)
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    dist = MaskedCategorical(logits, mask)
+    probs = dist.probs
+    assert probs.dtype == dtype
+    assert (probs[~mask] == 0).all()
+    assert torch.isfinite(dist.log_probs_all).all() and torch.isfinite(dist.entropy()).all()
+    assert dist.mode().tolist() == [0, 0]
+    g = torch.Generator().manual_seed(0)
+    big = MaskedCategorical(logits.repeat(2000, 1), mask.repeat(2000, 1))
+    draws = big.sample(generator=g)
+    assert not bool((draws == 2).any())
+
+
+def test_masked_fill_keeps_gradients_finite_at_large_scale() -> None:
+    logits = (torch.tensor([[-1.0, -2.0, 0.0, -1.5]]) * 1e5).requires_grad_()
+    mask = torch.tensor([[True, True, False, True]])
+    dist = MaskedCategorical(logits, mask)
+    (dist.entropy().sum() + dist.log_prob(torch.tensor([1])).sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[0, 2] == 0
+    assert dist.log_prob(torch.tensor([0])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_logits_raise_when_validating(bad: float) -> None:
+    logits = torch.zeros(2, 4)
+    logits[1, 2] = bad
+    with pytest.raises(ValueError, match=r"blueprint: logits contains a non-finite value \(.*\) at index \[1, 2\]"):
+        MaskedCategorical(logits, torch.ones(2, 4, dtype=torch.bool), head="blueprint")
+    MaskedCategorical(logits, torch.ones(2, 4, dtype=torch.bool), validate=False)  # hot path: no check

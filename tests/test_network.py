@@ -372,3 +372,99 @@ def test_lstm_paths_with_resets_agree(small_net: FactoredRecurrentActorCritic, r
         other = (hidden[0] * 3, hidden[1] * 3)
         out_other, _ = small_net._lstm_by_step(x, other, starts)
         assert torch.allclose(out_other[0, first_reset:], out_step[0, first_reset:], atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_state_raises_naming_state(small_net: FactoredRecurrentActorCritic, bad: float) -> None:
+    state, bp = make_inputs(2, 3)
+    state[1, 2, 7] = bad
+    with pytest.raises(ValueError, match=r"state contains a non-finite value.*\[1, 2, 7\]"):
+        small_net(state, bp)
+    with pytest.raises(ValueError, match="state contains a non-finite value"):
+        small_net.get_action(state[:, 2], bp[:, 2])
+    h, c = small_net.initial_hidden(2)
+    c[0, 1, 0] = bad
+    with pytest.raises(ValueError, match="hidden c contains a non-finite value"):
+        small_net(*make_inputs(2, 3), hidden=(h, c))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_state_or_hidden_of_another_dtype_raises_naming_the_expected_dtype(small_net: FactoredRecurrentActorCritic, dtype: torch.dtype) -> None:
+    state, bp = make_inputs(2, 3)
+    with pytest.raises(TypeError, match=r"state must have the network's dtype torch\.float32.*got " + str(dtype)):
+        small_net(state.to(dtype), bp)
+    with pytest.raises(TypeError, match=r"state must have the network's dtype torch\.float32"):
+        small_net.get_action(state[:, 0].to(dtype), bp[:, 0])
+    h, c = small_net.initial_hidden(2, dtype=dtype)
+    with pytest.raises(TypeError, match=r"hidden h must have the network's dtype torch\.float32"):
+        small_net(state, bp, hidden=(h, c))
+    bf16_net = FactoredRecurrentActorCritic(feature_dim=32, hidden_dim=32).to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"dtype torch\.bfloat16"):
+        bf16_net(state, bp)
+
+
+def test_zero_length_sequence_raises(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(2, 3)
+    with pytest.raises(ValueError, match="T = 0 steps"):
+        small_net(state[:, :0], bp[:, :0])
+    with pytest.raises(ValueError, match="T = 0 steps"):
+        small_net.evaluate_actions(state[:, :0], bp[:, :0], random_actions(2, 0))
+    with pytest.raises(ValueError, match="T = 0 steps"):
+        small_net.q_values(state[:, :0], bp[:, :0])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_allowed_op_without_a_valid_slot_raises_on_every_call(small_net: FactoredRecurrentActorCritic, seed: int) -> None:
+    """PRUNE is allowed but its slot_by_op row is empty: raise deterministically, whichever op is drawn."""
+    state, bp = make_inputs(2, 1)
+    by_op = torch.ones(2, NUM_OPS, 3, dtype=torch.bool)
+    by_op[1, int(LifecycleOp.PRUNE)] = False
+    masks = {"op": torch.ones(2, NUM_OPS, dtype=torch.bool), "slot_by_op": by_op}
+    g = torch.Generator().manual_seed(seed)
+    with pytest.raises(ValueError, match=r"allows op PRUNE but its slot_by_op row leaves no valid slot \(first at index \[1\]\)"):
+        small_net.get_action(state[:, 0], bp[:, 0], action_mask=masks, generator=g)
+    with pytest.raises(ValueError, match="allows op PRUNE"):
+        small_net(state, bp, action_mask={k: v.unsqueeze(1) for k, v in masks.items()})
+    # with the slot mask and-ed in: slot_by_op allows slot 0 for GERMINATE, the slot mask does not
+    by_op = torch.ones(2, NUM_OPS, 3, dtype=torch.bool)
+    by_op[0, int(LifecycleOp.GERMINATE)] = torch.tensor([True, False, False])
+    slot = torch.tensor([[False, True, True], [True, True, True]])
+    with pytest.raises(ValueError, match="allows op GERMINATE but its slot_by_op row and the slot mask"):
+        small_net.get_action(state[:, 0], bp[:, 0], action_mask={"slot_by_op": by_op, "slot": slot})
+    # fine once the op is masked out, and for WAIT, which uses no slot
+    masks["op"][1, int(LifecycleOp.PRUNE)] = False
+    masks["slot_by_op"][:, int(LifecycleOp.WAIT)] = False
+    small_net.get_action(state[:, 0], bp[:, 0], action_mask=masks)
+
+
+def test_plan_head_names_are_the_registered_heads_without_copies() -> None:
+    """The plan's ``self.op_head`` ... ``self.value_head`` work, with one module each and the same parameters."""
+    net = FactoredRecurrentActorCritic()
+    for name in HEAD_NAMES:
+        assert getattr(net, f"{name}_head") is net.heads[name], name
+    assert net.op_head is net.heads["op"]
+    assert isinstance(net.value_head[0], torch.nn.Linear) and net.value_head[0].in_features == 512 + NUM_OPS
+    params = list(net.parameters())
+    assert sum(p.numel() for p in params) == 3_628_898
+    assert len({id(p) for p in params}) == len(params) == len(dict(net.named_parameters()))
+    assert not any(k.split(".")[0].endswith("_head") and k.split(".")[0] != "value_head" for k in net.state_dict())
+    # assigning by the plan's name replaces the head in place (no second module registered)
+    new_tempo = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.ReLU(), torch.nn.Linear(256, 3))
+    net.tempo_head = new_tempo
+    assert net.heads["tempo"] is new_tempo and "tempo_head" not in net._modules
+    assert sum(p.numel() for p in net.parameters()) == 3_628_898
+
+
+def test_init_blueprint_head_reinitialises_with_the_plans_gains(small_net: FactoredRecurrentActorCritic) -> None:
+    with torch.no_grad():
+        for p in small_net.parameters():
+            p.fill_(0.5)
+    small_net._init_blueprint_head()
+    layers = [m for m in small_net.blueprint_head if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 3
+    for layer, gain in zip(layers, (math.sqrt(2), math.sqrt(2), 0.01)):
+        sv = torch.linalg.svdvals(layer.weight)
+        assert torch.allclose(sv, torch.full_like(sv, gain), atol=1e-5)
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    # other heads untouched
+    assert (small_net.op_head[-1].weight == 0.5).all()

@@ -43,6 +43,8 @@ def test_spaces_match_heads() -> None:
     assert sample["state"].shape == (121,)
     assert set(sample["action_mask"].keys()) == set(HEAD_NAMES) | {"slot_by_op"}
     assert sample["action_mask"]["slot_by_op"].shape == (6, 3)
-    assert action_to_dict(np.arange(8))["alpha_curve"] == 7
+    assert action_to_dict(np.array([5, 2, 12, 3, 2, 2, 3, 4])) == dict(zip(HEAD_NAMES, [5, 2, 12, 3, 2, 2, 3, 4]))
+    with pytest.raises(ValueError, match=r"action\[tempo\] = 4 is outside \[0, 2\]"):
+        action_to_dict(np.arange(8))  # validated: the same check as every env's step
     with pytest.raises(ValueError, match="action must have shape"):
         action_to_dict(np.arange(7))

@@ -7,6 +7,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from esper_lib.constants import HEAD_NAMES, RELEVANCE_TABLE
 from esper_lib.envs.probes import CUE_INDEX, TIME_INDEX, ProbeEnv
 from esper_lib.network import FactoredRecurrentActorCritic
+from esper_lib.finite import NonFiniteError
 from esper_lib.ppo import RolloutBuffer, RolloutCollector, RunningObsNormalizer, SingleEnvAdapter
 
 N, T, L = 3, 12, 4
@@ -185,3 +186,14 @@ def test_running_normaliser_matches_numpy_and_round_trips():
         RunningObsNormalizer(6).load_state_dict(norm.state_dict())
     with pytest.raises(ValueError, match="version"):
         RunningObsNormalizer(5).load_state_dict({**norm.state_dict(), "version": 99})
+
+
+def test_normalizer_refuses_non_finite_batches_before_touching_its_statistics():
+    norm = RunningObsNormalizer(4)
+    norm.update(torch.randn(5, 4))
+    before = (norm.mean.clone(), norm.var.clone(), norm.count)
+    bad = torch.randn(3, 4)
+    bad[2, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"normalizer update batch contains a non-finite value \(nan\) at row 2, feature 1"):
+        norm.update(bad)
+    assert torch.equal(norm.mean, before[0]) and torch.equal(norm.var, before[1]) and norm.count == before[2]

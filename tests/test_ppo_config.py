@@ -39,6 +39,10 @@ from esper_lib.ppo import PPOConfig
         ("hidden_dim", 1),
         ("seed", -3),
         ("device", ""),
+        ("device", "gpu"),
+        ("device", "cuda:x"),
+        ("device", "meta"),
+        ("device", 0),
         ("num_threads", 0),
     ],
 )
@@ -73,3 +77,9 @@ def test_round_trip_and_unknown_fields():
     with pytest.raises(ValueError, match=r"PPOConfig\.lr"):
         cfg.replace(lr=-1.0)
     assert cfg.replace(lr=1e-3).lr == 1e-3
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", "mps"])
+def test_device_strings_torch_parses_are_accepted_at_config_time(device):
+    # whether the machine has that device is checked when the trainer is built (test_ppo_trainer)
+    assert PPOConfig(device=device).device == device

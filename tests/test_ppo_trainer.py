@@ -1,6 +1,7 @@
 """Trainer: metrics frame, determinism, checkpoint round trip and clear errors, controller, load_trained."""
 import math
 
+import gymnasium as gym
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +15,10 @@ from esper_lib.ppo import (
     PolicyController,
     PPOConfig,
     PPOTrainer,
+    NonFiniteError,
+    compute_advantages,
     load_trained,
+    ppo_update,
     train,
 )
 
@@ -183,3 +187,128 @@ def test_trainer_argument_errors():
 
     with pytest.raises(ValueError, match="hidden_dim=8"):
         PPOTrainer(OpRewardProbe, PPOConfig(**SMALL), policy=FactoredRecurrentActorCritic(feature_dim=16, hidden_dim=8))
+
+
+# --- environment, device and thread errors ------------------------------------------------------------
+
+
+def _other_thread_count() -> int:
+    return 1 if torch.get_num_threads() != 1 else 2
+
+
+def test_thread_count_is_restored_when_the_trainer_closes():
+    before = torch.get_num_threads()
+    n = _other_thread_count()
+    tr = PPOTrainer(OpRewardProbe, PPOConfig(**{**SMALL, "num_threads": n}, total_updates=1))
+    assert torch.get_num_threads() == n
+    tr.step()
+    tr.close()
+    assert torch.get_num_threads() == before
+    tr.close()  # idempotent
+    train(OpRewardProbe, PPOConfig(**{**SMALL, "num_threads": n}, total_updates=1), progress=False)
+    assert torch.get_num_threads() == before
+
+
+def test_env_without_tamiyo_observation_keys_names_the_keys_needed():
+    before = torch.get_num_threads()
+    cfg = PPOConfig(**{**SMALL, "num_threads": _other_thread_count()})
+    with pytest.raises(ValueError, match=r"keys \('state', 'blueprint_indices', 'action_mask'\).*lacks \['state', 'blueprint_indices', 'action_mask'\]"):
+        PPOTrainer(lambda: gym.make("CartPole-v1"), cfg)
+    assert torch.get_num_threads() == before  # a trainer that failed to build leaves the thread count alone
+    with pytest.raises(ValueError, match="lacks"):
+        PPOTrainer(gym.make("CartPole-v1"), cfg.replace(num_envs=1, minibatch_sequences=1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_fails_when_the_trainer_is_built():
+    cfg = PPOConfig(**SMALL, device="cuda")  # accepted: a valid device string
+    with pytest.raises(ValueError, match=r"PPOConfig\.device is 'cuda' but CUDA is not available"):
+        PPOTrainer(OpRewardProbe, cfg)
+
+
+# --- no silent NaN ------------------------------------------------------------------------------------
+
+
+class _Poison(gym.Wrapper):
+    """Makes the reward, or entry 5 of the state, NaN at this env's ``at``-th call of ``step``."""
+
+    def __init__(self, env, at: int, what: str):
+        super().__init__(env)
+        self.at, self.what, self.calls = at, what, 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.calls += 1
+        if self.calls == self.at:
+            if self.what == "reward":
+                reward = math.nan
+            else:
+                obs = {**obs, "state": obs["state"].copy()}
+                obs["state"][5] = math.nan
+        return obs, reward, terminated, truncated, info
+
+
+def _second_env_poisoned(probe, at: int, what: str):
+    made = []
+
+    def env_fn():
+        made.append(None)
+        env = probe()
+        return _Poison(env, at, what) if len(made) == 2 else env
+
+    return env_fn
+
+
+@pytest.mark.parametrize("what,probe,match", [
+    ("reward", OpRewardProbe, r"reward contains a non-finite value \(nan\) at env 1 at rollout step 2 of update 2"),
+    ("state", MemoryProbe, r"observation state contains a non-finite value \(nan\) at env 1, feature 5 returned by env\.step at rollout step 2 of update 2"),
+])
+def test_non_finite_reward_or_observation_raises_before_any_step_on_it(tmp_path, what, probe, match):
+    cfg = PPOConfig(**SMALL, total_updates=4)
+    at = 2 * cfg.num_steps + 3  # the 3rd step of update 2 (rollout step 2)
+    tr = PPOTrainer(_second_env_poisoned(probe, at, what), cfg)
+    tr.run(2, progress=False)
+    weights = {k: v.clone() for k, v in tr.policy.state_dict().items()}
+    last_good = tr.save(tmp_path / "last_good.pt")
+    saved_bytes = last_good.read_bytes()
+    with pytest.raises(NonFiniteError, match=match) as info:
+        tr.step()
+    assert isinstance(info.value, ValueError) and isinstance(info.value, FloatingPointError)
+    for k, v in tr.policy.state_dict().items():
+        assert torch.equal(v, weights[k]) and torch.isfinite(v).all(), k
+    assert torch.isfinite(tr.normalizer.mean).all() and torch.isfinite(tr.normalizer.var).all()
+    assert len(tr.history) == 2 and tr.metrics["update"].tolist() == [0, 1]
+    assert last_good.read_bytes() == saved_bytes
+    tr.close()
+    again = PPOTrainer.resume(last_good, probe)
+    assert again.update_index == 2
+    again.close()
+
+
+def test_non_finite_loss_or_gradient_raises_before_the_optimizer_step():
+    cfg = PPOConfig(**SMALL, total_updates=2)
+    tr = PPOTrainer(OpRewardProbe, cfg)
+    weights = {k: v.clone() for k, v in tr.policy.state_dict().items()}
+    # a critic that turns NaN in training mode only: collection is clean, the loss is not
+    hook = tr.policy.value_head.register_forward_hook(lambda m, i, out: out * math.nan if m.training else out)
+    with pytest.raises(NonFiniteError, match=r"loss contains a non-finite value \(nan\) in epoch 0, minibatch 0 of update 0"):
+        tr.step()
+    hook.remove()
+    tr.collector.started = False
+    grad_hook = tr.policy.lstm.weight_hh_l0.register_hook(lambda g: g * math.inf)
+    with pytest.raises(NonFiniteError, match=r"gradient norm contains a non-finite value .* in epoch 0, minibatch 0 of update 0"):
+        tr.step()
+    grad_hook.remove()
+    for k, v in tr.policy.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert tr.history == []
+
+
+def test_non_finite_advantage_raises_naming_env_and_step():
+    cfg = PPOConfig(**SMALL, total_updates=1)
+    tr = PPOTrainer(OpRewardProbe, cfg)
+    tr.collect()
+    compute_advantages(tr.buffer, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda)
+    tr.buffer.advantages[1, 3] = math.inf
+    with pytest.raises(NonFiniteError, match=r"advantage contains a non-finite value \(inf\) at env 1, step 3 of update 7"):
+        ppo_update(tr.policy, tr.optimizer, tr.buffer, cfg, tr.generator, update=7)

@@ -97,11 +97,56 @@ def test_masked_action_is_counted_and_penalised():
     assert r == VIOLATION_REWARD and info["masked_violation"] and env.masked_violations == 1
 
 
+def _action(**heads: float) -> np.ndarray:
+    a = np.zeros(8, dtype=np.int64 if all(float(v).is_integer() for v in heads.values()) else np.float64)
+    for name, v in heads.items():
+        a[HEAD_NAMES.index(name)] = v
+    return a
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(op=6), r"action\[op\] = 6 is outside \[0, 5\]"),
+        (dict(blueprint=13), r"action\[blueprint\] = 13 is outside \[0, 12\]"),
+        (dict(op=-1), r"action\[op\] = -1 is outside"),
+        (dict(op=4.7), "action must be an integer array, got dtype float64"),
+    ],
+)
+def test_probe_rejects_actions_outside_the_action_space_like_morpho(name, bad, match):
+    env = make_probe(name)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=match):
+        env.step(_action(**bad))
+    with pytest.raises(ValueError, match=r"action must have shape \(8,\)"):
+        env.step(np.zeros(7, dtype=np.int64))
+    env.step(np.zeros(8, dtype=np.int64))  # a bad action changed nothing: a valid one still steps
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+def test_probe_step_after_episode_end_without_reset_raises(name):
+    env = make_probe(name)
+    with pytest.raises(RuntimeError, match="before reset"):
+        env.step(np.zeros(8, dtype=np.int64))
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, terminated, truncated, _ = env.step(np.zeros(8, dtype=np.int64))
+        done = terminated or truncated
+    with pytest.raises(RuntimeError, match="after the episode ended: call reset"):
+        env.step(np.zeros(8, dtype=np.int64))
+    env.reset(seed=1)
+    env.step(np.zeros(8, dtype=np.int64))
+
+
 @pytest.mark.parametrize("name", ["memory", "truncation", "observation"])
 def test_get_set_state_continues_exactly(name):
     a, b = make_probe(name), make_probe(name)
     a.reset(seed=3)
-    a.step(optimal_play(a, a._obs()))
+    _, _, terminated, truncated, _ = a.step(optimal_play(a, a._obs()))
+    if terminated or truncated:  # a finished episode must be reset before the next step
+        a.reset()
     b.reset(seed=99)
     b.set_state(a.get_state())
     for _ in range(12):

@@ -95,7 +95,7 @@ from esper_lib.constants import (
 from esper_lib.envs.blueprints import ChannelGate, blueprint_mask, build_blueprint
 from esper_lib.envs.host import DigitsSplit, HostCNN, load_digits_split
 from esper_lib.envs.lifecycle import SeedSlot
-from esper_lib.envs.spaces import action_space, observation_space
+from esper_lib.envs.spaces import action_space, action_to_dict, observation_space
 from esper_lib.observation import FEATURE_BOUND, HISTORY_LEN, observation_layout, symlog
 
 MAX_GRAD_NORM = 5.0
@@ -284,7 +284,7 @@ class MorphoEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         if self._epoch >= self.max_epochs:
             raise RuntimeError("episode is over (max_epochs reached): call reset()")
-        a = self._parse_action(action)
+        a = action_to_dict(action, self.num_slots)
         op = LifecycleOp(a["op"])
         valid = self._is_valid(a)
         with torch_threads(self.num_threads):
@@ -341,15 +341,6 @@ class MorphoEnv(gym.Env):
 
     def _draw_seed(self) -> int:
         return int(self.np_random.integers(_SEED_MAX))
-
-    def _parse_action(self, action: Any) -> dict[str, int]:
-        arr = np.asarray(action)
-        if arr.shape != (len(HEAD_NAMES),) or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"action must be an int array of shape ({len(HEAD_NAMES)},), got {arr.dtype} {arr.shape}")
-        for name, value in zip(HEAD_NAMES, arr):
-            if not 0 <= value < self._head_sizes[name]:
-                raise ValueError(f"action[{name}] = {int(value)} is outside [0, {self._head_sizes[name] - 1}]")
-        return {name: int(v) for name, v in zip(HEAD_NAMES, arr)}
 
     def _is_valid(self, a: dict[str, int]) -> bool:
         m = self._masks

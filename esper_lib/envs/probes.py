@@ -17,7 +17,10 @@ after ``reset`` or ``step``, before the next ``step``):
 - ``optimal_action()``: ``{head: index}`` for the heads whose choice matters at s (``{}`` when every
   valid action is optimal).
 
-Taking a masked action is counted in ``masked_violations`` and rewarded ``VIOLATION_REWARD``.
+Actions are checked as in the morphogenetic env (``spaces.action_to_dict``): a wrong shape, a
+non-integer dtype or an index outside its head raises ValueError; a ``step`` before ``reset`` or
+after the episode ended (terminated or truncated) raises RuntimeError. Taking a *masked* (but
+in-range) action is counted in ``masked_violations`` and rewarded ``VIOLATION_REWARD``.
 ``get_state()`` / ``set_state()`` capture everything (including the RNG) so a PPO checkpoint can
 resume a probe run exactly.
 
@@ -80,22 +83,27 @@ class ProbeEnv(gym.Env):
         self.t = 0
         self.cue = 0.0
         self.masked_violations = 0
+        self._needs_reset = True
 
     # --- gymnasium API ---------------------------------------------------------------------
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         super().reset(seed=seed)
         self.t = 0
+        self._needs_reset = False
         self._begin()
         return self._obs(), {}
 
     def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
-        act = action_to_dict(action)
+        if self._needs_reset:
+            raise RuntimeError(f"{type(self).__name__}.step() called before reset() or after the episode ended: call reset()")
+        act = action_to_dict(action, self.num_slots)
         violation = self._violates_mask(act)
         reward = VIOLATION_REWARD if violation else float(self._reward(act))
         self.masked_violations += int(violation)
         self.t += 1
         terminated, truncated = self._done()
+        self._needs_reset = terminated or truncated
         return self._obs(), reward, terminated, truncated, {"masked_violation": violation}
 
     # --- hooks --------------------------------------------------------------------------------
@@ -169,6 +177,7 @@ class ProbeEnv(gym.Env):
             "t": int(self.t),
             "cue": float(self.cue),
             "masked_violations": int(self.masked_violations),
+            "needs_reset": bool(self._needs_reset),
             "rng": self.np_random.bit_generator.state,
         }
 
@@ -176,6 +185,7 @@ class ProbeEnv(gym.Env):
         self.t = int(state["t"])
         self.cue = float(state["cue"])
         self.masked_violations = int(state["masked_violations"])
+        self._needs_reset = bool(state.get("needs_reset", False))
         self.np_random.bit_generator.state = state["rng"]
 
     def _draw_cue(self) -> float:

@@ -10,6 +10,8 @@ Action: ``MultiDiscrete`` over the eight heads in ``HEAD_NAMES`` order.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from gymnasium import spaces
@@ -58,12 +60,22 @@ def all_valid_masks(num_slots: int = DEFAULT_NUM_SLOTS) -> dict[str, np.ndarray]
     return masks
 
 
-def action_to_dict(action: np.ndarray) -> dict[str, int]:
-    """A ``MultiDiscrete`` action (length 8) as ``{head: index}``."""
-    action = np.asarray(action)
-    if action.shape != (len(HEAD_NAMES),):
-        raise ValueError(f"action must have shape ({len(HEAD_NAMES)},), got {action.shape}")
-    return {name: int(a) for name, a in zip(HEAD_NAMES, action)}
+def action_to_dict(action: Any, num_slots: int = DEFAULT_NUM_SLOTS) -> dict[str, int]:
+    """A ``MultiDiscrete`` action (length 8, ``HEAD_NAMES`` order) as ``{head: index}``, validated.
+
+    The one action check of every Tamiyo env: raises ValueError for a wrong shape, a non-integer
+    dtype (e.g. op 4.7) or an index outside its head's range (op 6, blueprint 13, op -1).
+    """
+    arr = np.asarray(action)
+    if arr.shape != (len(HEAD_NAMES),):
+        raise ValueError(f"action must have shape ({len(HEAD_NAMES)},) (one index per head, {HEAD_NAMES}), got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"action must be an integer array, got dtype {arr.dtype} ({arr.tolist()})")
+    sizes = head_sizes(num_slots)
+    for name, value in zip(HEAD_NAMES, arr.tolist()):
+        if not 0 <= value < sizes[name]:
+            raise ValueError(f"action[{name}] = {value} is outside [0, {sizes[name] - 1}]")
+    return {name: int(a) for name, a in zip(HEAD_NAMES, arr.tolist())}
 
 
 def actions_to_array(actions: dict[str, torch.Tensor]) -> np.ndarray:

@@ -6,6 +6,7 @@ One concept per module: ``config`` (PPOConfig), ``buffer`` (RolloutBuffer, Seque
 ``trainer`` (PPOTrainer, train, checkpoints), ``controller`` (PolicyController, load_trained),
 ``evaluation`` (probe reports).
 """
+from esper_lib.finite import NonFiniteError
 from esper_lib.ppo.advantages import compute_advantages, explained_variance, gae, next_state_values, normalize_masked, op_head_advantages
 from esper_lib.ppo.buffer import BufferError, RolloutBuffer, SequenceBatch
 from esper_lib.ppo.collect import RolloutCollector, RolloutStats, SingleEnvAdapter, make_vector_env
@@ -13,7 +14,7 @@ from esper_lib.ppo.config import BOOTSTRAP_MODES, OP_ADVANTAGE_MODES, PPOConfig
 from esper_lib.ppo.controller import PolicyController, load_trained
 from esper_lib.ppo.evaluation import action_probability, probe_report
 from esper_lib.ppo.normalization import RunningObsNormalizer
-from esper_lib.ppo.trainer import METRIC_COLUMNS, PPO_STATE_VERSION, TIMING_COLUMNS, PPOTrainer, train
+from esper_lib.ppo.trainer import METRIC_COLUMNS, PPO_STATE_VERSION, TAMIYO_OBS_KEYS, TIMING_COLUMNS, PPOTrainer, train
 from esper_lib.ppo.update import LossOutput, ppo_losses, ppo_update, relevance_mask
 
 __all__ = [
@@ -21,9 +22,11 @@ __all__ = [
     "OP_ADVANTAGE_MODES",
     "METRIC_COLUMNS",
     "PPO_STATE_VERSION",
+    "TAMIYO_OBS_KEYS",
     "TIMING_COLUMNS",
     "BufferError",
     "LossOutput",
+    "NonFiniteError",
     "PPOConfig",
     "PPOTrainer",
     "PolicyController",

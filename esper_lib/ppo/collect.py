@@ -14,6 +14,10 @@ autoreset) or a ``gymnasium.vector.VectorEnv`` whose ``metadata["autoreset_mode"
 (and marks ``episode_starts``), stores it at every sequence start, and at a time-limit truncation
 bootstraps from the final observation with the carried state (the state after the last step).
 ``terminated`` never bootstraps.
+
+Non-finite values: every reward and every observed ``state`` (reset, step, final observation) is
+checked as it arrives (one ``isfinite`` reduction per step each), before the normaliser ingests it;
+a NaN or inf raises ``NonFiniteError`` naming the env, the feature, the rollout step and the update.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
 from esper_lib.constants import HEAD_NAMES
 from esper_lib.envs.spaces import actions_to_array
+from esper_lib.finite import check_finite
 from esper_lib.network import FactoredRecurrentActorCritic
 from esper_lib.ppo.buffer import RolloutBuffer
 from esper_lib.ppo.normalization import RunningObsNormalizer
@@ -170,9 +175,10 @@ class RolloutCollector:
 
     # --- observations ---------------------------------------------------------------------
 
-    def _ingest(self, obs: dict, update_stats: bool = True) -> None:
-        """Copy a batched observation into the staging tensors (normalising the state)."""
+    def _ingest(self, obs: dict, update_stats: bool = True, where: str = "") -> None:
+        """Copy a batched observation into the staging tensors (normalising the state); a non-finite state raises first."""
         state = torch.from_numpy(np.asarray(obs["state"], dtype=np.float32)).to(self.device)
+        check_finite("observation state", state, axes=("env", "feature"), where=where)
         if self.normalizer is not None:
             if update_stats:
                 self.normalizer.update(state)
@@ -196,7 +202,7 @@ class RolloutCollector:
     def reset(self, seed: int | None = None) -> None:
         """Reset every env (seeded: env i gets ``seed + i`` in a vector env) and the carried state."""
         obs, _ = self.env.reset(seed=seed)
-        self._ingest(obs)
+        self._ingest(obs, where=" returned by env.reset")
         self.hidden = self.policy.initial_hidden(self.num_envs, self.device)
         self._episode_start.fill_(True)
         self._pending.fill_(False)
@@ -205,10 +211,15 @@ class RolloutCollector:
         self.started = True
 
     @torch.no_grad()
-    def _bootstrap(self, hidden: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, final_obs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _bootstrap(
+        self, hidden: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, final_obs: list[dict], where: str = ""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q(s', sampled op), sum_o pi(o | s') Q(s', o)) for the final observations of envs ``idx``."""
+        states = np.stack([np.asarray(o["state"], dtype=np.float32) for o in final_obs])
+        for env, row in zip(idx.tolist(), states) if not np.isfinite(states).all() else ():
+            check_finite("final observation state", torch.from_numpy(row), axes=("feature",), where=f" of env {env}{where}")
         state, bp, masks = self._tensors(
-            np.stack([o["state"] for o in final_obs]),
+            states,
             np.stack([o["blueprint_indices"] for o in final_obs]),
             {k: np.stack([o["action_mask"][k] for o in final_obs]) for k in MASK_KEYS},
         )
@@ -216,8 +227,11 @@ class RolloutCollector:
         return res.value, (res.q_all * res.op_probs).sum(-1)
 
     @torch.no_grad()
-    def collect(self, buffer: RolloutBuffer) -> RolloutStats:
-        """Fill ``buffer`` (reset first) with ``buffer.num_steps`` steps and ``finish`` it."""
+    def collect(self, buffer: RolloutBuffer, *, update: int | None = None) -> RolloutStats:
+        """Fill ``buffer`` (reset first) with ``buffer.num_steps`` steps and ``finish`` it.
+
+        ``update`` (optional) only names the update in the message of a ``NonFiniteError``.
+        """
         if buffer.num_envs != self.num_envs:
             raise ValueError(f"buffer has {buffer.num_envs} envs, the collector steps {self.num_envs}")
         if not self.started:
@@ -229,12 +243,16 @@ class RolloutCollector:
         returns: list[float] = []
         lengths: list[int] = []
         valid_steps = 0
-        for _ in range(buffer.num_steps):
+        of_update = f" of update {update}" if update is not None else ""
+        for step in range(buffer.num_steps):
+            where = f" at rollout step {step}{of_update}"
             hidden_in = self.hidden
             res = policy.get_action(self._state, self._bp, hidden_in, self._masks, return_q_all=True, generator=gen)
             obs, reward, terminated, truncated, info = self.env.step(actions_to_array(res.actions))
             valid = ~self._pending
-            rew = torch.from_numpy(np.asarray(reward, dtype=np.float32)).to(self.device) * valid
+            rew = torch.from_numpy(np.asarray(reward, dtype=np.float32)).to(self.device)
+            check_finite("reward", rew, axes=("env",), where=where)
+            rew = rew * valid
             term = torch.from_numpy(np.asarray(terminated, dtype=bool)).to(self.device) & valid
             trunc = torch.from_numpy(np.asarray(truncated, dtype=bool)).to(self.device) & valid & ~term
             t = buffer.add(
@@ -260,7 +278,7 @@ class RolloutCollector:
                     final = [info["final_obs"][i] for i in idx.tolist()]
                 else:
                     final = [_row(obs, i) for i in idx.tolist()]
-                sampled, expected = self._bootstrap(res.hidden, idx, final)
+                sampled, expected = self._bootstrap(res.hidden, idx, final, where=where)
                 buffer.set_bootstrap(t, idx, sampled, expected)
             # episode bookkeeping (numpy, vectorised)
             valid_np = valid.cpu().numpy()
@@ -274,7 +292,7 @@ class RolloutCollector:
                 self._ep_return[done_np] = 0.0
                 self._ep_len[done_np] = 0
             # next observation and carried state
-            self._ingest(obs)
+            self._ingest(obs, where=f" returned by env.step{where}")
             if same_step:
                 starts = done
             else:

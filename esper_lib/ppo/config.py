@@ -11,10 +11,13 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+
 from esper_lib.constants import FEATURE_DIM, LSTM_HIDDEN_DIM
 
 BOOTSTRAP_MODES = ("expected", "sampled")
 OP_ADVANTAGE_MODES = ("expected", "q")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,11 @@ class PPOConfig:
 
     Optional knobs: ``value_clip`` (None = unclipped value loss), ``target_kl`` (None = no early
     stop; otherwise the update stops at the first minibatch whose approximate KL, measured before
-    its gradient step, exceeds it), ``num_threads`` (None = leave torch's thread count alone).
+    its gradient step, exceeds it), ``num_threads`` (None = leave torch's thread count alone; else
+    set while the trainer runs and restored by ``PPOTrainer.close``).
+
+    ``device`` is parsed when the config is built ("cpu", "cuda", "cuda:N", "mps"); whether that
+    device exists on this machine is checked when the trainer is built.
     """
 
     # rollout
@@ -108,8 +115,7 @@ class PPOConfig:
             raise ValueError(f"PPOConfig.bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {self.bootstrap_mode!r}")
         if self.op_advantage not in OP_ADVANTAGE_MODES:
             raise ValueError(f"PPOConfig.op_advantage must be one of {OP_ADVANTAGE_MODES}, got {self.op_advantage!r}")
-        if not isinstance(self.device, str) or not self.device:
-            raise ValueError(f"PPOConfig.device must be a device string such as 'cpu', got {self.device!r}")
+        _device("device", self.device)
         if self.num_steps % self.seq_len:
             raise ValueError(
                 f"PPOConfig.seq_len ({self.seq_len}) must divide num_steps ({self.num_steps}): the rollout is cut into whole sequences"
@@ -161,6 +167,20 @@ class PPOConfig:
         if unknown:
             raise ValueError(f"PPOConfig has no field(s) {unknown}")
         return dataclasses.replace(self, **changes)
+
+
+def _device(name: str, value: Any) -> torch.device:
+    """Parse a device string as torch does; only the types in ``DEVICE_TYPES`` (whether present is checked by the trainer)."""
+    hint = "a device string such as 'cpu', 'cuda', 'cuda:1' or 'mps'"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"PPOConfig.{name} must be {hint}, got {value!r}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"PPOConfig.{name} must be {hint}, got {value!r}") from exc
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"PPOConfig.{name} must be {hint} (types {DEVICE_TYPES}), got {value!r}")
+    return device
 
 
 def _int(name: str, value: Any) -> None:

@@ -3,13 +3,16 @@
 Only the float ``state`` vector is normalised; blueprint indices and masks are discrete. Statistics
 are float64 and merged batch by batch with Chan's parallel formula, so the order of updates within a
 batch does not matter. The normalised state is ``clip((x - mean) / sqrt(var + eps), -clip, clip)``;
-a feature that never varies maps to 0.
+a feature that never varies maps to 0. ``update`` refuses a batch with a NaN or inf
+(``NonFiniteError``) before touching the statistics: one such value would poison them for good.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+
+from esper_lib.finite import check_finite
 
 NORMALIZER_VERSION = 1
 
@@ -43,9 +46,10 @@ class RunningObsNormalizer:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Merge a batch ``x [B, dim]`` into the statistics."""
+        """Merge a batch ``x [B, dim]`` into the statistics; a non-finite entry raises ``NonFiniteError`` first."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"normalizer update expects [B, {self.dim}], got {tuple(x.shape)}")
+        check_finite("normalizer update batch", x, axes=("row", "feature"))
         n = x.shape[0]
         if n == 0:
             return

@@ -13,6 +13,14 @@ generator, the carried rollout state (observation, LSTM state, episode accumulat
 history and, when every env implements ``get_state()`` / ``set_state()`` (the probes do), the env
 states, so a resumed run continues bit for bit. Envs without them are reset on resume (with a
 warning), which changes the next rollout but nothing else.
+
+No silent NaN: a non-finite reward or observation (collector), advantage or return, loss or gradient
+norm (update) raises ``esper_lib.finite.NonFiniteError`` naming it, the env, the step and the update,
+before any optimizer step on it, so the weights stay finite, ``history`` keeps the updates that
+finished and the last checkpoint saved is untouched. The trainer is then mid-rollout: load that
+checkpoint to go on.
+
+Resources: ``close()`` closes the envs and restores torch's thread count (``num_threads``).
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ from esper_lib.ppo.normalization import RunningObsNormalizer
 from esper_lib.ppo.update import ppo_update
 
 PPO_STATE_VERSION = 1
+TAMIYO_OBS_KEYS: tuple[str, ...] = ("state", "blueprint_indices", "action_mask")
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "update",
@@ -87,18 +96,30 @@ class PPOTrainer:
         if not isinstance(config, PPOConfig):
             raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
         self.config = config
+        self.device = available_device(config.device)
+        if not (isinstance(env_fn, (gym.Env, VectorEnv, SingleEnvAdapter)) or callable(env_fn)):
+            raise TypeError(f"env_fn must be a callable returning an env, or an env, got {type(env_fn).__name__}")
+        self._threads_before = torch.get_num_threads()
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        self.device = torch.device(config.device)
+        self.env: Any = None
+        self._env_closed = False
+        try:
+            self._build(env_fn, policy)
+        except BaseException:
+            self.close()  # restore the thread count, close the envs built so far
+            raise
+
+    def _build(self, env_fn: EnvFn | gym.Env | VectorEnv, policy: FactoredRecurrentActorCritic | None) -> None:
+        config = self.config
         if isinstance(env_fn, (gym.Env, VectorEnv, SingleEnvAdapter)):
             self.env = as_vector_env(env_fn)
-        elif callable(env_fn):
-            self.env = make_vector_env(env_fn, config.num_envs)
         else:
-            raise TypeError(f"env_fn must be a callable returning an env, or an env, got {type(env_fn).__name__}")
+            self.env = make_vector_env(env_fn, config.num_envs)
         if self.env.num_envs != config.num_envs:
             raise ValueError(f"PPOConfig.num_envs is {config.num_envs} but the env has {self.env.num_envs} envs")
         space = self.env.single_observation_space
+        check_tamiyo_observation_space(space)
         state_dim, num_slots = int(space["state"].shape[0]), int(space["blueprint_indices"].shape[0])
         if policy is None:
             with torch.random.fork_rng(devices=[]):
@@ -137,7 +158,7 @@ class PPOTrainer:
         if not self.collector.started:
             self.collector.reset(seed=self.config.seed + self.update_index * self.config.num_envs)
         self.policy.eval()
-        stats = self.collector.collect(self.buffer)
+        stats = self.collector.collect(self.buffer, update=self.update_index)
         self.env_steps += stats.env_steps
         self._last_stats = stats
         return stats
@@ -152,7 +173,7 @@ class PPOTrainer:
             "value_mean": float(self.buffer.values[valid].mean()) if bool(valid.any()) else math.nan,
             "return_mean": float(self.buffer.returns[valid].mean()) if bool(valid.any()) else math.nan,
         }
-        metrics = ppo_update(self.policy, self.optimizer, self.buffer, cfg, self.generator)
+        metrics = ppo_update(self.policy, self.optimizer, self.buffer, cfg, self.generator, update=self.update_index)
         return {**metrics, **pre}
 
     def step(self) -> dict[str, float]:
@@ -299,7 +320,15 @@ class PPOTrainer:
         return trainer
 
     def close(self) -> None:
-        self.collector.close()
+        """Close the envs and restore torch's thread count as it was before this trainer (idempotent)."""
+        try:
+            if self.env is not None and not self._env_closed:
+                self._env_closed = True
+                self.env.close()
+        finally:
+            if self._threads_before is not None:
+                torch.set_num_threads(self._threads_before)
+                self._threads_before = None
 
 
 def train(
@@ -320,6 +349,31 @@ def train(
     finally:
         trainer.close()
     return trainer.policy.eval(), df
+
+
+def available_device(name: str) -> torch.device:
+    """``torch.device(name)``, or ValueError naming ``PPOConfig.device`` when this machine lacks it."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"PPOConfig.device is {name!r} but CUDA is not available here (torch {torch.__version__}); use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"PPOConfig.device is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"PPOConfig.device is {name!r} but MPS is not available here; use device='cpu'")
+    return device
+
+
+def check_tamiyo_observation_space(space: Any) -> None:
+    """ValueError naming the keys the trainer needs when ``space`` is not the Tamiyo Dict observation space."""
+    keys = tuple(space.spaces) if isinstance(space, gym.spaces.Dict) else ()
+    missing = [k for k in TAMIYO_OBS_KEYS if k not in keys]
+    if missing:
+        got = f"a Dict space with keys {list(keys)}" if isinstance(space, gym.spaces.Dict) else repr(space)
+        raise ValueError(
+            f"the env's observation space must be the Tamiyo Dict space with keys {TAMIYO_OBS_KEYS} "
+            f"(esper_lib.envs.spaces.observation_space); it lacks {missing}: got {got}"
+        )
 
 
 def _adam(policy: FactoredRecurrentActorCritic, config: PPOConfig) -> torch.optim.Optimizer:

@@ -17,6 +17,11 @@ so they receive exactly zero gradient from the policy loss and the entropy bonus
 
 The approximate KL is the joint one, ``mean_valid((r - 1) - log r)`` with ``log r`` the sum of
 the relevant heads' log-ratios (Schulman's low-variance estimator).
+
+No step on a non-finite signal: the advantages and returns are checked once per update (before the
+first step), the loss and the gradient norm before every optimizer step; a NaN or inf raises
+``NonFiniteError`` naming it, the epoch, the minibatch and the update, and that step is not taken,
+so the weights stay finite (minibatches before it in the same update have already stepped).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 
 from esper_lib.constants import ENTROPY_COEF_PER_HEAD, HEAD_NAMES, NUM_HEADS, RELEVANCE_TABLE
+from esper_lib.finite import check_finite
 from esper_lib.network import FactoredRecurrentActorCritic
 from esper_lib.ppo.advantages import normalize_masked
 from esper_lib.ppo.buffer import RolloutBuffer, SequenceBatch
@@ -146,15 +152,22 @@ def ppo_update(
     buffer: RolloutBuffer,
     config: PPOConfig,
     generator: torch.Generator,
+    *,
+    update: int | None = None,
 ) -> dict[str, float]:
     """Several epochs of minibatch PPO on a finished rollout with advantages; returns averaged metrics.
+
+    ``update`` (optional) only names the update in the message of a ``NonFiniteError``.
 
     Minibatches are ``config.minibatch_sequences`` sequences drawn without replacement (a shuffled
     order per epoch from ``generator``; the last minibatch of an epoch may be smaller). With
     ``target_kl`` set, the update stops at the first minibatch whose approximate KL, measured before
     its gradient step, exceeds ``target_kl`` (that minibatch takes no step).
     """
+    of_update = f" of update {update}" if update is not None else ""
     seqs = buffer.sequences()
+    for what, x in (("advantage", buffer.advantages), ("op-head advantage", buffer.op_advantages), ("return", buffer.returns)):
+        check_finite(what, torch.where(buffer.valid, x, 0.0), axes=("env", "step"), where=of_update)
     if config.normalize_advantages:
         seqs = normalized_sequences(seqs)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -163,9 +176,10 @@ def ppo_update(
     kl_sum, kl_count, steps, grad_norm_sum = 0.0, 0, 0, 0.0
     early_stop = False
     policy.train()
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         order = torch.randperm(M, generator=generator)
         for start in range(0, M, config.minibatch_sequences):
+            where = f" in epoch {epoch}, minibatch {start // config.minibatch_sequences}{of_update} (no optimizer step taken)"
             mb = seqs.select(order[start : start + config.minibatch_sequences])
             log_probs, entropy, values = evaluate_batch(policy, mb)
             out = ppo_losses(
@@ -184,9 +198,11 @@ def ppo_update(
             if config.target_kl is not None and kl > config.target_kl:
                 early_stop = True
                 break
+            check_finite("loss", out.loss.detach(), where=where)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            check_finite("gradient norm", grad_norm, where=where)
             optimizer.step()
             steps += 1
             grad_norm_sum += float(grad_norm)
