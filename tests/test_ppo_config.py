@@ -83,3 +83,33 @@ def test_round_trip_and_unknown_fields():
 def test_device_strings_torch_parses_are_accepted_at_config_time(device):
     # whether the machine has that device is checked when the trainer is built (test_ppo_trainer)
     assert PPOConfig(device=device).device == device
+
+
+def test_entropy_coefficients_per_head_are_a_config_field():
+    from esper_lib.constants import ENTROPY_COEF_PER_HEAD
+
+    assert PPOConfig().head_entropy_coefs == ENTROPY_COEF_PER_HEAD
+    cfg = PPOConfig(entropy_coef_per_head={"op": 3.0})
+    assert cfg.head_entropy_coefs == {**ENTROPY_COEF_PER_HEAD, "op": 3.0}
+    assert PPOConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="entropy_coef_per_head has unknown head"):
+        PPOConfig(entropy_coef_per_head={"opp": 1.0})
+    with pytest.raises(ValueError, match=r"entropy_coef_per_head\['op'\]"):
+        PPOConfig(entropy_coef_per_head={"op": -1.0})
+
+
+def test_entropy_coefficients_reach_the_loss():
+    """With every head's coefficient at 0 but one, the update's entropy bonus is that head's entropy alone."""
+    import torch
+
+    from esper_lib.envs.probes import make_probe
+    from esper_lib.ppo import PPOTrainer
+
+    base = dict(num_envs=2, num_steps=8, seq_len=4, minibatch_sequences=4, epochs=1, feature_dim=16, hidden_dim=16, num_threads=1, target_kl=None)
+    zero = {h: 0.0 for h in ("slot", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")}
+    trainer = PPOTrainer(lambda: make_probe("op"), PPOConfig(**base, entropy_coef_per_head={"op": 2.0, **zero}))
+    try:
+        row = trainer.step()
+    finally:
+        trainer.close()
+    assert row["entropy_bonus"] == pytest.approx(2.0 * row["entropy_op"], rel=1e-5)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from esper_lib.constants import FEATURE_DIM, LSTM_HIDDEN_DIM
+from esper_lib.constants import ENTROPY_COEF_PER_HEAD, FEATURE_DIM, HEAD_NAMES, LSTM_HIDDEN_DIM
 
 BOOTSTRAP_MODES = ("expected", "sampled")
 OP_ADVANTAGE_MODES = ("expected", "q")
@@ -35,6 +35,10 @@ class PPOConfig:
     sum_o pi(o|s') Q(s', o), "sampled" with Q(s', sampled op) (the plan's); ``op_advantage``
     "expected" gives the op head A + Q(s, op_t) - sum_o pi(o|s) Q(s, o), "q" gives it the same
     advantage as every other head (the plan's).
+
+    Entropy: the bonus is ``ent_coef * sum_h entropy_coef_per_head[h] * mean relevant entropy_h``;
+    ``entropy_coef_per_head`` maps head names to coefficients (missing heads keep the design's
+    ``ENTROPY_COEF_PER_HEAD``; None = all the design's).
 
     Optional knobs: ``value_clip`` (None = unclipped value loss), ``target_kl`` (None = no early
     stop; otherwise the update stops at the first minibatch whose approximate KL, measured before
@@ -66,6 +70,7 @@ class PPOConfig:
     clip_coef: float = 0.2
     value_clip: float | None = None
     ent_coef: float = 0.01
+    entropy_coef_per_head: dict[str, float] | None = None
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     target_kl: float | None = 0.03
@@ -111,6 +116,14 @@ class PPOConfig:
         for name in ("normalize_advantages", "normalize_obs", "anneal_lr", "validate_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PPOConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.entropy_coef_per_head is not None:
+            if not isinstance(self.entropy_coef_per_head, dict):
+                raise ValueError(f"PPOConfig.entropy_coef_per_head must be a dict head -> coefficient or None, got {self.entropy_coef_per_head!r}")
+            unknown = sorted(set(self.entropy_coef_per_head) - set(HEAD_NAMES))
+            if unknown:
+                raise ValueError(f"PPOConfig.entropy_coef_per_head has unknown head(s) {unknown}; heads: {list(HEAD_NAMES)}")
+            for head, value in self.entropy_coef_per_head.items():
+                _nonneg_float(f"entropy_coef_per_head[{head!r}]", value)
         if self.bootstrap_mode not in BOOTSTRAP_MODES:
             raise ValueError(f"PPOConfig.bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {self.bootstrap_mode!r}")
         if self.op_advantage not in OP_ADVANTAGE_MODES:
@@ -132,6 +145,11 @@ class PPOConfig:
     def num_sequences(self) -> int:
         """Sequences (chunks of ``seq_len`` steps) per rollout."""
         return self.num_envs * (self.num_steps // self.seq_len)
+
+    @property
+    def head_entropy_coefs(self) -> dict[str, float]:
+        """The per-head entropy coefficients in effect (design defaults overridden by ``entropy_coef_per_head``)."""
+        return {**ENTROPY_COEF_PER_HEAD, **(self.entropy_coef_per_head or {})}
 
     @property
     def steps_per_update(self) -> int:

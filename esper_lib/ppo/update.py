@@ -6,7 +6,7 @@ For a minibatch of sequences, with ``rel[m, l, h]`` the causal relevance of head
     ratio_h    = exp(log pi_h(a_h) - log pi_h,old(a_h))
     L_pi,h     = sum_{rel} max(-A_h ratio_h, -A_h clip(ratio_h, 1 - eps, 1 + eps)) / n
     L_pi       = sum_h L_pi,h
-    H          = sum_h ENTROPY_COEF_PER_HEAD[h] * sum_{rel} entropy_h / n
+    H          = sum_h coef_h * sum_{rel} entropy_h / n   (coef_h: PPOConfig.head_entropy_coefs)
     L_V        = 0.5 * sum_valid (Q(s, op_stored) - R)^2 / n           (optionally clipped around the old Q)
     loss       = L_pi - ent_coef * H + vf_coef * L_V
 
@@ -171,6 +171,8 @@ def ppo_update(
     if config.normalize_advantages:
         seqs = normalized_sequences(seqs)
     params = [p for p in policy.parameters() if p.requires_grad]
+    coefs = config.head_entropy_coefs
+    entropy_coefs = torch.tensor([coefs[h] for h in HEAD_NAMES])
     M = seqs.num_sequences
     sums: dict[str, torch.Tensor] = {}
     kl_sum, kl_count, steps, grad_norm_sum = 0.0, 0, 0, 0.0
@@ -189,6 +191,7 @@ def ppo_update(
                 mb,
                 clip_coef=config.clip_coef,
                 ent_coef=config.ent_coef,
+                entropy_coefs=entropy_coefs,
                 vf_coef=config.vf_coef,
                 value_clip=config.value_clip,
             )
