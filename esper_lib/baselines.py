@@ -305,7 +305,8 @@ def evaluate_controller(
 
     Columns: controller, seed, return, final_val_accuracy, best_val_accuracy, initial_val_accuracy,
     steps, germinations, fossilizations, prunes, invalid_actions, seed_params, host_params,
-    reward_<term> (sum of each ``info["reward_terms"]`` entry), wall_s. Counts and accuracies read
+    reward_<term> (sum of each ``info["reward_terms"]`` entry), ops (the episode's op sequence,
+    comma-separated), wall_s. Counts and accuracies read
     the morphogenetic env's info keys and are NaN for envs that do not report them.
     """
     label = name or getattr(controller, "name", None) or type(controller).__name__
@@ -324,10 +325,12 @@ def evaluate_controller(
             initial = float(info.get("initial_val_accuracy", math.nan))
             t0 = time.perf_counter()
             total, steps, invalid = 0.0, 0, 0
+            ops: list[int] = []
             terms: dict[str, float] = {}
             done = False
             while not done:
                 action = np.asarray(controller.act(obs))
+                ops.append(int(action.reshape(-1)[0]))
                 obs, reward, terminated, truncated, info = env.step(action)
                 total += float(reward)
                 steps += 1
@@ -351,6 +354,7 @@ def evaluate_controller(
                     "seed_params": info.get("seed_params", math.nan),
                     "host_params": info.get("host_params", math.nan),
                     **{f"reward_{k}": v for k, v in terms.items()},
+                    "ops": ",".join(map(str, ops)),
                     "wall_s": time.perf_counter() - t0,
                 }
             )

@@ -385,3 +385,45 @@ def headroom_table(
     episodes["schedule"] = np.where(episodes["controller"] == "best_schedule", best.name, "")
     summary = compare_controllers(episodes, metric, baseline="always_wait", **compare_kwargs)
     return Headroom(episodes, summary)
+
+
+def schedule_to_dict(schedule: FixedSchedule) -> dict[str, Any]:
+    """Plain-JSON form of a schedule (enums by name); ``schedule_from_dict`` reverses it."""
+    return {
+        "slot": schedule.slot,
+        "blueprint": schedule.blueprint.name,
+        "germinate_at": schedule.germinate_at,
+        "tempo": schedule.tempo.name,
+        "style": schedule.style.name,
+        "alpha_target": schedule.alpha_target.name,
+        "fossilize_at": schedule.fossilize_at,
+        "prune_at": schedule.prune_at,
+        "extra_seedings": [[s, b.name, at] for s, b, at in schedule.extra_seedings],
+        "name": schedule.name,
+    }
+
+
+def schedule_from_dict(data: dict[str, Any]) -> FixedSchedule:
+    """Rebuild a ``FixedSchedule`` from ``schedule_to_dict``; unknown keys or names raise ValueError."""
+    if not isinstance(data, dict):
+        raise ValueError(f"schedule data must be a dict, got {type(data).__name__}")
+    known = {"slot", "blueprint", "germinate_at", "tempo", "style", "alpha_target", "fossilize_at", "prune_at", "extra_seedings", "name"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"schedule data has unknown key(s) {unknown}")
+
+    def member(kind: type, key: str, value: Any) -> Any:
+        try:
+            return kind[value] if isinstance(value, str) else kind(int(value))
+        except (KeyError, ValueError, TypeError):
+            raise ValueError(f"schedule data[{key!r}] = {value!r} is not a {kind.__name__}") from None
+
+    kwargs = dict(data)
+    kwargs["blueprint"] = member(BlueprintAction, "blueprint", data.get("blueprint"))
+    for key, kind in (("tempo", TempoAction), ("style", GerminationStyle), ("alpha_target", AlphaTargetAction)):
+        if key in data:
+            kwargs[key] = member(kind, key, data[key])
+    kwargs["extra_seedings"] = tuple(
+        (int(s), member(BlueprintAction, "extra_seedings", b), int(at)) for s, b, at in data.get("extra_seedings", ())
+    )
+    return FixedSchedule(**kwargs)

@@ -426,7 +426,8 @@ def test_rent_counts_the_seed_parameters():
     _, _, _, _, info = env.step(WAIT)
     assert info["reward_terms"]["rent"] == 0.0 and info["seed_params"] == 0
     obs, _, _, _, info = env.step(germinate(2, bp=BlueprintAction.CONV_HEAVY))
-    n = parameter_count(build_blueprint(BlueprintAction.CONV_HEAVY, 32))
+    c1, c2 = env.host_channels[1], env.host_channels[2]
+    n = parameter_count(build_blueprint(BlueprintAction.CONV_HEAVY, c2))
     host = env.host.base_param_count
     assert info["seed_params"] == n
     assert info["reward_terms"]["rent"] == pytest.approx(-0.5 * n / host / 10)
@@ -434,7 +435,7 @@ def test_rent_counts_the_seed_parameters():
     assert feat(obs, "slot2.seed_param_ratio") == pytest.approx(n / host)
     # a gated seed also pays for its gate
     obs, _, _, _, info = env.step(germinate(1, bp=BlueprintAction.NORM, style=GerminationStyle.GATED_GATE))
-    assert info["seed_params"] == n + parameter_count(build_blueprint(BlueprintAction.NORM, 32)) + 2 * 32
+    assert info["seed_params"] == n + parameter_count(build_blueprint(BlueprintAction.NORM, c1)) + 2 * c1
 
 
 def test_fossilized_seed_stays_in_the_host():

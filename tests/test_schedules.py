@@ -188,3 +188,17 @@ def test_random_seed_changes_the_random_policy_but_not_the_pairing():
     b = sched._RandomPerEpisode(1)
     a.reset(seed=5), b.reset(seed=5)
     assert a.rng.integers(1 << 30) != b.rng.integers(1 << 30)
+
+
+def test_schedule_round_trips_through_json():
+    import json
+
+    from esper_lib.schedules import schedule_from_dict, schedule_to_dict
+
+    for s in schedule_grid(max_epochs=8)[:5] + [FixedSchedule(1, BlueprintAction.NORM, 2, prune_at=5, fossilize_at=None, extra_seedings=((2, BlueprintAction.CONV_LIGHT, 3),))]:
+        back = schedule_from_dict(json.loads(json.dumps(schedule_to_dict(s))))
+        assert back == s and back.name == s.name
+    with pytest.raises(ValueError, match="unknown key"):
+        schedule_from_dict({"slot": 0, "blueprint": "NORM", "germinate_at": 0, "colour": 1})
+    with pytest.raises(ValueError, match="blueprint"):
+        schedule_from_dict({"slot": 0, "blueprint": "NOPE", "germinate_at": 0})

@@ -10,8 +10,10 @@ classifier finish it::
     x [B,1,8,8] -> block0 [B,16,8,8] -> slot0 -> block1 [B,32,4,4] -> slot1
                 -> block2 [B,32,4,4] -> slot2 -> mean over H,W [B,32] -> linear [B,10]
 
-About 14k parameters at the defaults, deliberately small (and without a dense layer on the
-spatial map) so that seeds have capacity to add and an epoch runs in tens of milliseconds on CPU.
+About 14k parameters at ``HostCNN``'s defaults; ``MorphoEnv`` uses a narrower host by default
+(channels 4/8/8, 1,010 parameters: see its docstring), deliberately small (and without a dense
+layer on the spatial map) so that seeds have capacity to add and an epoch runs in tens of
+milliseconds on CPU.
 """
 from __future__ import annotations
 

@@ -1,0 +1,197 @@
+"""Several independent PPO training runs on the morphogenetic env, and their held-out evaluation.
+
+Design section 5b: one training seed decides nothing. ``train_morpho_policy`` runs one PPO training
+(its own network init, sampling and training env seeds) and keeps everything notebook 04 reports:
+metrics (appended to ``metrics.csv`` after every update, so a stopped run keeps them), op usage,
+training episodes, the critic's calibration (value at each episode's first state against the
+measured discounted return) and a checkpoint (also every ``checkpoint_every`` updates).
+``evaluate_runs`` plays every run's greedy policy and the baselines on the same held-out env seeds
+(never used in training), one row per (controller, training seed, held-out seed), ready for
+``esper_lib.evaluation_stats.compare_controllers``.
+
+Seeds: training run ``k`` uses ``PPOConfig.seed = train_seed`` and its training envs are reset with
+seeds ``train_seed * 1000 + i`` (the trainer's convention: env ``i`` of the first rollout gets
+``config.seed + i``), far below the held-out seeds (10,000 and up by default).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+
+from esper_lib.baselines import evaluate_controller
+from esper_lib.envs.morpho import MorphoEnv
+from esper_lib.ppo import PolicyController, PPOConfig, PPOTrainer, load_trained
+from esper_lib.ppo.calibration import CalibrationRecorder
+from esper_lib.training_report import EpisodeRecorder, OpUsage, StepTimer, episodes_frame
+
+VECTOR_ENVS = ("sync", "async")
+
+
+def _recorded_env(env_kwargs: Mapping[str, Any]) -> EpisodeRecorder:
+    return EpisodeRecorder(MorphoEnv(**env_kwargs))
+
+
+def make_training_envs(env_kwargs: Mapping[str, Any], num_envs: int, vector_env: str = "async") -> StepTimer:
+    """``num_envs`` recorded morpho envs in a SAME_STEP vector env (``"async"``: one process each), timed."""
+    if vector_env not in VECTOR_ENVS:
+        raise ValueError(f"vector_env must be one of {VECTOR_ENVS}, got {vector_env!r}")
+    fns = [partial(_recorded_env, dict(env_kwargs))] * num_envs
+    cls = AsyncVectorEnv if vector_env == "async" else SyncVectorEnv
+    return StepTimer(cls(fns, autoreset_mode=AutoresetMode.SAME_STEP))
+
+
+class LiveMetrics:
+    """Trainer callback: appends each update's metrics row to ``path`` (CSV, header once) as it goes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.unlink(missing_ok=True)
+
+    def __call__(self, trainer: PPOTrainer, row: dict[str, float]) -> None:
+        pd.DataFrame([row]).to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
+
+
+@dataclass
+class TrainingRun:
+    """What one training run leaves (see ``train_morpho_policy``)."""
+
+    train_seed: int
+    metrics: pd.DataFrame  # one row per update (PPOTrainer.metrics)
+    op_usage: pd.DataFrame  # op fractions per update
+    episodes: pd.DataFrame  # one row per finished training episode
+    calibration: pd.DataFrame  # one row per training episode: critic's V(s0) vs measured discounted return
+    checkpoint: Path
+    train_seconds: float
+    env_step_seconds: float  # wall time inside the vector env's step (host training of all envs)
+
+
+def train_morpho_policy(
+    config: PPOConfig,
+    env_kwargs: Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    vector_env: str = "async",
+    checkpoint_every: int = 0,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[PPOTrainer, dict[str, float]], Any]] = (),
+) -> TrainingRun:
+    """Train one PPO policy on ``MorphoEnv(**env_kwargs)``; files go to ``out_dir``.
+
+    Writes ``metrics.csv`` (row by row), ``tamiyo_v2_ppo.pt`` (final; with ``checkpoint_every=k``
+    also after every k-th update, overwriting), ``op_usage.csv``, ``training_episodes.csv`` and
+    ``calibration.csv``.
+    """
+    if not isinstance(config, PPOConfig):
+        raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be an int >= 0 (0 = final checkpoint only), got {checkpoint_every!r}")
+    MorphoEnv(**env_kwargs)  # validates the env arguments here, with the env's own messages
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "tamiyo_v2_ppo.pt"
+    envs = make_training_envs(env_kwargs, config.num_envs, vector_env)
+    op_usage, calibration, live = OpUsage(), CalibrationRecorder(config.gamma), LiveMetrics(out / "metrics.csv")
+
+    def on_update(trainer: PPOTrainer, row: dict[str, float]) -> None:
+        for cb in (op_usage, calibration, live, *callbacks):
+            cb(trainer, row)
+        if checkpoint_every and (trainer.update_index % checkpoint_every == 0):
+            trainer.save(checkpoint)
+
+    trainer = PPOTrainer(envs, config)
+    start = time.perf_counter()
+    try:
+        metrics = trainer.run(progress=progress, callback=on_update)
+        train_seconds = time.perf_counter() - start
+        episodes = episodes_frame(envs.env)
+        trainer.save(checkpoint)
+    finally:
+        trainer.close()
+    run = TrainingRun(
+        train_seed=config.seed,
+        metrics=metrics,
+        op_usage=op_usage.frame(),
+        episodes=episodes,
+        calibration=calibration.frame(),
+        checkpoint=checkpoint,
+        train_seconds=train_seconds,
+        env_step_seconds=envs.step_seconds,
+    )
+    run.op_usage.to_csv(out / "op_usage.csv", index=False)
+    run.episodes.to_csv(out / "training_episodes.csv", index=False)
+    run.calibration.to_csv(out / "calibration.csv", index=False)
+    return run
+
+
+def greedy_controller(checkpoint: str | Path) -> PolicyController:
+    """The saved policy (with its observation normaliser) acting greedily: argmax of every valid head."""
+    policy, normalizer, _ = load_trained(checkpoint)
+    return PolicyController(policy, normalizer, deterministic=True)
+
+
+def evaluate_runs(
+    runs: Iterable[TrainingRun],
+    baselines: Mapping[str, Any],
+    env_kwargs: Mapping[str, Any],
+    heldout_seeds: Sequence[int],
+    *,
+    label: str = "ppo",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Greedy policy of every run and every baseline controller on the same held-out env seeds.
+
+    Columns: those of ``evaluate_controller`` (``ops`` is the episode's op sequence: a greedy policy
+    that plays one sequence on every seed runs a fixed schedule, one that varies reacts to the
+    state) plus ``train_seed`` (NaN for the baselines).
+    """
+    seeds = [int(s) for s in heldout_seeds]
+    if not seeds:
+        raise ValueError("heldout_seeds must not be empty")
+    env_fn = partial(MorphoEnv, **env_kwargs)
+    frames = []
+    for run in runs:
+        df = evaluate_controller(greedy_controller(run.checkpoint), env_fn, seeds, name=label, progress=progress)
+        df["train_seed"] = run.train_seed
+        frames.append(df)
+    for name, controller in baselines.items():
+        df = evaluate_controller(controller, env_fn, seeds, name=name, progress=progress)
+        df["train_seed"] = np.nan
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def distinct_op_sequences(results: pd.DataFrame) -> pd.DataFrame:
+    """Per (controller, train_seed): episodes and distinct op sequences over the held-out seeds."""
+    if "ops" not in results.columns:
+        raise ValueError("results has no 'ops' column (use evaluate_runs)")
+    keys = ["controller", "train_seed"]
+    return (
+        results.assign(train_seed=results["train_seed"].fillna(-1))
+        .groupby(keys, sort=False)["ops"]
+        .agg(episodes="size", distinct_sequences="nunique")
+        .reset_index()
+        .replace({"train_seed": {-1: np.nan}})
+    )
+
+
+def calibration_summary(runs: Iterable[TrainingRun], last_updates: int = 5) -> pd.DataFrame:
+    """Per run: the critic's mean V(s0) and the mean measured discounted return over its last updates."""
+    rows = []
+    for run in runs:
+        cal = run.calibration
+        if cal.empty:
+            continue
+        late = cal[cal["update"] > cal["update"].max() - last_updates]
+        value, ret = late["value_expected"].mean(), late["discounted_return"].mean()
+        rows.append({"train_seed": run.train_seed, "episodes": len(late), "critic_value_s0": value,
+                     "measured_discounted_return": ret, "relative_error": (value - ret) / abs(ret) if ret else np.nan})
+    return pd.DataFrame(rows)

@@ -1,0 +1,69 @@
+"""Training runs on the morpho env: files, live metrics, calibration rows, held-out evaluation."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from esper_lib.baselines import AlwaysWaitController
+from esper_lib.ppo import PPOConfig
+from esper_lib.training_runs import (
+    LiveMetrics,
+    calibration_summary,
+    distinct_op_sequences,
+    evaluate_runs,
+    train_morpho_policy,
+)
+
+ENV = dict(max_epochs=4, train_size=64, val_size=40, batch_size=32)
+CFG = dict(num_envs=2, num_steps=8, seq_len=4, minibatch_sequences=2, epochs=1, feature_dim=16, hidden_dim=16, total_updates=2, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    seen = []
+    r = train_morpho_policy(PPOConfig(**CFG, seed=5), ENV, out, vector_env="sync", checkpoint_every=1, progress=False,
+                            callbacks=[lambda tr, row: seen.append(pd.read_csv(out / "metrics.csv").shape[0])])
+    r.seen_rows = seen
+    return r
+
+
+def test_run_writes_its_files_and_metrics_live(run):
+    out = run.checkpoint.parent
+    for name in ("metrics.csv", "tamiyo_v2_ppo.pt", "op_usage.csv", "training_episodes.csv", "calibration.csv"):
+        assert (out / name).exists(), name
+    assert run.seen_rows == [1, 2]  # metrics.csv grows after every update, before the run ends
+    assert len(run.metrics) == 2 and run.train_seed == 5 and run.train_seconds > 0
+    # 2 envs x 8 steps, 4-epoch episodes: 4 complete episodes per rollout, 2 rollouts
+    assert len(run.calibration) == 8 and len(run.episodes) == 8
+    assert np.allclose(run.calibration.undiscounted_return.sort_values().to_numpy(),
+                       run.episodes["return"].sort_values().to_numpy(), atol=1e-5)
+
+
+def test_evaluation_pairs_ppo_and_baselines_on_the_same_seeds(run):
+    res = evaluate_runs([run], {"wait": AlwaysWaitController()}, ENV, [100, 101, 102], progress=False)
+    assert sorted(res.controller.unique()) == ["ppo", "wait"]
+    assert res.groupby("controller").seed.apply(sorted).tolist() == [[100, 101, 102]] * 2
+    assert (res[res.controller == "ppo"].train_seed == 5).all() and res[res.controller == "wait"].train_seed.isna().all()
+    assert (res[res.controller == "wait"].ops == ",".join(["0"] * 4)).all()
+    d = distinct_op_sequences(res)
+    assert d.set_index("controller").loc["wait", "distinct_sequences"] == 1
+    with pytest.raises(ValueError, match="heldout_seeds"):
+        evaluate_runs([run], {}, ENV, [], progress=False)
+
+
+def test_calibration_summary_and_live_metrics(run, tmp_path):
+    s = calibration_summary([run], last_updates=1)
+    assert len(s) == 1 and s.episodes.iloc[0] == 4
+    live = LiveMetrics(tmp_path / "m.csv")
+    live(None, {"update": 0, "x": 1.0})
+    live(None, {"update": 1, "x": 2.0})
+    assert pd.read_csv(tmp_path / "m.csv").x.tolist() == [1.0, 2.0]
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="vector_env"):
+        train_morpho_policy(PPOConfig(**CFG), ENV, tmp_path, vector_env="ray-ish", progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train_morpho_policy(PPOConfig(**CFG), ENV, tmp_path, checkpoint_every=-1, progress=False)
+    with pytest.raises(ValueError, match="max_epochs"):
+        train_morpho_policy(PPOConfig(**CFG), {**ENV, "max_epochs": 0}, tmp_path, progress=False)
