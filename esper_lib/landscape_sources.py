@@ -49,6 +49,8 @@ class LoadedModel:
     obs_normalizer: Any | None
     source: str  # "checkpoint" or "fresh"
     message: str  # one sentence for the reader
+    label: str = ""  # short name of the model for figure titles: fresh or trained, path, PPO updates
+    updates: int | None = None  # PPO updates behind the weights (None: not recorded in the checkpoint)
 
 
 def load_model(
@@ -71,11 +73,34 @@ def load_model(
             torch.manual_seed(seed)
             policy = FactoredRecurrentActorCritic(**(fresh_kwargs or {})).eval()
         where = f"{checkpoint_path} does not exist" if path is not None else "no checkpoint path given"
-        return LoadedModel(policy, None, "fresh", f"{where}: inspecting a FRESH, untrained network (seed {seed}).")
+        label = f"FRESH untrained network (seed {seed}; {where})"
+        return LoadedModel(policy, None, "fresh", f"{where}: inspecting a FRESH, untrained network (seed {seed}).", label, 0)
     ckpt = load_checkpoint(path)
     policy = ckpt.model.eval()
     normalizer, note = normalizer_from_checkpoint(ckpt)
-    return LoadedModel(policy, normalizer, "checkpoint", f"loaded {path}; {note}")
+    updates = checkpoint_updates(ckpt)
+    label = model_label(path, updates)
+    return LoadedModel(policy, normalizer, "checkpoint", f"loaded {path}; {label}; {note}", label, updates)
+
+
+def checkpoint_updates(ckpt: Any) -> int | None:
+    """PPO updates behind a checkpoint: the ``update_index`` ``PPOTrainer.save`` stores, else None."""
+    ppo = ckpt.extra.get("ppo") if isinstance(getattr(ckpt, "extra", None), dict) else None
+    if isinstance(ppo, dict) and isinstance(ppo.get("update_index"), int):
+        return int(ppo["update_index"])
+    return None
+
+
+def model_label(path: str | os.PathLike, updates: int | None) -> str:
+    """One line naming a checkpoint for titles: trained (with its PPO updates) or untrained, and its path."""
+    from esper_lib.notebook_helpers import display_path
+
+    shown = display_path(path)
+    if updates is None:
+        return f"untrained checkpoint {shown} (no PPO training state)"
+    if updates == 0:
+        return f"checkpoint {shown} (0 PPO updates: untrained)"
+    return f"TRAINED checkpoint {shown} ({updates} PPO update{'s' if updates != 1 else ''})"
 
 
 def normalizer_from_checkpoint(ckpt: Any) -> tuple[Any | None, str]:
@@ -245,6 +270,8 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "normalizer_from_checkpoint",
+    "checkpoint_updates",
+    "model_label",
     "make_env",
     "env_factory",
     "check_env_name",

@@ -379,3 +379,28 @@ def test_notebook_parameter_check_names_the_parameter(name, value, match) -> Non
     check_notebook_parameters(**NOTEBOOK_PARAMS)
     with pytest.raises(ValueError, match=match):
         check_notebook_parameters(**{**NOTEBOOK_PARAMS, name: value})
+
+
+def test_op_probs_are_drawn_as_one_stacked_bar_per_step(frame) -> None:
+    ax = plot_op_probs(frame, step=1, label="TRAINED checkpoint x.pt (3 PPO updates)").axes[0]
+    pi = wide(frame, "pi")
+    bars = [p for p in ax.patches]
+    assert len(bars) == len(pi) * len(OP_NAMES) and not ax.collections  # bars, no interpolated polygons
+    assert all(b.get_width() == pytest.approx(1.0) for b in bars)
+    tops = np.zeros(len(pi))
+    for b in bars:
+        i = int(round(b.get_x() + 0.5)) - int(pi.index.min())
+        tops[i] = max(tops[i], b.get_y() + b.get_height())
+    np.testing.assert_allclose(tops, pi.sum(axis=1).to_numpy(), atol=1e-6)
+    assert "3 PPO updates" in ax.get_title()
+
+
+def test_recorded_range_covers_the_recorded_values_with_a_margin(trajectory) -> None:
+    from esper_lib.landscape import recorded_range
+    from esper_lib.observation import feature_index
+
+    for name in ("val_accuracy", "epoch_progress", "slot0.alpha"):
+        column = trajectory.states[:, feature_index(name, trajectory.num_slots)]
+        low, high = recorded_range(trajectory, name)
+        assert low <= column.min() and high >= column.max() and high - low >= 0.2 - 1e-9
+        assert -10 <= low < high <= 10
