@@ -18,6 +18,7 @@ that needs a missing module raises a ValueError that says which.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from esper_lib.checkpoint import load_checkpoint
 from esper_lib.landscape import Controller, resolve_normalizer, sweep_values
 from esper_lib.network import FactoredRecurrentActorCritic
-from esper_lib.observation import feature_names
+from esper_lib.observation import FEATURE_BOUND, feature_names
 
 DEFAULT_CHECKPOINT = "artefacts/01_build_v2_model/tamiyo_v2.pt"
 ENV_NAMES: tuple[str, ...] = ("morpho",)
@@ -240,8 +241,8 @@ def check_notebook_parameters(
     max_epochs: int,
     batches_per_epoch: int,
     sweep_feature: str,
-    sweep_low: float,
-    sweep_high: float,
+    sweep_low: float | None,
+    sweep_high: float | None,
     sweep_points: int,
     sweep_step: int,
 ) -> None:
@@ -258,7 +259,19 @@ def check_notebook_parameters(
             raise ValueError(f"parameter {name} must be an int >= {low}, got {value!r}")
     if sweep_feature not in feature_names():
         raise ValueError(f"parameter sweep_feature must be a name of esper_lib.observation.feature_names(), got {sweep_feature!r}")
-    sweep_values(sweep_low, sweep_high, sweep_points, names=("sweep_low", "sweep_high", "sweep_points"))
+    # None: that end comes from the recorded episode (landscape.recorded_range); check what is given now.
+    names = ("sweep_low", "sweep_high", "sweep_points")
+    if sweep_low is not None and sweep_high is not None:
+        sweep_values(sweep_low, sweep_high, sweep_points, names=names)
+        return
+    for name, value in (("sweep_low", sweep_low), ("sweep_high", sweep_high)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            raise ValueError(f"sweep range: {name} must be a finite number or None, got {value!r}")
+        if abs(float(value)) > FEATURE_BOUND:
+            raise ValueError(f"sweep range: {name} = {value} lies outside the observation bounds [-{FEATURE_BOUND}, {FEATURE_BOUND}]")
+    sweep_values(-1.0, 1.0, sweep_points, names=names)  # checks sweep_points
 
 
 __all__ = [

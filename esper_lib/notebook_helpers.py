@@ -73,12 +73,13 @@ def display_path(path: str | os.PathLike) -> str:
 # --- figures -----------------------------------------------------------------------------------
 
 
-def show_and_save(fig: Figure, path: str | os.PathLike, *, dpi: int = 110, show: bool = True) -> Path:
+def show_and_save(fig: Figure, path: str | os.PathLike, *, dpi: int = 110, show: bool = True) -> None:
     """Save ``fig`` as PNG at ``path`` (relative paths via ``resolve_path``) and display that PNG in the cell.
 
     Works with figures from ``plt.subplots`` and with plain ``matplotlib.figure.Figure`` objects.
     The figure is closed in pyplot afterwards (no duplicate drawing at the end of the cell); the
-    object itself stays usable. Returns the absolute path written.
+    object itself stays usable. Returns None, so a cell ending with this call shows the figure and
+    nothing else (the file is ``resolve_path(path)``).
     """
     if not isinstance(fig, Figure):
         raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
@@ -94,7 +95,6 @@ def show_and_save(fig: Figure, path: str | os.PathLike, *, dpi: int = 110, show:
     import matplotlib.pyplot as plt
 
     plt.close(fig)  # a no-op for figures pyplot does not manage
-    return path
 
 
 # --- progress ----------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ def test_show_and_save_writes_a_png_and_closes_the_pyplot_figure(tmp_path: Path,
     monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])
-    path = nh.show_and_save(fig, tmp_path / "sub" / "line.png")
+    path = tmp_path / "sub" / "line.png"
+    assert nh.show_and_save(fig, path) is None  # a cell ending with the call shows only the figure
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(shown) == 1 and shown[0].data == path.read_bytes()
     assert fig.number not in plt.get_fignums()
