@@ -62,12 +62,13 @@ def resolve_path(path: str | os.PathLike, root: str | os.PathLike | None = None)
 
 
 def display_path(path: str | os.PathLike) -> str:
-    """``path`` relative to the repository root when it lies inside it (shorter titles), else as given."""
+    """A short form of ``path`` for titles: relative to the repository root when inside it, else
+    ``.../<folder>/<file>`` (the folder names the run, e.g. ``04_short_training``)."""
     p = Path(path)
     try:
         return str(p.resolve().relative_to(repo_root()))
     except (ValueError, FileNotFoundError):
-        return str(p)
+        return str(Path("...", *p.parts[-2:])) if len(p.parts) > 2 else str(p)
 
 
 # --- figures -----------------------------------------------------------------------------------

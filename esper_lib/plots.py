@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from esper_lib.landscape import OP_NAMES, require_columns, wide
 
@@ -41,9 +42,13 @@ def _axes(ax: Axes | None, figsize: tuple[float, float] = FIGSIZE) -> tuple[Figu
     return ax.figure, ax
 
 
-def _finish(ax: Axes, title: str, xlabel: str, ylabel: str | None, label: str | None, legend: bool = True) -> None:
+def _finish(
+    ax: Axes, title: str, xlabel: str, ylabel: str | None, label: str | None, legend: bool = True, integer_x: bool = True
+) -> None:
     """Title (plus the model ``label`` on a second line), axis labels, legend right of the axes, font sizes."""
     ax.set_title(f"{title}\n{label}" if label else title, fontsize=FONT["title"])
+    if integer_x:  # steps are whole host epochs
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel, fontsize=FONT["label"])
     if ylabel is not None:
         ax.set_ylabel(ylabel, fontsize=FONT["label"])
@@ -154,7 +159,7 @@ def plot_feature_sweep(sweep: pd.DataFrame, ax: Axes | None = None, label: str |
     observed = float(sweep["observed"].iloc[0])
     ax.axvline(observed, color="black", linewidth=1.0, alpha=0.5, label=f"recorded value {observed:.3g}")
     feature, step = sweep["feature"].iloc[0], int(sweep["step"].iloc[0])
-    _finish(ax, f"Q(s, op) as {feature} varies at step {step}", f"{feature} (raw observation value)", "Q(s, op)", label)
+    _finish(ax, f"Q(s, op) as {feature} varies at step {step}", f"{feature} (raw observation value)", "Q(s, op)", label, integer_x=False)
     return fig
 
 

@@ -409,9 +409,9 @@ def test_recorded_range_covers_the_recorded_values_with_a_margin(trajectory) -> 
 def test_loaded_model_label_says_fresh_untrained_or_trained_with_updates(tmp_path: Path) -> None:
     plain = save_checkpoint(tmp_path / "plain.pt", small_policy(5))
     trained = save_checkpoint(tmp_path / "ppo.pt", small_policy(5), extra={"ppo": {"update_index": 24}})
-    assert load_model(plain).label == f"untrained checkpoint {plain} (no PPO training state)"
+    assert load_model(plain).label == f"untrained checkpoint .../{tmp_path.name}/plain.pt (no PPO training state)"
     loaded = load_model(trained)
-    assert loaded.label == f"TRAINED checkpoint {trained} (24 PPO updates)" and loaded.updates == 24
-    assert loaded.label in loaded.message
+    assert loaded.label == f"TRAINED checkpoint .../{tmp_path.name}/ppo.pt (24 PPO updates)" and loaded.updates == 24
+    assert loaded.label in loaded.message and str(trained) in loaded.message  # the message keeps the full path
     fresh = load_model(tmp_path / "missing.pt", fresh_if_missing=True, fresh_kwargs={"feature_dim": 16, "hidden_dim": 16})
     assert fresh.label.startswith("FRESH untrained network") and fresh.updates == 0

@@ -63,7 +63,7 @@ def test_notebook_03_runs_quick_and_writes_pngs(tmp_path: Path) -> None:
     text = _text(nb)
     assert f"loaded {ckpt}" in text and "observation normaliser applied" in text
     assert "explorer redrew" in text
-    assert f"TRAINED checkpoint {ckpt} (3 PPO updates)" in text
+    assert f"TRAINED checkpoint .../{ckpt.parent.name}/{ckpt.name} (3 PPO updates)" in text
     from test_notebooks import figure_cells_without_an_image
 
     assert not figure_cells_without_an_image(nb), "figure cells without an image in the executed copy"

@@ -206,6 +206,6 @@ def test_status_line_and_titles_name_the_model(tmp_path: Path) -> None:
     assert ex.error is None, ex.error
     assert "Model: untrained checkpoint" in ex.status.value and str(path) in ex.status.value
     for fig in ex.figures.values():
-        assert str(path) in fig.axes[0].get_title()
+        assert f"{path.parent.name}/{path.name}" in fig.axes[0].get_title()
     sizes = {tuple(fig.get_size_inches()) for fig in ex.figures.values()}
     assert len(sizes) == 1, f"explorer plots differ in size, so their fonts scale differently: {sizes}"
