@@ -415,3 +415,20 @@ def test_loaded_model_label_says_fresh_untrained_or_trained_with_updates(tmp_pat
     assert loaded.label in loaded.message and str(trained) in loaded.message  # the message keeps the full path
     fresh = load_model(tmp_path / "missing.pt", fresh_if_missing=True, fresh_kwargs={"feature_dim": 16, "hidden_dim": 16})
     assert fresh.label.startswith("FRESH untrained network") and fresh.updates == 0
+
+
+def test_recorded_range_skips_the_not_measured_flag(trajectory) -> None:
+    import dataclasses
+
+    from esper_lib.landscape import recorded_range
+
+    states = trajectory.states.copy()
+    acc, alpha_mode = feature_index("val_accuracy"), feature_index("slot0.alpha_mode")
+    states[:, acc] = np.linspace(0.5, 0.7, len(states))
+    states[0, acc] = -1.0  # -1 before the first epoch: a flag
+    states[:, alpha_mode] = 0.0
+    states[0, alpha_mode] = -1.0  # -1 is a real value here (ramping down)
+    t = dataclasses.replace(trajectory, states=states)
+    low, high = recorded_range(t, "val_accuracy")
+    assert 0.45 <= low <= float(states[1:, acc].min()) and float(states[:, acc].max()) <= high <= 0.75
+    assert recorded_range(t, "slot0.alpha_mode")[0] < -1.0
