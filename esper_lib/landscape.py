@@ -202,8 +202,8 @@ def record_trajectory(
         if terminated or truncated:
             break
     if bar is not None:
-        bar.total = bar.n  # an episode that ends before max_steps still closes on a full bar
-        bar.refresh()
+        if bar.total != bar.n:  # an episode that ends before max_steps still closes on a full bar
+            bar.total = bar.n
         bar.close()
     meta = {"env": _describe_env(env), "controller": type(controller).__name__, "seed": seed, "max_steps": int(max_steps)}
     return Trajectory(
