@@ -31,7 +31,7 @@ import torch
 
 from esper_lib.constants import HEAD_NAMES, NUM_OPS, OP_NAMES, state_dim_for
 from esper_lib.network import FactoredRecurrentActorCritic, Hidden
-from esper_lib.observation import FEATURE_BOUND, feature_index, feature_names
+from esper_lib.observation import FEATURE_BOUND, feature_index, feature_names, observation_layout
 
 MASK_KEYS: tuple[str, ...] = (*HEAD_NAMES, "slot_by_op")
 _NPZ_FORMAT = "esper_lib.trajectory/1"
@@ -202,6 +202,8 @@ def record_trajectory(
         if terminated or truncated:
             break
     if bar is not None:
+        if bar.total != bar.n:  # an episode that ends before max_steps still closes on a full bar
+            bar.total = bar.n
         bar.close()
     meta = {"env": _describe_env(env), "controller": type(controller).__name__, "seed": seed, "max_steps": int(max_steps)}
     return Trajectory(
@@ -217,9 +219,9 @@ def record_trajectory(
 
 
 def _progress_bar(total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
+    from esper_lib.notebook_helpers import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="step", leave=False)
+    return progress_bar(total=total, desc=desc, unit="step")
 
 
 def _check_observation(obs: Any) -> None:
@@ -414,6 +416,37 @@ def sweep_values(
     return np.linspace(float(low), float(high), int(num))
 
 
+def recorded_range(
+    trajectory: Trajectory, feature_name: str, margin: float = 0.1, min_width: float = 0.2, bound: float = FEATURE_BOUND
+) -> tuple[float, float]:
+    """The range ``feature_name`` takes over ``trajectory``, widened by ``margin`` of its width on each side.
+
+    Features whose layout marks -1 as "not measured yet" (``esper_lib.observation``: "-1 before ...",
+    "-1 without ...", "-1 never") ignore the -1 entries when the episode has real values, so an
+    accuracy is swept over accuracies and not down to the flag. A feature that stays constant (or nearly) gets a range of ``min_width`` centred on its value, so a
+    sweep still shows the neighbourhood. The result is clipped to the observation bounds. This is the
+    default sweep range: sweeping a feature far outside the values it takes (an accuracy at -1) asks
+    the critic about states it can never see.
+    """
+    index = resolve_feature(feature_name, trajectory.num_slots, trajectory.state_dim)
+    column = trajectory.states[:, index].astype(np.float64)
+    if _has_unobserved_sentinel(feature_name, trajectory.num_slots) and (column != -1.0).any():
+        column = column[column != -1.0]  # "-1 = not measured yet" is a flag, not a value to sweep to
+    low, high = float(column.min()), float(column.max())
+    pad = max(margin * (high - low), (min_width - (high - low)) / 2, 0.0)
+    low, high = max(low - pad, -bound), min(high + pad, bound)
+    if not low < high:  # pinned at a bound
+        low, high = (high - min_width, high) if high >= bound else (low, low + min_width)
+    return round(low, 6), round(high, 6)
+
+
+def _has_unobserved_sentinel(feature_name: str, num_slots: int) -> bool:
+    for feature in observation_layout(num_slots):
+        if feature.name == feature_name:
+            return any(marker in feature.normalisation for marker in ("-1 before", "-1 without", "-1 never"))
+    return False
+
+
 def resolve_feature(feature_name: str, num_slots: int, state_dim: int) -> int:
     """Index of ``feature_name`` in the observation layout for ``num_slots`` slots (ValueError if unknown)."""
     if state_dim != state_dim_for(num_slots):
@@ -524,6 +557,7 @@ __all__ = [
     "step_table",
     "wide",
     "sweep_values",
+    "recorded_range",
     "resolve_feature",
     "sweep_states",
     "hidden_at",

@@ -18,6 +18,7 @@ that needs a missing module raises a ValueError that says which.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from esper_lib.checkpoint import load_checkpoint
 from esper_lib.landscape import Controller, resolve_normalizer, sweep_values
 from esper_lib.network import FactoredRecurrentActorCritic
-from esper_lib.observation import feature_names
+from esper_lib.observation import FEATURE_BOUND, feature_names
 
 DEFAULT_CHECKPOINT = "artefacts/01_build_v2_model/tamiyo_v2.pt"
 ENV_NAMES: tuple[str, ...] = ("morpho",)
@@ -49,6 +50,8 @@ class LoadedModel:
     obs_normalizer: Any | None
     source: str  # "checkpoint" or "fresh"
     message: str  # one sentence for the reader
+    label: str = ""  # short name of the model for figure titles: fresh or trained, path, PPO updates
+    updates: int | None = None  # PPO updates behind the weights (None: not recorded in the checkpoint)
 
 
 def load_model(
@@ -71,11 +74,34 @@ def load_model(
             torch.manual_seed(seed)
             policy = FactoredRecurrentActorCritic(**(fresh_kwargs or {})).eval()
         where = f"{checkpoint_path} does not exist" if path is not None else "no checkpoint path given"
-        return LoadedModel(policy, None, "fresh", f"{where}: inspecting a FRESH, untrained network (seed {seed}).")
+        label = f"FRESH untrained network (seed {seed}; {where})"
+        return LoadedModel(policy, None, "fresh", f"{where}: inspecting a FRESH, untrained network (seed {seed}).", label, 0)
     ckpt = load_checkpoint(path)
     policy = ckpt.model.eval()
     normalizer, note = normalizer_from_checkpoint(ckpt)
-    return LoadedModel(policy, normalizer, "checkpoint", f"loaded {path}; {note}")
+    updates = checkpoint_updates(ckpt)
+    label = model_label(path, updates)
+    return LoadedModel(policy, normalizer, "checkpoint", f"loaded {path}; {label}; {note}", label, updates)
+
+
+def checkpoint_updates(ckpt: Any) -> int | None:
+    """PPO updates behind a checkpoint: the ``update_index`` ``PPOTrainer.save`` stores, else None."""
+    ppo = ckpt.extra.get("ppo") if isinstance(getattr(ckpt, "extra", None), dict) else None
+    if isinstance(ppo, dict) and isinstance(ppo.get("update_index"), int):
+        return int(ppo["update_index"])
+    return None
+
+
+def model_label(path: str | os.PathLike, updates: int | None) -> str:
+    """One line naming a checkpoint for titles: trained (with its PPO updates) or untrained, and its path."""
+    from esper_lib.notebook_helpers import display_path
+
+    shown = display_path(path)
+    if updates is None:
+        return f"untrained checkpoint {shown} (no PPO training state)"
+    if updates == 0:
+        return f"checkpoint {shown} (0 PPO updates: untrained)"
+    return f"TRAINED checkpoint {shown} ({updates} PPO update{'s' if updates != 1 else ''})"
 
 
 def normalizer_from_checkpoint(ckpt: Any) -> tuple[Any | None, str]:
@@ -215,8 +241,8 @@ def check_notebook_parameters(
     max_epochs: int,
     batches_per_epoch: int,
     sweep_feature: str,
-    sweep_low: float,
-    sweep_high: float,
+    sweep_low: float | None,
+    sweep_high: float | None,
     sweep_points: int,
     sweep_step: int,
 ) -> None:
@@ -233,7 +259,19 @@ def check_notebook_parameters(
             raise ValueError(f"parameter {name} must be an int >= {low}, got {value!r}")
     if sweep_feature not in feature_names():
         raise ValueError(f"parameter sweep_feature must be a name of esper_lib.observation.feature_names(), got {sweep_feature!r}")
-    sweep_values(sweep_low, sweep_high, sweep_points, names=("sweep_low", "sweep_high", "sweep_points"))
+    # None: that end comes from the recorded episode (landscape.recorded_range); check what is given now.
+    names = ("sweep_low", "sweep_high", "sweep_points")
+    if sweep_low is not None and sweep_high is not None:
+        sweep_values(sweep_low, sweep_high, sweep_points, names=names)
+        return
+    for name, value in (("sweep_low", sweep_low), ("sweep_high", sweep_high)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            raise ValueError(f"sweep range: {name} must be a finite number or None, got {value!r}")
+        if abs(float(value)) > FEATURE_BOUND:
+            raise ValueError(f"sweep range: {name} = {value} lies outside the observation bounds [-{FEATURE_BOUND}, {FEATURE_BOUND}]")
+    sweep_values(-1.0, 1.0, sweep_points, names=names)  # checks sweep_points
 
 
 __all__ = [
@@ -245,6 +283,8 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "normalizer_from_checkpoint",
+    "checkpoint_updates",
+    "model_label",
     "make_env",
     "env_factory",
     "check_env_name",

@@ -66,17 +66,23 @@ def init_gain_frame(net: FactoredRecurrentActorCritic) -> pd.DataFrame:
 
 
 def plot_parameters(df: pd.DataFrame, ax: Axes | None = None) -> Figure:
-    """Horizontal bar chart of ``parameter_frame`` (without the total)."""
+    """Horizontal bar chart of ``parameter_frame`` (without the total), on a log axis.
+
+    Module sizes span four orders of magnitude (the LSTM's 2.1M against a 6-way head's ~1.5k); on a
+    linear axis the small modules would be invisible. Each bar is labelled with its exact count.
+    """
     if ax is None:
-        _, ax = plt.subplots(figsize=(7, 4))
+        _, ax = plt.subplots(figsize=(8, 4.5))
     body = df[df["module"] != "TOTAL"]
-    ax.barh(body["module"], body["parameters"], color="tab:blue")
+    counts = body["parameters"].astype(float)
+    ax.barh(body["module"], counts, color="tab:blue")
     ax.invert_yaxis()
-    ax.set_xlim(0, body["parameters"].max() * 1.2)  # room for the labels
-    ax.set_xlabel("parameters")
+    ax.set_xscale("log")
+    ax.set_xlim(max(counts.min() / 3, 1.0), counts.max() * 8)  # room for the labels right of the bars
+    ax.set_xlabel("parameters (log scale)")
     total = int(df.loc[df["module"] == "TOTAL", "parameters"].iloc[0])
     ax.set_title(f"V2 parameters per module (total {total:,})")
     for y, n in enumerate(body["parameters"]):
-        ax.text(n, y, f" {n:,}", va="center", fontsize=8)
+        ax.text(n, y, f" {int(n):,}", va="center", fontsize=8)
     ax.figure.tight_layout()
     return ax.figure

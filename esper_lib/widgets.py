@@ -33,6 +33,7 @@ from esper_lib.landscape import (
     feature_sweep,
     landscape_frame,
     record_trajectory,
+    recorded_range,
     sweep_values,
 )
 from esper_lib.landscape_sources import (
@@ -87,9 +88,14 @@ class LandscapeExplorer:
         controllers: name -> factory ``ControllerContext -> controller`` (default: ``controller_factories()``).
         controller: initial controller name. seed: env seed. max_steps: recording length cap.
         feature: initial feature to sweep (a name of ``esper_lib.observation.feature_names()``).
-        sweep_range: ``(low, high)`` of the sweep, in raw observation units. sweep_points: values in the sweep.
-        dpi: resolution of the rendered plots.
+        sweep_range: ``(low, high)`` of the sweep, in raw observation units; None (default) uses the
+            range the feature takes in the recorded episode plus a margin (``landscape.recorded_range``),
+            recomputed for each new episode and each new feature until the user edits from/to.
+        sweep_points: values in the sweep.
+        dpi: resolution of the rendered plots (all four have the same size, ``plots.FIGSIZE``).
         model_message: one line about where ``policy`` came from, shown in the status line.
+        model_label: short name of the model (``LoadedModel.label``: fresh or trained, path, PPO
+            updates), shown in the status line and in every plot's title.
     """
 
     def __init__(
@@ -104,10 +110,11 @@ class LandscapeExplorer:
         seed: int = 0,
         max_steps: int = 16,
         feature: str | None = None,
-        sweep_range: tuple[float, float] = (-1.0, 1.0),
+        sweep_range: tuple[float, float] | None = None,
         sweep_points: int = 21,
         dpi: int = 80,
         model_message: str | None = None,
+        model_label: str | None = None,
     ):
         self.env_factory = env_factory or named_env_factory("morpho", max_epochs=max_steps, **QUICK_ENV_KWARGS)
         self.controllers = dict(controllers or controller_factories())
@@ -120,6 +127,8 @@ class LandscapeExplorer:
         self.policy: FactoredRecurrentActorCritic | None = policy
         self.obs_normalizer = obs_normalizer
         self.model_message = model_message or ("policy passed in" if policy is not None else "")
+        self.model_label = model_label or ("policy passed in" if policy is not None else "")
+        self.auto_range = sweep_range is None
         self.trajectory: Trajectory | None = None
         self.frame: pd.DataFrame | None = None
         self.sweep_frame: pd.DataFrame | None = None
@@ -142,8 +151,9 @@ class LandscapeExplorer:
         self.record_button = W.Button(description="Record", icon="play", tooltip="record a new episode with these settings")
         self.step = W.IntSlider(value=0, min=0, max=0, description="Step", continuous_update=False, layout=W.Layout(width="95%"))
         self.feature = W.Dropdown(options=names, value=feature, description="Sweep feature", style=style)
-        self.sweep_min = W.FloatText(value=float(sweep_range[0]), description="from", layout=W.Layout(width="150px"), style=style)
-        self.sweep_max = W.FloatText(value=float(sweep_range[1]), description="to", layout=W.Layout(width="150px"), style=style)
+        low, high = sweep_range if sweep_range is not None else (-1.0, 1.0)  # auto: replaced once an episode is recorded
+        self.sweep_min = W.FloatText(value=float(low), description="from", layout=W.Layout(width="150px"), style=style)
+        self.sweep_max = W.FloatText(value=float(high), description="to", layout=W.Layout(width="150px"), style=style)
         self.sweep_points = W.BoundedIntText(value=int(sweep_points), min=2, max=1000, description="points", layout=W.Layout(width="150px"), style=style)
         self.status = W.HTML()
         self.images = {name: W.Image(format="png", layout=W.Layout(width="100%")) for name in PLOT_NAMES}
@@ -154,8 +164,10 @@ class LandscapeExplorer:
         for control in (self.seed, self.controller, self.max_steps):
             control.observe(self._on_record, names="value")
         self.step.observe(self._on_step, names="value")
-        for control in (self.feature, self.sweep_min, self.sweep_max, self.sweep_points):
-            control.observe(self._on_sweep, names="value")
+        self.feature.observe(self._on_feature, names="value")
+        for control in (self.sweep_min, self.sweep_max):
+            control.observe(self._on_range, names="value")
+        self.sweep_points.observe(self._on_sweep, names="value")
 
         self.ui = W.VBox(
             [
@@ -191,6 +203,7 @@ class LandscapeExplorer:
         loaded: LoadedModel = load_model(path)
         self._check_env_fit(loaded.policy)
         self.policy, self.obs_normalizer, self.model_message = loaded.policy, loaded.obs_normalizer, loaded.message
+        self.model_label = loaded.label
         self._record()
 
     @_guarded("Could not record a trajectory")
@@ -205,6 +218,19 @@ class LandscapeExplorer:
 
     @_guarded("Could not compute the feature sweep")
     def _on_sweep(self, *_: Any) -> None:
+        self._draw_sweep()
+        self._ok()
+
+    @_guarded("Could not compute the feature sweep")
+    def _on_feature(self, *_: Any) -> None:
+        if self.auto_range:
+            self._use_recorded_range()
+        self._draw_sweep()
+        self._ok()
+
+    @_guarded("Could not compute the feature sweep")
+    def _on_range(self, *_: Any) -> None:
+        self.auto_range = False  # the user chose a range: keep it for new episodes and features
         self._draw_sweep()
         self._ok()
 
@@ -244,6 +270,8 @@ class LandscapeExplorer:
         self._sync_feature_options(policy)
         self.step.max = len(trajectory) - 1  # ipywidgets clamps value to max (re-entry is blocked by _busy)
         self.step.value = min(self.step.value, self.step.max)
+        if self.auto_range:
+            self._use_recorded_range()
         self._draw_trajectory_plots()
         self._draw_sweep()
         self._ok()
@@ -255,11 +283,18 @@ class LandscapeExplorer:
             self.feature.options = names
             self.feature.value = current if current in names else names[0]
 
+    def _use_recorded_range(self) -> None:
+        """Set from/to to the range the swept feature takes in the recorded episode (with a margin)."""
+        if self.trajectory is None:
+            return
+        low, high = recorded_range(self.trajectory, self.feature.value)
+        self.sweep_min.value, self.sweep_max.value = low, high  # handlers are blocked while busy
+
     def _draw_trajectory_plots(self) -> None:
         if self.frame is None:
             raise ValueError("no trajectory recorded yet: press Record")
         for name, plot in _TRAJECTORY_PLOTS.items():
-            self._show(name, plot(self.frame, step=int(self.step.value)))
+            self._show(name, plot(self.frame, step=int(self.step.value), label=self.model_label))
 
     def _draw_sweep(self) -> None:
         policy = self._require_policy()
@@ -267,7 +302,7 @@ class LandscapeExplorer:
             raise ValueError("no trajectory recorded yet: press Record")
         values = sweep_values(self.sweep_min.value, self.sweep_max.value, int(self.sweep_points.value), names=("from", "to", "points"))
         self.sweep_frame = feature_sweep(policy, self.trajectory, int(self.step.value), self.feature.value, values, self.obs_normalizer)
-        self._show("feature_sweep", plot_feature_sweep(self.sweep_frame))
+        self._show("feature_sweep", plot_feature_sweep(self.sweep_frame, label=self.model_label))
 
     def _show(self, name: str, fig: Figure) -> None:
         self.figures[name] = fig
@@ -281,7 +316,7 @@ class LandscapeExplorer:
         t = self.trajectory
         ended = "terminated" if t.terminated else "truncated" if t.truncated else "cut at max steps"
         info = (
-            f"{html.escape(self.model_message)}<br>"
+            f"<strong>Model: {html.escape(self.model_label)}</strong><br>{html.escape(self.model_message)}<br>"
             f"Episode: {len(t)} steps ({ended}), controller <code>{html.escape(self.controller.value)}</code>, "
             f"seed {self.seed.value}, return {float(t.rewards.sum()):.3f}. Step {self.step.value}: "
             f"op taken <code>{OP_NAMES[int(t.ops[self.step.value])]}</code> &mdash; feature <code>{html.escape(self.feature.value)}</code>."

@@ -379,3 +379,56 @@ def test_notebook_parameter_check_names_the_parameter(name, value, match) -> Non
     check_notebook_parameters(**NOTEBOOK_PARAMS)
     with pytest.raises(ValueError, match=match):
         check_notebook_parameters(**{**NOTEBOOK_PARAMS, name: value})
+
+
+def test_op_probs_are_drawn_as_one_stacked_bar_per_step(frame) -> None:
+    ax = plot_op_probs(frame, step=1, label="TRAINED checkpoint x.pt (3 PPO updates)").axes[0]
+    pi = wide(frame, "pi")
+    bars = [p for p in ax.patches]
+    assert len(bars) == len(pi) * len(OP_NAMES) and not ax.collections  # bars, no interpolated polygons
+    assert all(b.get_width() == pytest.approx(1.0) for b in bars)
+    tops = np.zeros(len(pi))
+    for b in bars:
+        i = int(round(b.get_x() + 0.5)) - int(pi.index.min())
+        tops[i] = max(tops[i], b.get_y() + b.get_height())
+    np.testing.assert_allclose(tops, pi.sum(axis=1).to_numpy(), atol=1e-6)
+    assert "3 PPO updates" in ax.get_title()
+
+
+def test_recorded_range_covers_the_recorded_values_with_a_margin(trajectory) -> None:
+    from esper_lib.landscape import recorded_range
+    from esper_lib.observation import feature_index
+
+    for name in ("val_accuracy", "epoch_progress", "slot0.alpha"):
+        column = trajectory.states[:, feature_index(name, trajectory.num_slots)]
+        low, high = recorded_range(trajectory, name)
+        assert low <= column.min() and high >= column.max() and high - low >= 0.2 - 1e-9
+        assert -10 <= low < high <= 10
+
+
+def test_loaded_model_label_says_fresh_untrained_or_trained_with_updates(tmp_path: Path) -> None:
+    plain = save_checkpoint(tmp_path / "plain.pt", small_policy(5))
+    trained = save_checkpoint(tmp_path / "ppo.pt", small_policy(5), extra={"ppo": {"update_index": 24}})
+    assert load_model(plain).label == f"untrained checkpoint .../{tmp_path.name}/plain.pt (no PPO training state)"
+    loaded = load_model(trained)
+    assert loaded.label == f"TRAINED checkpoint .../{tmp_path.name}/ppo.pt (24 PPO updates)" and loaded.updates == 24
+    assert loaded.label in loaded.message and str(trained) in loaded.message  # the message keeps the full path
+    fresh = load_model(tmp_path / "missing.pt", fresh_if_missing=True, fresh_kwargs={"feature_dim": 16, "hidden_dim": 16})
+    assert fresh.label.startswith("FRESH untrained network") and fresh.updates == 0
+
+
+def test_recorded_range_skips_the_not_measured_flag(trajectory) -> None:
+    import dataclasses
+
+    from esper_lib.landscape import recorded_range
+
+    states = trajectory.states.copy()
+    acc, alpha_mode = feature_index("val_accuracy"), feature_index("slot0.alpha_mode")
+    states[:, acc] = np.linspace(0.5, 0.7, len(states))
+    states[0, acc] = -1.0  # -1 before the first epoch: a flag
+    states[:, alpha_mode] = 0.0
+    states[0, alpha_mode] = -1.0  # -1 is a real value here (ramping down)
+    t = dataclasses.replace(trajectory, states=states)
+    low, high = recorded_range(t, "val_accuracy")
+    assert 0.45 <= low <= float(states[1:, acc].min()) and float(states[:, acc].max()) <= high <= 0.75
+    assert recorded_range(t, "slot0.alpha_mode")[0] < -1.0

@@ -51,7 +51,8 @@ def test_notebook_03_runs_quick_and_writes_pngs(tmp_path: Path) -> None:
 
     norm = RunningObsNormalizer(121)
     norm.update(torch.randn(64, 121))
-    ckpt = save_checkpoint(tmp_path / "model.pt", small_policy(4), obs_normalizer_state=norm.state_dict())
+    # A checkpoint as PPOTrainer.save writes it: normaliser plus the PPO state with the update count.
+    ckpt = save_checkpoint(tmp_path / "model.pt", small_policy(4), obs_normalizer_state=norm.state_dict(), extra={"ppo": {"update_index": 3}})
     nb = _execute(tmp_path, checkpoint_path=str(ckpt))
     out = tmp_path / "03_value_landscape"
     for name in PNGS:
@@ -62,6 +63,17 @@ def test_notebook_03_runs_quick_and_writes_pngs(tmp_path: Path) -> None:
     text = _text(nb)
     assert f"loaded {ckpt}" in text and "observation normaliser applied" in text
     assert "explorer redrew" in text
+    assert f"TRAINED checkpoint .../{ckpt.parent.name}/{ckpt.name} (3 PPO updates)" in text
+    from test_notebooks import figure_cells_without_an_image
+
+    assert not figure_cells_without_an_image(nb), "figure cells without an image in the executed copy"
+    # the recording progress bar leaves a final, full text line (not a widget stuck at 0%)
+    bars = [line for line in text.replace("\r", "\n").splitlines() if line.startswith("recording")]
+    assert bars and "100%" in bars[-1], bars[-1:]
+    done = bars[-1].split("|")[2].split()[0]  # " 5/5 [..." -> "5/5"
+    n, total = done.split("/")
+    assert n == total == str(QUICK["max_epochs"]), bars[-1]
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for c in nb.cells[:8] for o in c.get("outputs", []))
 
 
 @pytest.mark.notebook

@@ -53,6 +53,24 @@ def test_unknown_parameter_is_rejected() -> None:
         check_parameters("99_missing", {})
 
 
+def figure_cells_without_an_image(nb: nbformat.NotebookNode) -> list[str]:
+    """Sources (first line) of code cells tagged ``figure`` that have no image/png output."""
+    return [
+        c.source.splitlines()[0]
+        for c in nb.cells
+        if c.cell_type == "code" and "figure" in c.metadata.get("tags", []) and not any("image/png" in o.get("data", {}) for o in c.outputs)
+    ]
+
+
+@pytest.mark.parametrize("name", ("01_build_v2_model", "02_validate_shapes", "03_value_landscape"))
+def test_figure_cells_are_tagged_and_use_show_and_save(name: str) -> None:
+    nb = nbformat.read(Path("notebooks") / f"{name}.ipynb", as_version=4)
+    figure_cells = [c for c in nb.cells if "figure" in c.metadata.get("tags", [])]
+    assert figure_cells, f"{name}: no cell tagged 'figure'"
+    assert all("show_and_save(" in c.source for c in figure_cells)
+    assert not any("plt.show()" in c.source for c in nb.cells if c.cell_type == "code"), f"{name}: plt.show() draws nothing headless"
+
+
 @pytest.mark.notebook
 def test_notebooks_01_02_run_quick(tmp_path: Path) -> None:
     for name in ("01_build_v2_model", "02_validate_shapes"):
@@ -60,6 +78,8 @@ def test_notebooks_01_02_run_quick(tmp_path: Path) -> None:
         assert executed.is_file()
         for artefact in EXPECTED_ARTEFACTS[name]:
             assert (tmp_path / name / artefact).is_file(), f"{name} did not write {artefact}"
+        nb = nbformat.read(executed, as_version=4)
+        assert not figure_cells_without_an_image(nb), f"{name}: figure cells without an image in the executed copy"
     # 02 can validate the model notebook 01 saved.
     run_notebook(
         "02_validate_shapes",
@@ -68,6 +88,24 @@ def test_notebooks_01_02_run_quick(tmp_path: Path) -> None:
         out_root=tmp_path / "from_ckpt",
     )
     assert (tmp_path / "from_ckpt" / "02_validate_shapes" / "shape_table.csv").is_file()
+
+
+@pytest.mark.notebook
+def test_relative_paths_resolve_against_the_repository_root_from_notebooks_folder() -> None:
+    """Opened from notebooks/ (JupyterLab's working directory), a relative out_dir still means <repo>/artefacts/..."""
+    import shutil
+    import uuid
+
+    from esper_lib.notebook_runner import REPO_ROOT
+
+    relative = f"artefacts/_test_cwd_{uuid.uuid4().hex[:8]}"
+    try:
+        run_notebook("01_build_v2_model", parameters={"out_dir": relative, "feature_dim": 16, "hidden_dim": 16}, out_root=REPO_ROOT / relative / "runner", cwd=REPO_ROOT / "notebooks")
+        assert (REPO_ROOT / relative / "tamiyo_v2.pt").is_file()
+        assert not (REPO_ROOT / "notebooks" / "artefacts").exists(), "the notebook wrote under notebooks/artefacts/"
+    finally:
+        shutil.rmtree(REPO_ROOT / relative, ignore_errors=True)
+        shutil.rmtree(REPO_ROOT / "notebooks" / "artefacts", ignore_errors=True)
 
 
 @pytest.mark.notebook

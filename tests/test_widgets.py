@@ -23,7 +23,9 @@ EPISODE = 7
 
 def _explorer(policy=None, **kwargs) -> LandscapeExplorer:
     controllers = {"first_valid": lambda ctx: FirstValidController(), "policy": controller_factories()["policy"]}
-    defaults = dict(env_factory=lambda: TinyTamiyoEnv(EPISODE), controllers=controllers, feature="slot0.alpha", sweep_points=5, dpi=40)
+    defaults = dict(
+        env_factory=lambda: TinyTamiyoEnv(EPISODE), controllers=controllers, feature="slot0.alpha", sweep_range=(-1.0, 1.0), sweep_points=5, dpi=40
+    )
     defaults.update(kwargs)
     return LandscapeExplorer(policy, **defaults)
 
@@ -178,3 +180,32 @@ def test_one_step_episode() -> None:
     ex = _explorer(small_policy(1), env_factory=lambda: TinyTamiyoEnv(1))
     assert ex.error is None, ex.error
     assert len(ex.trajectory) == 1 and ex.step.max == 0 and set(ex.figures) == set(PLOT_NAMES)
+
+
+def test_default_sweep_range_follows_the_recorded_feature() -> None:
+    from esper_lib.landscape import recorded_range
+
+    ex = _explorer(small_policy(2), sweep_range=None)
+    assert ex.error is None, ex.error
+    column = ex.trajectory.states[:, feature_index("slot0.alpha")]
+    low, high = recorded_range(ex.trajectory, "slot0.alpha")
+    assert (ex.sweep_min.value, ex.sweep_max.value) == (low, high)
+    assert low <= column.min() and high >= column.max() and high - low >= 0.2 - 1e-9
+    ex.feature.value = "val_accuracy"  # a new feature gets its own recorded range
+    acc = ex.trajectory.states[:, feature_index("val_accuracy")]
+    assert ex.sweep_frame["value"].min() == pytest.approx(recorded_range(ex.trajectory, "val_accuracy")[0])
+    assert ex.sweep_frame["value"].min() <= acc.min() and ex.sweep_frame["value"].max() >= acc.max()
+    ex.sweep_max.value = 0.9  # a range the user typed is kept for the next feature
+    ex.feature.value = "epoch_progress"
+    assert not ex.auto_range and ex.sweep_max.value == 0.9
+
+
+def test_status_line_and_titles_name_the_model(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path / "other.pt", small_policy(3))
+    ex = _explorer(None, checkpoint_path=str(path))
+    assert ex.error is None, ex.error
+    assert "Model: untrained checkpoint" in ex.status.value and str(path) in ex.status.value
+    for fig in ex.figures.values():
+        assert f"{path.parent.name}/{path.name}" in fig.axes[0].get_title()
+    sizes = {tuple(fig.get_size_inches()) for fig in ex.figures.values()}
+    assert len(sizes) == 1, f"explorer plots differ in size, so their fonts scale differently: {sizes}"
