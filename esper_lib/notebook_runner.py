@@ -64,8 +64,8 @@ QUICK_PARAMETERS: dict[str, dict[str, Any]] = {
     "02_validate_shapes": {"batch_sizes": [1, 3], "seq_lens": [1, 4], "num_draws": 500},
     "03_value_landscape": {"max_epochs": 5, "batches_per_epoch": 2, "sweep_points": 7},
     "04_short_training": {
-        "num_envs": 2, "max_epochs": 6, "batches_per_epoch": 2, "updates": 2, "num_steps": 6, "seq_len": 3,
-        "epochs": 2, "feature_dim": 64, "hidden_dim": 64, "eval_episodes": 2, "show_progress": False,
+        "train_seeds": [0, 1], "num_envs": 2, "max_epochs": 4, "batches_per_epoch": 2, "updates": 2, "num_steps": 8,
+        "seq_len": 4, "epochs": 1, "feature_dim": 32, "hidden_dim": 32, "heldout_episodes": 3, "show_progress": False,
     },
 }
 

@@ -245,3 +245,49 @@ def iteration_timing(metrics: pd.DataFrame, env_step_seconds: float) -> pd.DataF
     df["share_%"] = (100 * df["seconds_per_iteration"] / total).round(1) if total > 0 else 0.0
     df.loc[len(df)] = ["total", total, 100.0]
     return df
+
+
+def plot_learning_curves(
+    metrics_by_seed: dict[int, pd.DataFrame], references: dict[str, float] | None = None, ax: Axes | None = None
+) -> Figure:
+    """Mean training-episode return per update against env steps, one line per training seed.
+
+    ``references``: horizontal lines (e.g. the held-out mean return of always-WAIT, random and the
+    best fixed schedule), labelled. Training returns are those of the sampling policy (exploring),
+    the references those of held-out evaluation episodes: read the gap, not the exact level.
+    """
+    ax = _ax(ax)
+    for seed, m in metrics_by_seed.items():
+        ax.plot(m["env_steps"], m["episode_return_mean"], marker="o", ms=2, lw=1.2, label=f"PPO, training seed {seed}")
+    styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3))])
+    for name, value in (references or {}).items():
+        ax.axhline(value, color="grey", ls=next(styles, "--"), lw=1.2, label=f"{name} (held-out mean)")
+    ax.set_xlabel("env steps (host epochs)")
+    ax.set_ylabel("mean episode return")
+    ax.set_title("Learning curves (sampling policy) and reference levels")
+    ax.legend(fontsize=8, loc="best")
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_critic_calibration(calibration_by_seed: dict[int, pd.DataFrame], ax: Axes | None = None) -> Figure:
+    """Per update: the critic's mean V(s0) at the episodes' first states (solid) and the mean
+    discounted return measured after them (dashed), one colour per training seed.
+
+    A calibrated critic keeps the two together; a bootstrap past the end of the task makes the
+    solid line climb away from the dashed one.
+    """
+    ax = _ax(ax)
+    for k, (seed, cal) in enumerate(calibration_by_seed.items()):
+        if cal.empty:
+            continue
+        g = cal.groupby("update")[["value_expected", "discounted_return"]].mean()
+        color = f"C{k}"
+        ax.plot(g.index, g["value_expected"], color=color, lw=1.5, label=f"seed {seed}: critic V(s0)")
+        ax.plot(g.index, g["discounted_return"], color=color, lw=1.0, ls="--", label=f"seed {seed}: measured return")
+    ax.set_xlabel("update")
+    ax.set_ylabel("discounted return from the first state")
+    ax.set_title("Critic calibration: V(s0) vs measured return")
+    ax.legend(fontsize=7, ncol=2)
+    ax.figure.tight_layout()
+    return ax.figure

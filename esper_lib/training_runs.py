@@ -9,9 +9,10 @@ measured discounted return) and a checkpoint (also every ``checkpoint_every`` up
 (never used in training), one row per (controller, training seed, held-out seed), ready for
 ``esper_lib.evaluation_stats.compare_controllers``.
 
-Seeds: training run ``k`` uses ``PPOConfig.seed = train_seed`` and its training envs are reset with
-seeds ``train_seed * 1000 + i`` (the trainer's convention: env ``i`` of the first rollout gets
-``config.seed + i``), far below the held-out seeds (10,000 and up by default).
+Seeds: training run ``k`` uses ``PPOConfig.seed = k * TRAIN_SEED_STRIDE`` (network init, sampling)
+and its training envs are reset with seeds ``k * TRAIN_SEED_STRIDE + i`` (the trainer's convention:
+env ``i`` of the first rollout gets ``config.seed + i``), far below the held-out seeds (10,000 and up
+in notebook 04) for the first few training seeds.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from esper_lib.ppo.calibration import CalibrationRecorder
 from esper_lib.training_report import EpisodeRecorder, OpUsage, StepTimer, episodes_frame
 
 VECTOR_ENVS = ("sync", "async")
+TRAIN_SEED_STRIDE = 1000
 
 
 def _recorded_env(env_kwargs: Mapping[str, Any]) -> EpisodeRecorder:
@@ -79,6 +81,7 @@ def train_morpho_policy(
     env_kwargs: Mapping[str, Any],
     out_dir: str | Path,
     *,
+    train_seed: int | None = None,
     vector_env: str = "async",
     checkpoint_every: int = 0,
     progress: bool = True,
@@ -86,7 +89,8 @@ def train_morpho_policy(
 ) -> TrainingRun:
     """Train one PPO policy on ``MorphoEnv(**env_kwargs)``; files go to ``out_dir``.
 
-    Writes ``metrics.csv`` (row by row), ``tamiyo_v2_ppo.pt`` (final; with ``checkpoint_every=k``
+    ``train_seed``: sets ``config.seed = train_seed * TRAIN_SEED_STRIDE`` (None: keep ``config.seed``
+    and report it as the training seed). Writes ``metrics.csv`` (row by row), ``tamiyo_v2_ppo.pt`` (final; with ``checkpoint_every=k``
     also after every k-th update, overwriting), ``op_usage.csv``, ``training_episodes.csv`` and
     ``calibration.csv``.
     """
@@ -94,6 +98,10 @@ def train_morpho_policy(
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be an int >= 0 (0 = final checkpoint only), got {checkpoint_every!r}")
+    if train_seed is not None:
+        if not isinstance(train_seed, int) or isinstance(train_seed, bool) or train_seed < 0:
+            raise ValueError(f"train_seed must be an int >= 0 or None, got {train_seed!r}")
+        config = config.replace(seed=train_seed * TRAIN_SEED_STRIDE)
     MorphoEnv(**env_kwargs)  # validates the env arguments here, with the env's own messages
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +125,7 @@ def train_morpho_policy(
     finally:
         trainer.close()
     run = TrainingRun(
-        train_seed=config.seed,
+        train_seed=config.seed if train_seed is None else train_seed,
         metrics=metrics,
         op_usage=op_usage.frame(),
         episodes=episodes,
@@ -195,3 +203,69 @@ def calibration_summary(runs: Iterable[TrainingRun], last_updates: int = 5) -> p
         rows.append({"train_seed": run.train_seed, "episodes": len(late), "critic_value_s0": value,
                      "measured_discounted_return": ret, "relative_error": (value - ret) / abs(ret) if ret else np.nan})
     return pd.DataFrame(rows)
+
+
+def _diff(table: pd.DataFrame, controller: str, train_seed: Any = "all") -> pd.Series:
+    rows = table[table["controller"] == controller]
+    if "train_seed" in rows.columns:
+        rows = rows[rows["train_seed"].astype(str) == str(train_seed)]
+    if rows.empty:
+        raise ValueError(f"no row for controller {controller!r} (train_seed {train_seed!r})")
+    return rows.iloc[0]
+
+
+def _ci(r: pd.Series) -> str:
+    return f"{r.diff_mean:+.3f} (95% CI [{r.diff_ci_low:+.3f}, {r.diff_ci_high:+.3f}])"
+
+
+def describe_outcome(
+    results: pd.DataFrame,
+    *,
+    policy: str = "ppo",
+    wait: str = "always_wait",
+    random: str = "random_masked",
+    best: str = "best_schedule",
+    metric: str = "return",
+    calibration: pd.DataFrame | None = None,
+    **compare_kwargs: Any,
+) -> str:
+    """Markdown paragraph saying, from ``results`` (``evaluate_runs``), who won and by how much.
+
+    The policy is compared with always-WAIT and with random, paired by held-out seed, per training
+    seed and aggregated (stratified bootstrap); the share of the headroom is
+    (policy - WAIT) / (best schedule - WAIT) on the mean ``metric``; whether the greedy policy
+    reacts is the number of distinct op sequences over the held-out seeds; ``calibration``
+    (``calibration_summary``) adds the critic's V(s0) against the measured return.
+    """
+    from esper_lib.evaluation_stats import compare_controllers
+
+    vs_wait = compare_controllers(results, metric, baseline=wait, **compare_kwargs)
+    seeds = sorted(results.loc[results["controller"] == policy, "train_seed"].dropna().unique())
+    agg = _diff(vs_wait, policy)
+    n_heldout = results.loc[results["controller"] == wait, "seed"].nunique()
+    lines = [f"**{policy} vs {wait}** ({metric}, {len(seeds)} training seeds x {n_heldout} held-out env seeds, paired by seed): "
+             f"{_ci(agg)} aggregated; "
+             + "; ".join(f"seed {int(s)}: {_ci(_diff(vs_wait, policy, int(s)))}" for s in seeds) + "."]
+    verdict = "beats" if agg.diff_ci_low > 0 else "loses to" if agg.diff_ci_high < 0 else "is not distinguishable from"
+    lines.append(f"On aggregate the trained policy **{verdict}** always-WAIT.")
+    if random in set(results["controller"]):
+        vs_random = compare_controllers(results, metric, baseline=random, **compare_kwargs)
+        r = _diff(vs_random, policy)
+        lines.append(f"Against the random masked policy: {_ci(r)}.")
+    if best in set(results["controller"]):
+        mean = results.groupby("controller")[metric].mean()
+        room = mean[best] - mean[wait]
+        share = (mean[policy] - mean[wait]) / room if room > 0 else np.nan
+        lines.append(f"Headroom (best fixed schedule - WAIT): {room:+.3f}; the policy captures **{share:.0%}** of it "
+                     f"(target: at least 50%)." if np.isfinite(share) else
+                     f"Headroom (best fixed schedule - WAIT) is {room:+.3f}: no positive headroom to share.")
+    distinct = distinct_op_sequences(results)
+    d = distinct[distinct["controller"] == policy]
+    lines.append("Greedy op sequences over the held-out seeds: "
+                 + ", ".join(f"seed {int(r.train_seed)}: {r.distinct_sequences} distinct of {r.episodes}" for r in d.itertuples())
+                 + " (1 = a fixed schedule; more = the policy reacts to the state).")
+    if calibration is not None and not calibration.empty:
+        lines.append("Critic calibration (last updates, training episodes): "
+                     + ", ".join(f"seed {int(r.train_seed)}: V(s0) {r.critic_value_s0:.3f} vs measured {r.measured_discounted_return:.3f} "
+                                 f"({r.relative_error:+.0%})" for r in calibration.itertuples()) + ".")
+    return "\n\n".join(lines)

@@ -14,16 +14,20 @@ EXPECTED_ARTEFACTS: dict[str, tuple[str, ...]] = {
     "02_validate_shapes": ("shape_table.csv", "masked_sampling.csv", "value_consistency.csv", "recurrence.png"),
     "04_short_training": (
         "tamiyo_v2_ppo.pt",
+        "seed_0/tamiyo_v2_ppo.pt",
+        "seed_1/metrics.csv",
+        "seed_0/calibration.csv",
         "metrics.csv",
-        "op_usage.csv",
-        "training_episodes.csv",
+        "evaluation_episodes.csv",
         "evaluation_summary.csv",
+        "calibration_summary.csv",
+        "op_sequences.csv",
         "iteration_timing.csv",
         "run_summary.json",
-        "learning_curve_and_entropy.png",
-        "diagnostics.png",
-        "ops_and_reward_terms.png",
         "controller_comparison.png",
+        "learning_curve_and_calibration.png",
+        "diagnostics.png",
+        "entropy_and_ops.png",
     ),
 }
 
@@ -62,7 +66,7 @@ def figure_cells_without_an_image(nb: nbformat.NotebookNode) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("name", ("01_build_v2_model", "02_validate_shapes", "03_value_landscape"))
+@pytest.mark.parametrize("name", ("01_build_v2_model", "02_validate_shapes", "03_value_landscape", "04_short_training"))
 def test_figure_cells_are_tagged_and_use_show_and_save(name: str) -> None:
     nb = nbformat.read(Path("notebooks") / f"{name}.ipynb", as_version=4)
     figure_cells = [c for c in nb.cells if "figure" in c.metadata.get("tags", [])]
@@ -128,16 +132,27 @@ def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     out = tmp_path / "04_short_training"
     for artefact in EXPECTED_ARTEFACTS["04_short_training"]:
         assert (out / artefact).is_file(), f"04 did not write {artefact}"
+    q = QUICK_PARAMETERS["04_short_training"]
     metrics = pd.read_csv(out / "metrics.csv")
-    assert len(metrics) == QUICK_PARAMETERS["04_short_training"]["updates"]
+    assert len(metrics) == q["updates"] * len(q["train_seeds"]) and sorted(metrics.train_seed.unique()) == q["train_seeds"]
     summary = pd.read_csv(out / "evaluation_summary.csv")
-    assert set(summary["controller"]) == {"ppo", "heuristic", "random", "wait"}
-    assert (summary["n"] == QUICK_PARAMETERS["04_short_training"]["eval_episodes"]).all()
+    assert set(summary["controller"]) == {"ppo", "heuristic", "random_masked", "always_wait", "best_schedule"}
+    assert set(summary["metric"]) == {"return", "final_val_accuracy"}
+    # per training seed and aggregated; every episode of the aggregate is counted
+    ppo = summary[(summary.controller == "ppo") & (summary.metric == "return")]
+    assert sorted(ppo.train_seed.astype(str)) == sorted([*map(str, q["train_seeds"]), "all"])
+    assert (ppo[ppo.train_seed.astype(str) == "all"].n == q["heldout_episodes"] * len(q["train_seeds"])).all()
+    episodes = pd.read_csv(out / "evaluation_episodes.csv")
+    assert (episodes.groupby(["controller", "train_seed"], dropna=False).seed.nunique() == q["heldout_episodes"]).all()
     run = json.loads((out / "run_summary.json").read_text())
     assert 0 < run["peak_rss_gib"] <= run["peak_total_gib_upper_bound"] < 3.0, "a quick run of notebook 04 must stay under 3 GiB"
-    assert run["vector_env"] == "AsyncVectorEnv"  # the default: one process per env
-    episodes = pd.read_csv(out / "training_episodes.csv")
-    assert len(episodes) > 0 and {"reward_accuracy_delta", "reward_rent", "reward_terminal"} <= set(episodes.columns)
+    assert run["vector_env"] == "async"  # the default: one process per env
+    training = pd.read_csv(out / "seed_0" / "training_episodes.csv")
+    assert len(training) > 0 and {"reward_accuracy_delta", "reward_rent", "reward_terminal"} <= set(training.columns)
     policy, normalizer, config = load_trained(out / "tamiyo_v2_ppo.pt")
-    assert policy.hidden_dim == QUICK_PARAMETERS["04_short_training"]["hidden_dim"] and normalizer is not None
-    assert config.num_envs == QUICK_PARAMETERS["04_short_training"]["num_envs"]
+    assert policy.hidden_dim == q["hidden_dim"] and normalizer is not None
+    assert config.num_envs == q["num_envs"] and config.seed == 0
+    nb = nbformat.read(out / "04_short_training.ipynb", as_version=4)
+    assert not figure_cells_without_an_image(nb)
+    text = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "beats" in text or "loses to" in text or "is not distinguishable from" in text
