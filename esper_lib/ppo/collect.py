@@ -3,7 +3,8 @@
 Accepted envs: a single ``gymnasium.Env`` (wrapped as a one-env vector env with same-step
 autoreset) or a ``gymnasium.vector.VectorEnv`` whose ``metadata["autoreset_mode"]`` is
 
-- ``SAME_STEP`` (preferred; ``make_vector_env`` builds this): when an env finishes, the step returns
+- ``SAME_STEP`` (preferred; ``make_vector_env`` builds this, in this process, in subprocesses or in
+  Ray actors): when an env finishes, the step returns
   the first observation of the next episode and the final observation sits in
   ``info["final_obs"][i]``. The truncation bootstrap is computed from that final observation.
 - ``NEXT_STEP`` (gymnasium's default): the step that ends an episode returns the final observation;
@@ -23,12 +24,13 @@ from typing import Any, Callable, NamedTuple
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 
 from esper_lib.constants import HEAD_NAMES
 from esper_lib.envs.spaces import actions_to_array
 from esper_lib.network import FactoredRecurrentActorCritic
 from esper_lib.ppo.buffer import RolloutBuffer
+from esper_lib.ppo.config import VECTOR_ENV_KINDS
 from esper_lib.ppo.normalization import RunningObsNormalizer
 
 MASK_KEYS = (*HEAD_NAMES, "slot_by_op")
@@ -84,11 +86,30 @@ def _batch(obs: Any) -> Any:
     return np.asarray(obs)[None]
 
 
-def make_vector_env(env_fn: Callable[[], gym.Env], num_envs: int) -> VectorEnv | SingleEnvAdapter:
-    """``num_envs`` copies of ``env_fn()`` in a ``SyncVectorEnv`` with SAME_STEP autoreset.
+def make_vector_env(
+    env_fn: Callable[[], gym.Env], num_envs: int, kind: str = "sync", **options: Any
+) -> VectorEnv | SingleEnvAdapter:
+    """``num_envs`` copies of ``env_fn()`` in a vector env with SAME_STEP autoreset.
 
-    ``env_fn`` may also return a ``VectorEnv`` (used as is; its ``num_envs`` must match).
+    :param kind: where the envs run: ``"sync"`` (this process, ``SyncVectorEnv``; one env alone is
+        wrapped as a ``SingleEnvAdapter``), ``"async"`` (one process per env, ``AsyncVectorEnv``) or
+        ``"ray"`` (Ray actors, ``esper_lib.envs.ray_vector_env.RayVectorEnv``; needs the ``ray`` extra).
+    :param options: passed to the vector env's constructor, e.g. ``envs_per_actor=2,
+        step_timeout_s=60`` for ``"ray"``, ``context="spawn"`` for ``"async"``.
+
+    With ``kind="sync"``, ``env_fn`` may also return a ``VectorEnv`` (used as is; its ``num_envs``
+    must match). The other kinds call ``env_fn`` in their workers, where it must return a ``gymnasium.Env``.
     """
+    if kind not in VECTOR_ENV_KINDS:
+        raise ValueError(f"kind must be one of {VECTOR_ENV_KINDS}, got {kind!r}")
+    if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
+        raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+    if kind == "async":
+        return AsyncVectorEnv([env_fn] * num_envs, copy=False, autoreset_mode=AutoresetMode.SAME_STEP, **options)
+    if kind == "ray":
+        from esper_lib.envs.ray_vector_env import RayVectorEnv  # imports ray (optional extra) only now
+
+        return RayVectorEnv([env_fn] * num_envs, copy=False, **options)
     first = env_fn()
     if isinstance(first, VectorEnv):
         if first.num_envs != num_envs:
@@ -96,11 +117,11 @@ def make_vector_env(env_fn: Callable[[], gym.Env], num_envs: int) -> VectorEnv |
         return first
     if not isinstance(first, gym.Env):
         raise TypeError(f"env_fn must return a gymnasium.Env or VectorEnv, got {type(first).__name__}")
-    if num_envs == 1:
+    if num_envs == 1 and not options:
         return SingleEnvAdapter(first)
     fns = [lambda first=first: first] + [env_fn] * (num_envs - 1)
     # copy=False: the collector copies every observation into its own tensors at once.
-    return SyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
+    return SyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP, **options)
 
 
 def as_vector_env(env: Any) -> VectorEnv | SingleEnvAdapter:

@@ -15,6 +15,7 @@ from esper_lib.constants import FEATURE_DIM, LSTM_HIDDEN_DIM
 
 BOOTSTRAP_MODES = ("expected", "sampled")
 OP_ADVANTAGE_MODES = ("expected", "q")
+VECTOR_ENV_KINDS = ("sync", "async", "ray")  # where PPOTrainer runs the envs it builds from env_fn
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class PPOConfig:
     Optional knobs: ``value_clip`` (None = unclipped value loss), ``target_kl`` (None = no early
     stop; otherwise the update stops at the first minibatch whose approximate KL, measured before
     its gradient step, exceeds it), ``num_threads`` (None = leave torch's thread count alone).
+
+Where the envs run when the trainer builds them from ``env_fn``: ``vector_env`` "sync" (this
+process), "async" (one subprocess per env) or "ray" (Ray actors, one env each; needs the ``ray``
+extra). For other layouts build the vector env with ``make_vector_env`` and pass it instead.
     """
 
     # rollout
@@ -73,6 +78,7 @@ class PPOConfig:
     seed: int = 0
     device: str = "cpu"
     num_threads: int | None = None
+    vector_env: str = "sync"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,6 +114,8 @@ class PPOConfig:
             raise ValueError(f"PPOConfig.bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {self.bootstrap_mode!r}")
         if self.op_advantage not in OP_ADVANTAGE_MODES:
             raise ValueError(f"PPOConfig.op_advantage must be one of {OP_ADVANTAGE_MODES}, got {self.op_advantage!r}")
+        if self.vector_env not in VECTOR_ENV_KINDS:
+            raise ValueError(f"PPOConfig.vector_env must be one of {VECTOR_ENV_KINDS}, got {self.vector_env!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"PPOConfig.device must be a device string such as 'cpu', got {self.device!r}")
         if self.num_steps % self.seq_len:
