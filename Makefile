@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch pinned first so nothing pulls the multi-GB CUDA build
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# the ray extra so CI runs tests/test_ray_vector_env.py (they skip, with the reason, without it)
+	$(PY) -m pip install --quiet -e ".[dev,ray]"
 	$(PY) -m ipykernel install --sys-prefix --name esper-lib --display-name "Python (esper-lib)" > /dev/null
 	touch $(STAMP)
 
@@ -24,7 +25,8 @@ run-quick: $(STAMP)
 	MPLBACKEND=Agg $(PY) -m esper_lib.notebook_runner --quick
 
 test: $(STAMP)
-	MPLBACKEND=Agg $(PY) -m pytest -n 2 --durations=15
+	# loadgroup: the Ray tests (xdist_group "ray") share one worker, so one local Ray instance starts
+	MPLBACKEND=Agg $(PY) -m pytest -n 2 --dist loadgroup --durations=15
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_network.py

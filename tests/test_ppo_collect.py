@@ -185,3 +185,42 @@ def test_running_normaliser_matches_numpy_and_round_trips():
         RunningObsNormalizer(6).load_state_dict(norm.state_dict())
     with pytest.raises(ValueError, match="version"):
         RunningObsNormalizer(5).load_state_dict({**norm.state_dict(), "version": 99})
+
+
+# --- make_vector_env: where the envs run ---------------------------------------------------------
+
+
+def test_make_vector_env_kinds_build_same_step_vector_envs():
+    from gymnasium.vector import AsyncVectorEnv
+
+    from esper_lib.envs.probes import OpRewardProbe
+    from esper_lib.ppo import make_vector_env
+
+    assert isinstance(make_vector_env(OpRewardProbe, 1), SingleEnvAdapter)  # the old call still works
+    sync = make_vector_env(OpRewardProbe, 2)
+    asyn = make_vector_env(OpRewardProbe, 2, kind="async", context="fork")
+    try:
+        assert isinstance(sync, SyncVectorEnv) and isinstance(asyn, AsyncVectorEnv)
+        for venv in (sync, asyn):
+            assert venv.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP and venv.num_envs == 2
+        a, _ = sync.reset(seed=4)
+        b, _ = asyn.reset(seed=4)
+        np.testing.assert_array_equal(a["state"], b["state"])
+    finally:
+        sync.close()
+        asyn.close()
+    with pytest.raises(ValueError, match="kind must be one of"):
+        make_vector_env(OpRewardProbe, 2, kind="threads")
+    with pytest.raises(ValueError, match="num_envs must be an int >= 1"):
+        make_vector_env(OpRewardProbe, 0, kind="async")
+
+
+def test_ray_kind_without_ray_says_how_to_install(monkeypatch):
+    import sys
+
+    from esper_lib.envs.probes import OpRewardProbe
+    from esper_lib.ppo import make_vector_env
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as when it is not installed
+    with pytest.raises(ImportError, match=r"pip install -e \.\[ray\]"):
+        make_vector_env(OpRewardProbe, 2, kind="ray")

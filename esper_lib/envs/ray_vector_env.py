@@ -17,7 +17,8 @@ State. ``get_env_states()`` / ``set_env_states()`` capture and restore every sub
 (``esper_lib.envs.env_state``), so a ``PPOTrainer`` checkpoint resumes exactly; ``call``,
 ``get_attr`` and ``set_attr`` behave as in ``SyncVectorEnv``.
 
-Faults. Every remote round trip waits at most ``step_timeout_s`` seconds. An env that raises, an
+Faults. Building the actors waits at most ``start_timeout_s`` seconds (a new actor is a new
+process that imports torch), every later round trip at most ``step_timeout_s`` seconds. An env that raises, an
 actor that dies and a round trip that times out all raise ``RayEnvError`` naming the env indices,
 the method and the cause; the vector env is then broken (later calls raise the same error) and only
 ``close`` is meaningful. ``close()`` kills every actor (``ray.kill``), whatever state it is in.
@@ -158,7 +159,8 @@ class RayVectorEnv(VectorEnv):
 
     :param env_fns: one factory per env (called inside the actors), like ``SyncVectorEnv``'s.
     :param envs_per_actor: envs per actor (>= 1); the last actor may hold fewer.
-    :param step_timeout_s: the longest wait for any round trip (build, reset, step, ...), seconds.
+    :param step_timeout_s: the longest wait for a round trip (reset, step, call, ...), seconds.
+    :param start_timeout_s: the longest wait for the actors to start and build their envs, seconds.
     :param copy: return a copy of the batched observation (False: a buffer reused by the next step).
     :param actor_options: passed to ``.options()`` of every actor (``num_cpus``, ``resources``,
         ``runtime_env``, ``scheduling_strategy``, ...); default: Ray's defaults.
@@ -170,6 +172,7 @@ class RayVectorEnv(VectorEnv):
         *,
         envs_per_actor: int = 1,
         step_timeout_s: float = 120.0,
+        start_timeout_s: float = 300.0,
         copy: bool = True,
         actor_options: dict[str, Any] | None = None,
     ):
@@ -177,14 +180,16 @@ class RayVectorEnv(VectorEnv):
             raise ValueError("env_fns must be a non-empty sequence of callables returning gymnasium.Env")
         if not isinstance(envs_per_actor, int) or isinstance(envs_per_actor, bool) or envs_per_actor < 1:
             raise ValueError(f"envs_per_actor must be an int >= 1, got {envs_per_actor!r}")
-        if isinstance(step_timeout_s, bool) or not isinstance(step_timeout_s, (int, float)) or not step_timeout_s > 0:
-            raise ValueError(f"step_timeout_s must be a number > 0, got {step_timeout_s!r}")
+        for name, value in (("step_timeout_s", step_timeout_s), ("start_timeout_s", start_timeout_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
         ray = self._ray = import_ray()
         if not ray.is_initialized():
             ray.init()
         self.num_envs = len(env_fns)
         self.envs_per_actor = envs_per_actor
         self.step_timeout_s = float(step_timeout_s)
+        self.start_timeout_s = float(start_timeout_s)
         self.copy = copy
         self.autoreset_mode = AutoresetMode.SAME_STEP
         self._error: str | None = None
@@ -193,7 +198,8 @@ class RayVectorEnv(VectorEnv):
         remote_cls = ray.remote(EnvWorker)
         self._actors = [remote_cls.options(**(actor_options or {})).remote() for _ in self._slices]
         try:
-            infos = self._gather([a.build.remote([env_fns[i] for i in sl], sl.start) for a, sl in zip(self._actors, self._slices)], "construction")
+            refs = [a.build.remote([env_fns[i] for i in sl], sl.start) for a, sl in zip(self._actors, self._slices)]
+            infos = self._gather(refs, "construction", self.start_timeout_s)
             self._check_spaces(infos)
         except BaseException:
             self.close()
@@ -219,18 +225,23 @@ class RayVectorEnv(VectorEnv):
 
     # --- round trips -------------------------------------------------------------------------------
 
-    def _gather(self, refs: list[Any], method: str) -> list[Any]:
-        """Results of one remote call per actor (actor order); raises ``RayEnvError`` on the first failure."""
+    def _gather(self, refs: list[Any], method: str, timeout_s: float | None = None) -> list[Any]:
+        """Results of one remote call per actor (actor order); raises ``RayEnvError`` on the first failure.
+
+        Waits at most ``timeout_s`` (default ``step_timeout_s``) seconds for all of them.
+        """
+        timeout_s = self.step_timeout_s if timeout_s is None else timeout_s
         ray = self._ray
         pending = {ref: a for a, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
-        deadline = time.monotonic() + self.step_timeout_s
+        deadline = time.monotonic() + timeout_s
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 late = sorted(pending.values())
                 envs = [i for a in late for i in self._slices[a]]
-                self._fail(f"env(s) {envs} (actor(s) {late}) gave no result for {method} within step_timeout_s={self.step_timeout_s:g} s")
+                name = "start_timeout_s" if method == "construction" else "step_timeout_s"
+                self._fail(f"env(s) {envs} (actor(s) {late}) gave no result for {method} within {name}={timeout_s:g} s")
             for ref in ready:
                 a = pending.pop(ref)
                 results[a] = self._get(ref, a, method)
@@ -344,7 +355,7 @@ class RayVectorEnv(VectorEnv):
         self._each("set_states", [(part,) for part in self._split(list(states))])
 
     def close_extras(self, **kwargs: Any) -> None:
-        """Close the envs (when the actors are healthy, waiting at most ``min(step_timeout_s, 10)`` s), then kill every actor."""
+        """Close the envs (healthy actors only, at most 10 s), kill every actor and wait until each is gone."""
         ray = getattr(self, "_ray", None)
         actors = getattr(self, "_actors", [])
         if ray is None or not actors or not ray.is_initialized():
@@ -354,7 +365,27 @@ class RayVectorEnv(VectorEnv):
             ray.wait(refs, num_returns=len(refs), timeout=min(self.step_timeout_s, 10.0))
         for actor in actors:
             ray.kill(actor, no_restart=True)
+        # ray.kill is asynchronous: poll until every actor answers as dead, so close() really releases them.
+        alive, deadline = list(actors), time.monotonic() + 30.0
+        while alive and time.monotonic() < deadline:
+            pings = [a.__ray_ready__.remote() for a in alive]
+            ray.wait(pings, num_returns=len(pings), timeout=1.0)
+            alive = [a for a, ref in zip(alive, pings) if not _is_dead(ray, ref)]
+            if alive:
+                time.sleep(0.05)
 
     def __repr__(self) -> str:
         return f"RayVectorEnv(num_envs={self.num_envs}, envs_per_actor={self.envs_per_actor}, actors={len(self._slices)})"
 
+
+
+def _is_dead(ray: Any, ping: Any) -> bool:
+    """Whether an actor's ``__ray_ready__`` ping (already waited for) failed because the actor is dead."""
+    ready, _ = ray.wait([ping], timeout=0)
+    if not ready:
+        return False
+    try:
+        ray.get(ping)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
