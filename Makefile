@@ -25,7 +25,9 @@ run-quick: $(STAMP)
 	MPLBACKEND=Agg $(PY) -m esper_lib.notebook_runner --quick
 
 test: $(STAMP)
-	# loadgroup: the Ray tests (xdist_group "ray") share one worker, so one local Ray instance starts
+	# loadgroup sends the Ray tests (xdist_group "ray") to one worker, so one local Ray instance starts.
+	# pytest-xdist 3.8 ignores the group under pytest 9 (it behaves as --dist load): each worker that
+	# gets Ray tests then starts its own local instance (ray.init(address="local")), which also works.
 	MPLBACKEND=Agg $(PY) -m pytest -n 2 --dist loadgroup --durations=15
 
 bench: $(STAMP)

@@ -1,8 +1,10 @@
 """RayVectorEnv: same transitions and same PPO run as SyncVectorEnv, exact resume, faults that name the env, close.
 
-One local Ray instance serves the whole module (2 CPUs, no dashboard, small object store). Under
-``pytest -n 2`` the module's tests share one xdist worker (``xdist_group`` + ``--dist loadgroup``),
-so two Ray instances never start at once.
+One local Ray instance per test process serves the module (2 CPUs, no dashboard, small object
+store, ``address="local"`` so it never joins another instance). Under ``pytest -n 2 --dist
+loadgroup`` the ``xdist_group`` mark sends the module to one worker; where xdist ignores the group
+(xdist 3.8 with pytest 9) each worker that runs some of these tests starts its own instance, which
+works too (checked), at the cost of a second start-up.
 """
 from __future__ import annotations
 

@@ -15,6 +15,12 @@ autoreset) or a ``gymnasium.vector.VectorEnv`` whose ``metadata["autoreset_mode"
 (and marks ``episode_starts``), stores it at every sequence start, and at a time-limit truncation
 bootstraps from the final observation with the carried state (the state after the last step).
 ``terminated`` never bootstraps.
+
+Device traffic (the policy may sit on a GPU while the envs run on CPUs): per step, the observation
+(state, blueprint indices and every mask) is packed on the host into one float32 row per env and
+moved in **one** host-to-device copy; the step's rewards and flags in one more; the sampled actions
+come back in **one** device-to-host copy. Episode bookkeeping stays in numpy on the host. On the CPU
+these copies are no-ops.
 """
 from __future__ import annotations
 
@@ -184,7 +190,14 @@ class RolloutCollector:
         }
         self.hidden = policy.initial_hidden(N, dev)
         self._episode_start = torch.ones(N, dtype=torch.bool, device=dev)
-        self._pending = torch.zeros(N, dtype=torch.bool, device=dev)  # NEXT_STEP: next action is ignored
+        self._pending = np.zeros(N, dtype=bool)  # NEXT_STEP: the next action of these envs is ignored (host side)
+        # host staging row per env: [state | blueprint indices | every mask flattened], float32 (exact for
+        # the small ints and the 0/1 masks); pinned when the policy is on a GPU so the copy can be async
+        self._mask_shapes = {k: tuple(space["action_mask"][k].shape) for k in MASK_KEYS}
+        widths = [self.state_dim, self.num_slots, *(int(np.prod(shape)) for shape in self._mask_shapes.values())]
+        self._offsets = np.cumsum([0, *widths]).tolist()
+        self._staging = torch.zeros(N, self._offsets[-1], dtype=torch.float32, pin_memory=dev.type == "cuda")
+        self._staging_np = self._staging.numpy()
         self._ep_return = np.zeros(N, dtype=np.float64)
         self._ep_len = np.zeros(N, dtype=np.int64)
         self.started = False
@@ -192,17 +205,24 @@ class RolloutCollector:
     # --- observations ---------------------------------------------------------------------
 
     def _ingest(self, obs: dict, update_stats: bool = True) -> None:
-        """Copy a batched observation into the staging tensors (normalising the state)."""
-        state = torch.from_numpy(np.asarray(obs["state"], dtype=np.float32)).to(self.device)
+        """Copy a batched observation into the staging tensors (one host-to-device copy; normalises the state)."""
+        stage, off = self._staging_np, self._offsets
+        stage[:, off[0] : off[1]] = obs["state"]  # [N, state_dim]
+        stage[:, off[1] : off[2]] = obs["blueprint_indices"]  # [N, num_slots]
+        for j, k in enumerate(MASK_KEYS):
+            stage[:, off[2 + j] : off[3 + j]] = np.asarray(obs["action_mask"][k]).reshape(self.num_envs, -1)
+        # non_blocking is safe: the staging buffer is next written after the actions came back (a sync)
+        packed = self._staging.to(self.device, non_blocking=True)  # [N, width]
+        state = packed[:, off[0] : off[1]]
         if self.normalizer is not None:
             if update_stats:
                 self.normalizer.update(state)
             self.normalizer.normalize(state, out=self._state)
         else:
             self._state.copy_(state)
-        self._bp.copy_(torch.from_numpy(np.asarray(obs["blueprint_indices"])))
-        for k in MASK_KEYS:
-            self._masks[k].copy_(torch.from_numpy(np.asarray(obs["action_mask"][k])))
+        self._bp.copy_(packed[:, off[1] : off[2]])
+        for j, k in enumerate(MASK_KEYS):
+            self._masks[k].copy_(packed[:, off[2 + j] : off[3 + j]].view(self.num_envs, *self._mask_shapes[k]))
 
     def _tensors(self, states: np.ndarray, bps: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Normalised tensors for a few observations (bootstrap path; statistics untouched)."""
@@ -220,7 +240,7 @@ class RolloutCollector:
         self._ingest(obs)
         self.hidden = self.policy.initial_hidden(self.num_envs, self.device)
         self._episode_start.fill_(True)
-        self._pending.fill_(False)
+        self._pending[:] = False
         self._ep_return[:] = 0.0
         self._ep_len[:] = 0
         self.started = True
@@ -253,11 +273,15 @@ class RolloutCollector:
         for _ in range(buffer.num_steps):
             hidden_in = self.hidden
             res = policy.get_action(self._state, self._bp, hidden_in, self._masks, return_q_all=True, generator=gen)
-            obs, reward, terminated, truncated, info = self.env.step(actions_to_array(res.actions))
+            obs, reward, terminated, truncated, info = self.env.step(actions_to_array(res.actions))  # one device-to-host copy
+            # flags on the host (numpy), then one host-to-device copy of [reward, term, trunc, valid, starts]
             valid = ~self._pending
-            rew = torch.from_numpy(np.asarray(reward, dtype=np.float32)).to(self.device) * valid
-            term = torch.from_numpy(np.asarray(terminated, dtype=bool)).to(self.device) & valid
-            trunc = torch.from_numpy(np.asarray(truncated, dtype=bool)).to(self.device) & valid & ~term
+            term = np.asarray(terminated, dtype=bool) & valid
+            trunc = np.asarray(truncated, dtype=bool) & valid & ~term
+            done = term | trunc
+            starts = done if same_step else self._pending  # NEXT_STEP: after the ignored step obs is a fresh reset
+            rows = np.stack([np.asarray(reward, dtype=np.float32) * valid, term, trunc, valid, starts]).astype(np.float32)
+            flags = torch.from_numpy(rows).to(self.device)  # [5, N]
             t = buffer.add(
                 state=self._state,
                 blueprint_indices=self._bp,
@@ -267,43 +291,38 @@ class RolloutCollector:
                 values=res.value,
                 q_all=res.q_all,
                 op_probs=res.op_probs,
-                rewards=rew,
-                terminated=term,
-                truncated=trunc,
+                rewards=flags[0],
+                terminated=flags[1].bool(),
+                truncated=flags[2].bool(),
                 episode_starts=self._episode_start,
-                valid=valid,
+                valid=flags[3].bool(),
                 hidden=hidden_in,
             )
-            done = term | trunc
-            if bool(trunc.any()):
-                idx = trunc.nonzero().flatten()
+            if trunc.any():
+                idx_np = trunc.nonzero()[0]
                 if same_step:
-                    final = [info["final_obs"][i] for i in idx.tolist()]
+                    final = [info["final_obs"][i] for i in idx_np.tolist()]
                 else:
-                    final = [_row(obs, i) for i in idx.tolist()]
+                    final = [_row(obs, i) for i in idx_np.tolist()]
+                idx = torch.from_numpy(idx_np).to(self.device)
                 sampled, expected = self._bootstrap(res.hidden, idx, final)
                 buffer.set_bootstrap(t, idx, sampled, expected)
             # episode bookkeeping (numpy, vectorised)
-            valid_np = valid.cpu().numpy()
-            self._ep_return += np.asarray(reward, dtype=np.float64) * valid_np
-            self._ep_len += valid_np
-            valid_steps += int(valid_np.sum())
-            if bool(done.any()):
-                done_np = done.cpu().numpy()
-                returns.extend(self._ep_return[done_np].tolist())
-                lengths.extend(self._ep_len[done_np].tolist())
-                self._ep_return[done_np] = 0.0
-                self._ep_len[done_np] = 0
+            self._ep_return += np.asarray(reward, dtype=np.float64) * valid
+            self._ep_len += valid
+            valid_steps += int(valid.sum())
+            if done.any():
+                returns.extend(self._ep_return[done].tolist())
+                lengths.extend(self._ep_len[done].tolist())
+                self._ep_return[done] = 0.0
+                self._ep_len[done] = 0
             # next observation and carried state
             self._ingest(obs)
-            if same_step:
-                starts = done
-            else:
-                starts = self._pending.clone()  # this step was the ignored one: obs is a fresh reset
+            if not same_step:
                 self._pending = done
-            keep = (~starts).to(res.hidden[0].dtype).view(1, -1, 1)
+            keep = (1.0 - flags[4]).to(res.hidden[0].dtype).view(1, -1, 1)
             self.hidden = (res.hidden[0] * keep, res.hidden[1] * keep)
-            self._episode_start = starts
+            self._episode_start = flags[4].bool()
         res = policy.get_action(self._state, self._bp, self.hidden, self._masks, return_q_all=True, generator=gen)
         buffer.finish(res.value, (res.q_all * res.op_probs).sum(-1))
         return RolloutStats(returns, lengths, valid_steps, time.perf_counter() - t0)
@@ -318,7 +337,7 @@ class RolloutCollector:
             "masks": {k: v.cpu().clone() for k, v in self._masks.items()},
             "hidden": (self.hidden[0].cpu().clone(), self.hidden[1].cpu().clone()),
             "episode_start": self._episode_start.cpu().clone(),
-            "pending": self._pending.cpu().clone(),
+            "pending": torch.from_numpy(self._pending.copy()),
             "ep_return": torch.from_numpy(self._ep_return.copy()),
             "ep_len": torch.from_numpy(self._ep_len.copy()),
             "started": self.started,
@@ -336,7 +355,7 @@ class RolloutCollector:
             self._masks[k].copy_(state["masks"][k])
         self.hidden = (state["hidden"][0].to(self.device).clone(), state["hidden"][1].to(self.device).clone())
         self._episode_start = state["episode_start"].to(self.device).clone()
-        self._pending = state["pending"].to(self.device).clone()
+        self._pending = state["pending"].cpu().numpy().astype(bool)
         self._ep_return = state["ep_return"].numpy().copy()
         self._ep_len = state["ep_len"].numpy().copy()
         self.started = bool(state["started"])
