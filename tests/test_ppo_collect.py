@@ -197,6 +197,7 @@ def test_make_vector_env_kinds_build_same_step_vector_envs():
     from esper_lib.ppo import make_vector_env
 
     assert isinstance(make_vector_env(OpRewardProbe, 1), SingleEnvAdapter)  # the old call still works
+    assert isinstance(make_vector_env(OpRewardProbe, 1, kind="sync"), SyncVectorEnv)  # an explicit kind: a VectorEnv
     sync = make_vector_env(OpRewardProbe, 2)
     asyn = make_vector_env(OpRewardProbe, 2, kind="async", context="fork")
     try:

@@ -93,20 +93,21 @@ def _batch(obs: Any) -> Any:
 
 
 def make_vector_env(
-    env_fn: Callable[[], gym.Env], num_envs: int, kind: str = "sync", **options: Any
+    env_fn: Callable[[], gym.Env], num_envs: int, kind: str | None = None, **options: Any
 ) -> VectorEnv | SingleEnvAdapter:
     """``num_envs`` copies of ``env_fn()`` in a vector env with SAME_STEP autoreset.
 
-    :param kind: where the envs run: ``"sync"`` (this process, ``SyncVectorEnv``; one env alone is
-        wrapped as a ``SingleEnvAdapter``), ``"async"`` (one process per env, ``AsyncVectorEnv``) or
-        ``"ray"`` (Ray actors, ``esper_lib.envs.ray_vector_env.RayVectorEnv``; needs the ``ray`` extra).
+    :param kind: where the envs run: ``"sync"`` (this process, ``SyncVectorEnv``), ``"async"`` (one
+        process per env, ``AsyncVectorEnv``) or ``"ray"`` (Ray actors,
+        ``esper_lib.envs.ray_vector_env.RayVectorEnv``; needs the ``ray`` extra). None (the old
+        two-argument call): "sync", except that one env alone comes as a ``SingleEnvAdapter``.
     :param options: passed to the vector env's constructor, e.g. ``envs_per_actor=2,
         step_timeout_s=60`` for ``"ray"``, ``context="spawn"`` for ``"async"``.
 
     With ``kind="sync"``, ``env_fn`` may also return a ``VectorEnv`` (used as is; its ``num_envs``
     must match). The other kinds call ``env_fn`` in their workers, where it must return a ``gymnasium.Env``.
     """
-    if kind not in VECTOR_ENV_KINDS:
+    if kind is not None and kind not in VECTOR_ENV_KINDS:
         raise ValueError(f"kind must be one of {VECTOR_ENV_KINDS}, got {kind!r}")
     if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
         raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
@@ -123,7 +124,7 @@ def make_vector_env(
         return first
     if not isinstance(first, gym.Env):
         raise TypeError(f"env_fn must return a gymnasium.Env or VectorEnv, got {type(first).__name__}")
-    if num_envs == 1 and not options:
+    if num_envs == 1 and kind is None and not options:
         return SingleEnvAdapter(first)
     fns = [lambda first=first: first] + [env_fn] * (num_envs - 1)
     # copy=False: the collector copies every observation into its own tensors at once.

@@ -96,7 +96,9 @@ class PPOTrainer:
         if isinstance(env_fn, (gym.Env, VectorEnv, SingleEnvAdapter)):
             self.env = as_vector_env(env_fn)
         elif callable(env_fn):
-            self.env = make_vector_env(env_fn, config.num_envs, kind=config.vector_env)
+            # "sync" keeps the old behaviour (one env alone, without a vector wrapper)
+            kind = None if config.vector_env == "sync" else config.vector_env
+            self.env = make_vector_env(env_fn, config.num_envs, kind=kind)
         else:
             raise TypeError(f"env_fn must be a callable returning an env, or an env, got {type(env_fn).__name__}")
         if self.env.num_envs != config.num_envs:
