@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, from TORCH_INDEX when set (the pin alone does not pick the CPU build)
 	$(PY) -m pip install --quiet $(TORCH_INDEX_ARG) "torch==2.13.0"
-	# --- install lines: extras list may be changed by others; keep edits here minimal ---
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# --- install lines (the ray extra so CI runs tests/test_ray_vector_env.py; they skip, with the reason, without it) ---
+	$(PY) -m pip install --quiet -e ".[dev,ray]"
 	# --- end of install lines ---
 	$(PY) -m ipykernel install --sys-prefix --name esper-lib --display-name "Python (esper-lib)" > /dev/null
 	touch $(STAMP)
@@ -35,7 +35,7 @@ run-quick: $(STAMP) ## the same with each notebook's quick parameters (seconds p
 	$(PY) -m esper_lib.notebook_runner --quick $(ARGS)
 
 test: $(STAMP) ## run the whole test suite (notebooks included) on 2 workers
-	MPLBACKEND=Agg $(PY) -m pytest -n 2 --durations=15
+	MPLBACKEND=Agg $(PY) -m pytest -n 2 --dist loadgroup --durations=15
 
 bench: $(STAMP) ## network benchmark
 	$(PY) benchmarks/bench_network.py

@@ -14,7 +14,7 @@ from esper_lib.envs.morpho import MorphoEnv
 from esper_lib.ppo import PPOConfig, PPOTrainer
 from esper_lib.ppo.calibration import CalibrationRecorder, episode_start_calibration
 
-ENV = dict(max_epochs=5, train_size=200, val_size=120, batch_size=50, lr=1e-2)
+ENV = dict(max_epochs=5, train_size=200, val_size=120, batch_size=50, lr=1e-2, host_channels=(16, 32, 32))
 
 
 def test_calibration_rows_by_hand():

@@ -197,3 +197,43 @@ def test_normalizer_refuses_non_finite_batches_before_touching_its_statistics():
     with pytest.raises(NonFiniteError, match=r"normalizer update batch contains a non-finite value \(nan\) at row 2, feature 1"):
         norm.update(bad)
     assert torch.equal(norm.mean, before[0]) and torch.equal(norm.var, before[1]) and norm.count == before[2]
+
+
+# --- make_vector_env: where the envs run ---------------------------------------------------------
+
+
+def test_make_vector_env_kinds_build_same_step_vector_envs():
+    from gymnasium.vector import AsyncVectorEnv
+
+    from esper_lib.envs.probes import OpRewardProbe
+    from esper_lib.ppo import make_vector_env
+
+    assert isinstance(make_vector_env(OpRewardProbe, 1), SingleEnvAdapter)  # the old call still works
+    assert isinstance(make_vector_env(OpRewardProbe, 1, kind="sync"), SyncVectorEnv)  # an explicit kind: a VectorEnv
+    sync = make_vector_env(OpRewardProbe, 2)
+    asyn = make_vector_env(OpRewardProbe, 2, kind="async", context="fork")
+    try:
+        assert isinstance(sync, SyncVectorEnv) and isinstance(asyn, AsyncVectorEnv)
+        for venv in (sync, asyn):
+            assert venv.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP and venv.num_envs == 2
+        a, _ = sync.reset(seed=4)
+        b, _ = asyn.reset(seed=4)
+        np.testing.assert_array_equal(a["state"], b["state"])
+    finally:
+        sync.close()
+        asyn.close()
+    with pytest.raises(ValueError, match="kind must be one of"):
+        make_vector_env(OpRewardProbe, 2, kind="threads")
+    with pytest.raises(ValueError, match="num_envs must be an int >= 1"):
+        make_vector_env(OpRewardProbe, 0, kind="async")
+
+
+def test_ray_kind_without_ray_says_how_to_install(monkeypatch):
+    import sys
+
+    from esper_lib.envs.probes import OpRewardProbe
+    from esper_lib.ppo import make_vector_env
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as when it is not installed
+    with pytest.raises(ImportError, match=r"pip install -e \.\[ray\]"):
+        make_vector_env(OpRewardProbe, 2, kind="ray")

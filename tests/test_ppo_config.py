@@ -10,6 +10,7 @@ from esper_lib.ppo import PPOConfig
     "field, value",
     [
         ("num_envs", 0),
+        ("vector_env", "threads"),
         ("num_envs", 2.5),
         ("num_envs", True),
         ("num_steps", -1),

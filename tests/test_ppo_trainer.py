@@ -280,7 +280,7 @@ def test_non_finite_reward_or_observation_raises_before_any_step_on_it(tmp_path,
     assert len(tr.history) == 2 and tr.metrics["update"].tolist() == [0, 1]
     assert last_good.read_bytes() == saved_bytes
     tr.close()
-    again = PPOTrainer.resume(last_good, probe)
+    again = PPOTrainer.resume(last_good, _second_env_poisoned(probe, 10**9, what))  # same wrapper stack, never poisons
     assert again.update_index == 2
     again.close()
 

@@ -3,7 +3,8 @@
 Accepted envs: a single ``gymnasium.Env`` (wrapped as a one-env vector env with same-step
 autoreset) or a ``gymnasium.vector.VectorEnv`` whose ``metadata["autoreset_mode"]`` is
 
-- ``SAME_STEP`` (preferred; ``make_vector_env`` builds this): when an env finishes, the step returns
+- ``SAME_STEP`` (preferred; ``make_vector_env`` builds this, in this process, in subprocesses or in
+  Ray actors): when an env finishes, the step returns
   the first observation of the next episode and the final observation sits in
   ``info["final_obs"][i]``. The truncation bootstrap is computed from that final observation.
 - ``NEXT_STEP`` (gymnasium's default): the step that ends an episode returns the final observation;
@@ -18,6 +19,12 @@ bootstraps from the final observation with the carried state (the state after th
 Non-finite values: every reward and every observed ``state`` (reset, step, final observation) is
 checked as it arrives (one ``isfinite`` reduction per step each), before the normaliser ingests it;
 a NaN or inf raises ``NonFiniteError`` naming the env, the feature, the rollout step and the update.
+
+Device traffic (the policy may sit on a GPU while the envs run on CPUs): per step, the observation
+(state, blueprint indices and every mask) is packed on the host into one float32 row per env and
+moved in **one** host-to-device copy; the step's rewards and flags in one more; the sampled actions
+come back in **one** device-to-host copy. Episode bookkeeping stays in numpy on the host. On the CPU
+these copies are no-ops.
 """
 from __future__ import annotations
 
@@ -27,13 +34,14 @@ from typing import Any, Callable, NamedTuple
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorEnv
 
 from esper_lib.constants import HEAD_NAMES
 from esper_lib.envs.spaces import actions_to_array
 from esper_lib.finite import check_finite
 from esper_lib.network import FactoredRecurrentActorCritic
 from esper_lib.ppo.buffer import RolloutBuffer
+from esper_lib.ppo.config import VECTOR_ENV_KINDS
 from esper_lib.ppo.normalization import RunningObsNormalizer
 
 MASK_KEYS = (*HEAD_NAMES, "slot_by_op")
@@ -89,11 +97,31 @@ def _batch(obs: Any) -> Any:
     return np.asarray(obs)[None]
 
 
-def make_vector_env(env_fn: Callable[[], gym.Env], num_envs: int) -> VectorEnv | SingleEnvAdapter:
-    """``num_envs`` copies of ``env_fn()`` in a ``SyncVectorEnv`` with SAME_STEP autoreset.
+def make_vector_env(
+    env_fn: Callable[[], gym.Env], num_envs: int, kind: str | None = None, **options: Any
+) -> VectorEnv | SingleEnvAdapter:
+    """``num_envs`` copies of ``env_fn()`` in a vector env with SAME_STEP autoreset.
 
-    ``env_fn`` may also return a ``VectorEnv`` (used as is; its ``num_envs`` must match).
+    :param kind: where the envs run: ``"sync"`` (this process, ``SyncVectorEnv``), ``"async"`` (one
+        process per env, ``AsyncVectorEnv``) or ``"ray"`` (Ray actors,
+        ``esper_lib.envs.ray_vector_env.RayVectorEnv``; needs the ``ray`` extra). None (the old
+        two-argument call): "sync", except that one env alone comes as a ``SingleEnvAdapter``.
+    :param options: passed to the vector env's constructor, e.g. ``envs_per_actor=2,
+        step_timeout_s=60`` for ``"ray"``, ``context="spawn"`` for ``"async"``.
+
+    With ``kind="sync"``, ``env_fn`` may also return a ``VectorEnv`` (used as is; its ``num_envs``
+    must match). The other kinds call ``env_fn`` in their workers, where it must return a ``gymnasium.Env``.
     """
+    if kind is not None and kind not in VECTOR_ENV_KINDS:
+        raise ValueError(f"kind must be one of {VECTOR_ENV_KINDS}, got {kind!r}")
+    if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
+        raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+    if kind == "async":
+        return AsyncVectorEnv([env_fn] * num_envs, copy=False, autoreset_mode=AutoresetMode.SAME_STEP, **options)
+    if kind == "ray":
+        from esper_lib.envs.ray_vector_env import RayVectorEnv  # imports ray (optional extra) only now
+
+        return RayVectorEnv([env_fn] * num_envs, copy=False, **options)
     first = env_fn()
     if isinstance(first, VectorEnv):
         if first.num_envs != num_envs:
@@ -101,11 +129,11 @@ def make_vector_env(env_fn: Callable[[], gym.Env], num_envs: int) -> VectorEnv |
         return first
     if not isinstance(first, gym.Env):
         raise TypeError(f"env_fn must return a gymnasium.Env or VectorEnv, got {type(first).__name__}")
-    if num_envs == 1:
+    if num_envs == 1 and kind is None and not options:
         return SingleEnvAdapter(first)
     fns = [lambda first=first: first] + [env_fn] * (num_envs - 1)
     # copy=False: the collector copies every observation into its own tensors at once.
-    return SyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP)
+    return SyncVectorEnv(fns, copy=False, autoreset_mode=AutoresetMode.SAME_STEP, **options)
 
 
 def as_vector_env(env: Any) -> VectorEnv | SingleEnvAdapter:
@@ -168,7 +196,14 @@ class RolloutCollector:
         }
         self.hidden = policy.initial_hidden(N, dev)
         self._episode_start = torch.ones(N, dtype=torch.bool, device=dev)
-        self._pending = torch.zeros(N, dtype=torch.bool, device=dev)  # NEXT_STEP: next action is ignored
+        self._pending = np.zeros(N, dtype=bool)  # NEXT_STEP: the next action of these envs is ignored (host side)
+        # host staging row per env: [state | blueprint indices | every mask flattened], float32 (exact for
+        # the small ints and the 0/1 masks); pinned when the policy is on a GPU so the copy can be async
+        self._mask_shapes = {k: tuple(space["action_mask"][k].shape) for k in MASK_KEYS}
+        widths = [self.state_dim, self.num_slots, *(int(np.prod(shape)) for shape in self._mask_shapes.values())]
+        self._offsets = np.cumsum([0, *widths]).tolist()
+        self._staging = torch.zeros(N, self._offsets[-1], dtype=torch.float32, pin_memory=dev.type == "cuda")
+        self._staging_np = self._staging.numpy()
         self._ep_return = np.zeros(N, dtype=np.float64)
         self._ep_len = np.zeros(N, dtype=np.int64)
         self.started = False
@@ -176,8 +211,15 @@ class RolloutCollector:
     # --- observations ---------------------------------------------------------------------
 
     def _ingest(self, obs: dict, update_stats: bool = True, where: str = "") -> None:
-        """Copy a batched observation into the staging tensors (normalising the state); a non-finite state raises first."""
-        state = torch.from_numpy(np.asarray(obs["state"], dtype=np.float32)).to(self.device)
+        """Copy a batched observation into the staging tensors (one host-to-device copy; normalises the state)."""
+        stage, off = self._staging_np, self._offsets
+        stage[:, off[0] : off[1]] = obs["state"]  # [N, state_dim]
+        stage[:, off[1] : off[2]] = obs["blueprint_indices"]  # [N, num_slots]
+        for j, k in enumerate(MASK_KEYS):
+            stage[:, off[2 + j] : off[3 + j]] = np.asarray(obs["action_mask"][k]).reshape(self.num_envs, -1)
+        # non_blocking is safe: the staging buffer is next written after the actions came back (a sync)
+        packed = self._staging.to(self.device, non_blocking=True)  # [N, width]
+        state = packed[:, off[0] : off[1]]
         check_finite("observation state", state, axes=("env", "feature"), where=where)
         if self.normalizer is not None:
             if update_stats:
@@ -185,9 +227,9 @@ class RolloutCollector:
             self.normalizer.normalize(state, out=self._state)
         else:
             self._state.copy_(state)
-        self._bp.copy_(torch.from_numpy(np.asarray(obs["blueprint_indices"])))
-        for k in MASK_KEYS:
-            self._masks[k].copy_(torch.from_numpy(np.asarray(obs["action_mask"][k])))
+        self._bp.copy_(packed[:, off[1] : off[2]])
+        for j, k in enumerate(MASK_KEYS):
+            self._masks[k].copy_(packed[:, off[2 + j] : off[3 + j]].view(self.num_envs, *self._mask_shapes[k]))
 
     def _tensors(self, states: np.ndarray, bps: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Normalised tensors for a few observations (bootstrap path; statistics untouched)."""
@@ -205,7 +247,7 @@ class RolloutCollector:
         self._ingest(obs, where=" returned by env.reset")
         self.hidden = self.policy.initial_hidden(self.num_envs, self.device)
         self._episode_start.fill_(True)
-        self._pending.fill_(False)
+        self._pending[:] = False
         self._ep_return[:] = 0.0
         self._ep_len[:] = 0
         self.started = True
@@ -248,13 +290,17 @@ class RolloutCollector:
             where = f" at rollout step {step}{of_update}"
             hidden_in = self.hidden
             res = policy.get_action(self._state, self._bp, hidden_in, self._masks, return_q_all=True, generator=gen)
-            obs, reward, terminated, truncated, info = self.env.step(actions_to_array(res.actions))
+            obs, reward, terminated, truncated, info = self.env.step(actions_to_array(res.actions))  # one device-to-host copy
+            # flags on the host (numpy), then one host-to-device copy of [reward, term, trunc, valid, starts]
             valid = ~self._pending
-            rew = torch.from_numpy(np.asarray(reward, dtype=np.float32)).to(self.device)
-            check_finite("reward", rew, axes=("env",), where=where)
-            rew = rew * valid
-            term = torch.from_numpy(np.asarray(terminated, dtype=bool)).to(self.device) & valid
-            trunc = torch.from_numpy(np.asarray(truncated, dtype=bool)).to(self.device) & valid & ~term
+            rew = np.asarray(reward, dtype=np.float32)
+            check_finite("reward", torch.from_numpy(rew), axes=("env",), where=where)
+            term = np.asarray(terminated, dtype=bool) & valid
+            trunc = np.asarray(truncated, dtype=bool) & valid & ~term
+            done = term | trunc
+            starts = done if same_step else self._pending  # NEXT_STEP: after the ignored step obs is a fresh reset
+            rows = np.stack([rew * valid, term, trunc, valid, starts]).astype(np.float32)
+            flags = torch.from_numpy(rows).to(self.device)  # [5, N]
             t = buffer.add(
                 state=self._state,
                 blueprint_indices=self._bp,
@@ -264,43 +310,38 @@ class RolloutCollector:
                 values=res.value,
                 q_all=res.q_all,
                 op_probs=res.op_probs,
-                rewards=rew,
-                terminated=term,
-                truncated=trunc,
+                rewards=flags[0],
+                terminated=flags[1].bool(),
+                truncated=flags[2].bool(),
                 episode_starts=self._episode_start,
-                valid=valid,
+                valid=flags[3].bool(),
                 hidden=hidden_in,
             )
-            done = term | trunc
-            if bool(trunc.any()):
-                idx = trunc.nonzero().flatten()
+            if trunc.any():
+                idx_np = trunc.nonzero()[0]
                 if same_step:
-                    final = [info["final_obs"][i] for i in idx.tolist()]
+                    final = [info["final_obs"][i] for i in idx_np.tolist()]
                 else:
-                    final = [_row(obs, i) for i in idx.tolist()]
+                    final = [_row(obs, i) for i in idx_np.tolist()]
+                idx = torch.from_numpy(idx_np).to(self.device)
                 sampled, expected = self._bootstrap(res.hidden, idx, final, where=where)
                 buffer.set_bootstrap(t, idx, sampled, expected)
             # episode bookkeeping (numpy, vectorised)
-            valid_np = valid.cpu().numpy()
-            self._ep_return += np.asarray(reward, dtype=np.float64) * valid_np
-            self._ep_len += valid_np
-            valid_steps += int(valid_np.sum())
-            if bool(done.any()):
-                done_np = done.cpu().numpy()
-                returns.extend(self._ep_return[done_np].tolist())
-                lengths.extend(self._ep_len[done_np].tolist())
-                self._ep_return[done_np] = 0.0
-                self._ep_len[done_np] = 0
+            self._ep_return += np.asarray(reward, dtype=np.float64) * valid
+            self._ep_len += valid
+            valid_steps += int(valid.sum())
+            if done.any():
+                returns.extend(self._ep_return[done].tolist())
+                lengths.extend(self._ep_len[done].tolist())
+                self._ep_return[done] = 0.0
+                self._ep_len[done] = 0
             # next observation and carried state
             self._ingest(obs, where=f" returned by env.step{where}")
-            if same_step:
-                starts = done
-            else:
-                starts = self._pending.clone()  # this step was the ignored one: obs is a fresh reset
+            if not same_step:
                 self._pending = done
-            keep = (~starts).to(res.hidden[0].dtype).view(1, -1, 1)
+            keep = (1.0 - flags[4]).to(res.hidden[0].dtype).view(1, -1, 1)
             self.hidden = (res.hidden[0] * keep, res.hidden[1] * keep)
-            self._episode_start = starts
+            self._episode_start = flags[4].bool()
         res = policy.get_action(self._state, self._bp, self.hidden, self._masks, return_q_all=True, generator=gen)
         buffer.finish(res.value, (res.q_all * res.op_probs).sum(-1))
         return RolloutStats(returns, lengths, valid_steps, time.perf_counter() - t0)
@@ -315,7 +356,7 @@ class RolloutCollector:
             "masks": {k: v.cpu().clone() for k, v in self._masks.items()},
             "hidden": (self.hidden[0].cpu().clone(), self.hidden[1].cpu().clone()),
             "episode_start": self._episode_start.cpu().clone(),
-            "pending": self._pending.cpu().clone(),
+            "pending": torch.from_numpy(self._pending.copy()),
             "ep_return": torch.from_numpy(self._ep_return.copy()),
             "ep_len": torch.from_numpy(self._ep_len.copy()),
             "started": self.started,
@@ -333,7 +374,7 @@ class RolloutCollector:
             self._masks[k].copy_(state["masks"][k])
         self.hidden = (state["hidden"][0].to(self.device).clone(), state["hidden"][1].to(self.device).clone())
         self._episode_start = state["episode_start"].to(self.device).clone()
-        self._pending = state["pending"].to(self.device).clone()
+        self._pending = state["pending"].cpu().numpy().astype(bool)
         self._ep_return = state["ep_return"].numpy().copy()
         self._ep_len = state["ep_len"].numpy().copy()
         self.started = bool(state["started"])

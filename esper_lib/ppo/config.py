@@ -18,6 +18,7 @@ from esper_lib.constants import ENTROPY_COEF_PER_HEAD, FEATURE_DIM, HEAD_NAMES, 
 BOOTSTRAP_MODES = ("expected", "sampled")
 OP_ADVANTAGE_MODES = ("expected", "q")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+VECTOR_ENV_KINDS = ("sync", "async", "ray")  # where PPOTrainer runs the envs it builds from env_fn
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class PPOConfig:
 
     ``device`` is parsed when the config is built ("cpu", "cuda", "cuda:N", "mps"); whether that
     device exists on this machine is checked when the trainer is built.
+
+    Where the envs run when the trainer builds them from ``env_fn``: ``vector_env`` "sync" (this
+    process), "async" (one subprocess per env) or "ray" (Ray actors, one env each; needs the ``ray``
+    extra). For other layouts build the vector env with ``make_vector_env`` and pass it instead.
     """
 
     # rollout
@@ -85,6 +90,7 @@ class PPOConfig:
     seed: int = 0
     device: str = "cpu"
     num_threads: int | None = None
+    vector_env: str = "sync"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -129,6 +135,8 @@ class PPOConfig:
         if self.op_advantage not in OP_ADVANTAGE_MODES:
             raise ValueError(f"PPOConfig.op_advantage must be one of {OP_ADVANTAGE_MODES}, got {self.op_advantage!r}")
         _device("device", self.device)
+        if self.vector_env not in VECTOR_ENV_KINDS:
+            raise ValueError(f"PPOConfig.vector_env must be one of {VECTOR_ENV_KINDS}, got {self.vector_env!r}")
         if self.num_steps % self.seq_len:
             raise ValueError(
                 f"PPOConfig.seq_len ({self.seq_len}) must divide num_steps ({self.num_steps}): the rollout is cut into whole sequences"

@@ -11,7 +11,8 @@ the envs are reset with ``seed=config.seed`` (env i gets ``seed + i``). Same see
 Checkpoints (``save`` / ``load`` / ``resume``) hold model, optimizer, normaliser, config, the
 generator, the carried rollout state (observation, LSTM state, episode accumulators), the metric
 history and, when every env implements ``get_state()`` / ``set_state()`` (the probes do), the env
-states, so a resumed run continues bit for bit. Envs without them are reset on resume (with a
+states (captured in this process, or inside the actors of a ``RayVectorEnv``), so a resumed run
+continues bit for bit. Envs without them are reset on resume (with a
 warning), which changes the next rollout but nothing else.
 
 No silent NaN: a non-finite reward or observation (collector), advantage or return, loss or gradient
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 
 from esper_lib.checkpoint import load_checkpoint, read_payload, save_checkpoint
 from esper_lib.constants import HEAD_NAMES
+from esper_lib.envs.env_state import capture_env_state, restore_env_state
 from esper_lib.network import FactoredRecurrentActorCritic
 from esper_lib.ppo.advantages import compute_advantages, explained_variance
 from esper_lib.ppo.buffer import RolloutBuffer
@@ -85,9 +87,10 @@ class PPOTrainer:
     """Recurrent PPO for ``FactoredRecurrentActorCritic`` on Tamiyo-space envs.
 
     Args:
-        env_fn: callable returning a ``gymnasium.Env`` (called ``num_envs`` times; wrapped in a
-            SAME_STEP ``SyncVectorEnv``, or used alone when ``num_envs == 1``) or a ``VectorEnv``
-            with ``num_envs`` envs. An env or vector env instance is accepted too.
+        env_fn: callable returning a ``gymnasium.Env`` (called ``num_envs`` times; the envs run in a
+            SAME_STEP vector env of kind ``config.vector_env``, see ``make_vector_env``; a single
+            sync env is used alone) or, for "sync", a ``VectorEnv`` with ``num_envs`` envs. An env or
+            vector env instance (e.g. a ``RayVectorEnv``) is accepted too.
         config: hyperparameters.
         policy: start from this network instead of a fresh one (sizes must match the env and config).
     """
@@ -114,8 +117,10 @@ class PPOTrainer:
         config = self.config
         if isinstance(env_fn, (gym.Env, VectorEnv, SingleEnvAdapter)):
             self.env = as_vector_env(env_fn)
-        else:
-            self.env = make_vector_env(env_fn, config.num_envs)
+        elif callable(env_fn):
+            # "sync" keeps the old behaviour (one env alone, without a vector wrapper)
+            kind = None if config.vector_env == "sync" else config.vector_env
+            self.env = make_vector_env(env_fn, config.num_envs, kind=kind)
         if self.env.num_envs != config.num_envs:
             raise ValueError(f"PPOConfig.num_envs is {config.num_envs} but the env has {self.env.num_envs} envs")
         space = self.env.single_observation_space
@@ -392,31 +397,35 @@ def _sub_envs(env: Any) -> list[gym.Env] | None:
     return list(envs) if envs is not None else None
 
 
+def _remote_states(env: Any) -> Any:
+    """The vector env that captures its sub-envs' states where they live (``RayVectorEnv``), or None."""
+    base = getattr(env, "unwrapped", env)  # through VectorWrappers such as StepTimer
+    return base if callable(getattr(base, "get_env_states", None)) else None
+
+
 def _env_states(env: Any) -> list[dict[str, Any]] | None:
-    """Per sub-env ``{"env": unwrapped.get_state(), "wrappers": [elapsed steps of TimeLimit-like wrappers]}``, or None."""
+    """Per sub-env ``capture_env_state`` (``esper_lib.envs.env_state``), or None when an env cannot."""
+    remote = _remote_states(env)
+    if remote is not None:
+        return remote.get_env_states()
     envs = _sub_envs(env)
     if envs is None or not all(callable(getattr(e.unwrapped, "get_state", None)) for e in envs):
         return None
-    states = []
-    for e in envs:
-        wrappers, w = [], e
-        while isinstance(w, gym.Wrapper):
-            wrappers.append(getattr(w, "_elapsed_steps", None))
-            w = w.env
-        states.append({"env": e.unwrapped.get_state(), "wrappers": wrappers})
-    return states
+    return [capture_env_state(e) for e in envs]
 
 
 def _can_set_states(env: Any, n: int) -> bool:
+    remote = _remote_states(env)
+    if remote is not None:
+        return bool(remote.supports_env_states) and remote.num_envs == n
     envs = _sub_envs(env)
     return envs is not None and len(envs) == n and all(callable(getattr(e.unwrapped, "set_state", None)) for e in envs)
 
 
 def _set_env_states(env: Any, states: list[dict[str, Any]]) -> None:
+    remote = _remote_states(env)
+    if remote is not None:
+        remote.set_env_states(states)
+        return
     for e, s in zip(_sub_envs(env), states):
-        e.unwrapped.set_state(s["env"])
-        w, i = e, 0
-        while isinstance(w, gym.Wrapper):
-            if s["wrappers"][i] is not None and hasattr(w, "_elapsed_steps"):
-                w._elapsed_steps = s["wrappers"][i]
-            w, i = w.env, i + 1
+        restore_env_state(e, s)
