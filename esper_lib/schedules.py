@@ -245,8 +245,13 @@ def schedule_grid(
     style: GerminationStyle = GerminationStyle.LINEAR_ADD,
     alpha_target: AlphaTargetAction = AlphaTargetAction.FULL,
     fossilize_at: int | None = 0,
+    every_slot: bool = False,
 ) -> list[FixedSchedule]:
     """The documented family of one-seed schedules: slot x blueprint x germination epoch x tempo.
+
+    With ``every_slot=True`` the family also has, per blueprint and tempo, a member that seeds
+    every slot with that blueprint from epoch 0 (one germination per epoch, slot order): the
+    reference for controllers that grow more than one seed.
 
     Every member germinates one seed, advances it as soon as allowed and fossilizes it as soon as
     it is HOLDING (with the default ``fossilize_at=0``). Defaults: every slot, every CNN blueprint
@@ -272,10 +277,17 @@ def schedule_grid(
         raise ValueError("tempos must not be empty")
     if len(set(bps)) != len(bps) or len(set(epochs)) != len(epochs) or len(set(tempos)) != len(tempos):
         raise ValueError("blueprints, germinate_at and tempos must not repeat a value")
-    return [
+    grid = [
         FixedSchedule(slot, bp, int(at), tempo=tempo, style=style, alpha_target=alpha_target, fossilize_at=fossilize_at)
         for slot, bp, at, tempo in itertools.product(range(num_slots), bps, epochs, tempos)
     ]
+    if every_slot and num_slots > 1:
+        grid += [
+            FixedSchedule(0, bp, 0, tempo=tempo, style=style, alpha_target=alpha_target, fossilize_at=fossilize_at,
+                          extra_seedings=tuple((slot, bp, 0) for slot in range(1, num_slots)))
+            for bp, tempo in itertools.product(bps, tempos)
+        ]
+    return grid
 
 
 # ------------------------------------------------------------------------- selection, headroom

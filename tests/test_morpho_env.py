@@ -28,7 +28,8 @@ from esper_lib.envs.spaces import action_space, observation_space
 from esper_lib.observation import FEATURE_BOUND, feature_index, observation_layout
 
 # Tiny data so a step is a few milliseconds: 2 minibatches of 32, 40 validation images.
-TINY = dict(max_epochs=12, train_size=64, val_size=40, batch_size=32)
+# prune_before_blending: the lifecycle tests below drive every PRUNE path (the default gate has its own test)
+TINY = dict(max_epochs=12, train_size=64, val_size=40, batch_size=32, prune_before_blending=True)
 Op, Stage = LifecycleOp, SeedStage
 
 
@@ -592,3 +593,19 @@ def test_step_trains_the_host_inside_no_grad() -> None:
     with torch.no_grad():
         env.step(np.zeros(8, dtype=np.int64))
     assert any(not torch.equal(a, b) for a, b in zip(before, env.host.parameters()))
+
+
+def test_by_default_prune_waits_until_the_seed_is_in_the_host_stream():
+    env = MorphoEnv(**{**TINY, "prune_before_blending": False})
+    env.reset(seed=3)
+    obs = step_ok(env, germinate(1))
+    seen = {}
+    for action in (make_action(Op.ADVANCE, slot=1), WAIT, make_action(Op.ADVANCE, slot=1)):
+        seen[stage_of(obs, 1)] = bool(obs["action_mask"]["slot_by_op"][Op.PRUNE, 1])
+        obs = step_ok(env, action)
+    seen[stage_of(obs, 1)] = bool(obs["action_mask"]["slot_by_op"][Op.PRUNE, 1])
+    assert seen == {Stage.GERMINATED: False, Stage.TRAINING: False, Stage.BLENDING: True}
+    obs, _, _, _, info = env.step(make_action(Op.PRUNE, slot=1, alpha_speed=0))
+    assert info["action_valid"] and info["prunes"] == 1
+    with pytest.raises(ValueError, match="prune_before_blending"):
+        MorphoEnv(prune_before_blending=1)

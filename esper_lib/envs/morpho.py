@@ -42,7 +42,15 @@ Known exploits and what the env does against them:
   the last epoch (e.g. keep a seed it would prune on a longer run).
 
 Masks (``action_masks()``): WAIT always; GERMINATE iff a DORMANT slot exists and the budget is not
-spent; ADVANCE / PRUNE / FOSSILIZE / SET_ALPHA_TARGET iff a slot passes that op's gate.
+spent; ADVANCE / PRUNE / FOSSILIZE / SET_ALPHA_TARGET iff a slot passes that op's gate. PRUNE is
+further limited, by default, to seeds in the host stream (BLENDING, HOLDING): pruning is the
+decision taken on a seed's measured counterfactual contribution, which exists only once it is
+blended. Before that a seed has no effect on the host and costs only its rent, so pruning it early
+has nothing to judge on. This gate is what made the env learnable in a short PPO budget: with
+PRUNE open from GERMINATED on, an untrained policy prunes most seeds before they blend (each
+epoch's op is uniform over the valid ones), so growth looks useless and PPO settled on WAIT in
+every run we made (7,680 and 10,240 env steps, greedy policy = always-WAIT); with the gate, the same
+PPO found a growth policy within 7,680 steps. ``prune_before_blending=True`` restores early pruning.
 ``slot_by_op[op]`` lists the slots where ``op`` is valid (all zeros for an invalid op; all ones for
 WAIT, whose slot is irrelevant). ``slot`` is the union of the rows of the valid ops other than WAIT
 (all ones when only WAIT is valid). ``blueprint`` allows the CNN blueprints only; style, tempo,
@@ -180,6 +188,9 @@ class MorphoEnv(gym.Env):
             ``reset`` seed.
         counterfactual_every: measure the counterfactuals every this many epochs.
         num_threads: torch threads inside ``reset``/``step`` (None leaves torch's setting alone).
+        prune_before_blending: also allow PRUNE in GERMINATED and TRAINING (the lifecycle's full
+            ``PRUNABLE_STAGES``). Default False: PRUNE only for a seed in the host stream (BLENDING,
+            HOLDING), i.e. once its counterfactual contribution is measured (module docstring).
     """
 
     metadata: dict[str, Any] = {"render_modes": []}
@@ -201,6 +212,7 @@ class MorphoEnv(gym.Env):
         data_seed: int | None = 0,
         counterfactual_every: int = 1,
         num_threads: int | None = 1,
+        prune_before_blending: bool = False,
     ):
         super().__init__()
         _check_int("max_epochs", max_epochs, 1)
@@ -227,6 +239,8 @@ class MorphoEnv(gym.Env):
         _check_int("data_seed", data_seed, 0, allow_none=True)
         _check_int("counterfactual_every", counterfactual_every, 1)
         _check_int("num_threads", num_threads, 1, allow_none=True)
+        if not isinstance(prune_before_blending, bool):
+            raise ValueError(f"prune_before_blending must be True or False, got {prune_before_blending!r}")
 
         self.max_epochs = int(max_epochs)
         self.num_slots = int(num_slots)
@@ -242,6 +256,7 @@ class MorphoEnv(gym.Env):
         self.data_seed = data_seed
         self.counterfactual_every = int(counterfactual_every)
         self.num_threads = num_threads
+        self.prune_before_blending = prune_before_blending
         self.render_mode = None
 
         self.observation_space = observation_space(self.num_slots)
@@ -371,7 +386,7 @@ class MorphoEnv(gym.Env):
         for i, s in enumerate(slots):
             by_op[LifecycleOp.GERMINATE, i] = budget_left and s.can_germinate()
             by_op[LifecycleOp.SET_ALPHA_TARGET, i] = s.can_set_alpha_target()
-            by_op[LifecycleOp.PRUNE, i] = s.can_prune()
+            by_op[LifecycleOp.PRUNE, i] = s.can_prune() and (self.prune_before_blending or s.in_stream)
             by_op[LifecycleOp.FOSSILIZE, i] = s.can_fossilize()
             by_op[LifecycleOp.ADVANCE, i] = s.can_advance()
         op_mask = by_op.any(axis=1).astype(np.int8)
