@@ -25,15 +25,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
 from esper_lib.baselines import evaluate_controller
 from esper_lib.envs.morpho import MorphoEnv
-from esper_lib.ppo import PolicyController, PPOConfig, PPOTrainer, load_trained
+from esper_lib.ppo import VECTOR_ENV_KINDS, PolicyController, PPOConfig, PPOTrainer, load_trained, make_vector_env
 from esper_lib.ppo.calibration import CalibrationRecorder
 from esper_lib.training_report import EpisodeRecorder, OpUsage, StepTimer, episodes_frame
 
-VECTOR_ENVS = ("sync", "async")
 TRAIN_SEED_STRIDE = 1000
 
 
@@ -42,12 +40,14 @@ def _recorded_env(env_kwargs: Mapping[str, Any]) -> EpisodeRecorder:
 
 
 def make_training_envs(env_kwargs: Mapping[str, Any], num_envs: int, vector_env: str = "async") -> StepTimer:
-    """``num_envs`` recorded morpho envs in a SAME_STEP vector env (``"async"``: one process each), timed."""
-    if vector_env not in VECTOR_ENVS:
-        raise ValueError(f"vector_env must be one of {VECTOR_ENVS}, got {vector_env!r}")
-    fns = [partial(_recorded_env, dict(env_kwargs))] * num_envs
-    cls = AsyncVectorEnv if vector_env == "async" else SyncVectorEnv
-    return StepTimer(cls(fns, autoreset_mode=AutoresetMode.SAME_STEP))
+    """``num_envs`` recorded morpho envs in a SAME_STEP vector env, timed.
+
+    ``vector_env``: ``"sync"`` (this process), ``"async"`` (one process each) or ``"ray"`` (Ray
+    actors; the ``ray`` extra), as ``esper_lib.ppo.make_vector_env``.
+    """
+    if vector_env not in VECTOR_ENV_KINDS:
+        raise ValueError(f"vector_env must be one of {VECTOR_ENV_KINDS}, got {vector_env!r}")
+    return StepTimer(make_vector_env(partial(_recorded_env, dict(env_kwargs)), num_envs, kind=vector_env))
 
 
 class LiveMetrics:
