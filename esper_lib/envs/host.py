@@ -28,6 +28,7 @@ from torch import nn
 from esper_lib.constants import SeedStage
 from esper_lib.envs.blueprints import parameter_count
 from esper_lib.envs.lifecycle import SeedSlot
+from esper_lib.envs.small_ops import MaxPool2x2, SmallConv2d
 
 NUM_CLASSES = 10
 NUM_DIGITS = 1797
@@ -93,9 +94,9 @@ class HostCNN(nn.Module):
         super().__init__()
         blocks, c_in = [], 1
         for i, c in enumerate(channels):
-            layers: list[nn.Module] = [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU()]
+            layers: list[nn.Module] = [SmallConv2d(c_in, c, 3, padding=1), nn.ReLU()]
             if i in pool_after:
-                layers.append(nn.MaxPool2d(2))
+                layers.append(MaxPool2x2())
             blocks.append(nn.Sequential(*layers))
             c_in = c
         self.blocks = nn.ModuleList(blocks)
