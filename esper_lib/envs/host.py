@@ -10,6 +10,11 @@ classifier finish it::
     x [B,1,8,8] -> block0 [B,16,8,8] -> slot0 -> block1 [B,32,4,4] -> slot1
                 -> block2 [B,32,4,4] -> slot2 -> mean over H,W [B,32] -> linear [B,10]
 
+The convolutions are ``SmallConv2d`` (an ``nn.Conv2d`` computed as a Toeplitz matrix product on
+small maps) and the pool is ``MaxPool2x2`` (same values as ``nn.MaxPool2d(2)``), both from
+``esper_lib.envs.small_ops``: the same functions and parameters, several times cheaper at these
+sizes on CPU.
+
 About 14k parameters at ``HostCNN``'s defaults; ``MorphoEnv`` uses a narrower host by default
 (channels 4/8/8, 1,010 parameters: see its docstring), deliberately small (and without a dense
 layer on the spatial map) so that seeds have capacity to add and an epoch runs in tens of

@@ -10,7 +10,9 @@ rules, gates and durations are in ``esper_lib.envs.lifecycle``; the blueprints i
 Epoch. A full pass over the train split in shuffled minibatches of ``batch_size`` (or, with
 ``batches_per_epoch=k``, the first ``k`` minibatches of a fresh shuffle: a cheaper "epoch" for
 quick runs), Adam on the host (``lr``) and one Adam per seed (``seed_lr``), gradients clipped at
-norm 5. Then one validation pass (the whole validation split in one batch).
+norm 5. Then one validation pass (the whole validation split in one batch). The Adams use the fused
+CPU kernel and the statistics of the epoch (loss, accuracy, gradient norms) stay tensors until it
+ends: at this host's size a step's cost is per-op overhead, not arithmetic.
 
 Counterfactuals. For every slot whose seed is in the host stream with alpha > 0 (BLENDING,
 HOLDING, PRUNING, FOSSILIZED), the validation accuracy with that slot's alpha forced to 0 is

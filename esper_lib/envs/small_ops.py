@@ -1,9 +1,9 @@
 """Convolution and max-pool for tiny feature maps, cheaper than the oneDNN kernels on CPU.
 
 The morphogenetic env trains a CNN on 8x8 images in minibatches of 64: a 3x3 convolution there is
-a few hundred thousand multiply-adds, and oneDNN spends more time on per-call setup than on them
-(about 100 us per forward and 300-500 us per backward on one core, of which ~150 us computes the
-bias gradient). The layers here compute the same functions with fewer, larger BLAS calls:
+a few hundred thousand multiply-adds, and oneDNN runs them far below the machine's matmul rate
+(about 100 us per forward and 300-500 us per backward on one core of the dev machine). The layers
+here compute the same functions with cheaper calls:
 
 - ``SmallConv2d`` (an ``nn.Conv2d``: same parameters, same initialisation, same state dict) runs a
   stride-1, dilation-1 convolution on an ``H x W`` map as one matrix product with its *Toeplitz*
