@@ -1,12 +1,16 @@
 """Throughput of the morphogenetic env on this machine's CPU (one env step = one host epoch).
 
-    python benchmarks/bench_env.py [--steps N] [--num-envs K] [--controller random|wait] [--train-size M]
+    python benchmarks/bench_env.py [--steps N] [--num-envs K] [--controller random|wait|both] [--no-vector]
 
-Times ``--steps`` steps (after one warm-up step, resets excluded) of a single ``MorphoEnv``, of a
-``SyncVectorEnv`` and of an ``AsyncVectorEnv`` of ``--num-envs`` copies, and prints env-steps/s
-(= host epochs/s) and ms per epoch. ``--controller random`` drives every env with the masked random
-controller (seeds germinate, train, blend and get pruned, so the cost includes seeds and
-counterfactuals); ``wait`` trains the bare host. Each env runs torch with one thread.
+Times ``--steps`` steps (after one warm-up step, resets excluded) of a single ``MorphoEnv`` at the
+env's defaults, of a ``SyncVectorEnv`` and of an ``AsyncVectorEnv`` of ``--num-envs`` copies, and
+prints env-steps/s (= host epochs/s) and ms per epoch. ``--controller random`` drives every env
+with the masked random controller (seeds germinate, train, blend and get pruned, so the cost
+includes seeds and counterfactuals); ``wait`` trains the bare host. Each env runs torch with one
+thread. For the single env it also prints where a step's time goes: host training (the epoch of
+minibatch Adam), validation (the forward pass on the validation split) and counterfactuals (the
+ablated passes), measured by timing the env's own methods, so the same script measures older
+versions of the env too (run it with another ``PYTHONPATH`` to compare, interleaved).
 """
 from __future__ import annotations
 
@@ -36,12 +40,45 @@ def _controllers(kind: str, n: int) -> list:
     return [AlwaysWaitController() for _ in range(n)]
 
 
-def bench_single(env_fn: Callable[[], gym.Env], kind: str, steps: int) -> float:
-    """Env steps per second of one env (reset excluded, episodes restarted as needed)."""
+class _PhaseTimer:
+    """Wall time inside the env's training, evaluation and counterfactual methods (seconds)."""
+
+    def __init__(self, env: gym.Env):
+        self.env = env
+        self.totals = {"train": 0.0, "evaluate": 0.0, "counterfactuals": 0.0}
+        self._wrap(env, "_train_epoch", "train")
+        self._wrap(env, "_evaluate", "evaluate")
+        self._host = None
+
+    def _wrap(self, obj: object, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[key] += time.perf_counter() - t0
+
+        setattr(obj, name, timed)
+
+    def watch_host(self) -> None:
+        """Time the counterfactual passes of the current host (call after each reset)."""
+        host = self.env.host
+        if host is not self._host:
+            self._wrap(host, "forward_ablated", "counterfactuals")
+            self._host = host
+
+
+def bench_single(env_fn: Callable[[], gym.Env], kind: str, steps: int) -> tuple[float, dict[str, float]]:
+    """Env steps per second of one env (reset excluded) and ms per step in each phase."""
     env = env_fn()
+    timer = _PhaseTimer(env)
     (ctrl,) = _controllers(kind, 1)
     obs, _ = env.reset(seed=0)
+    timer.watch_host()
     obs, *_ = env.step(ctrl.act(obs))  # warm-up
+    timer.totals = dict.fromkeys(timer.totals, 0.0)
     start = time.perf_counter()
     done_steps, resets = 0, 0.0
     while done_steps < steps:
@@ -50,10 +87,14 @@ def bench_single(env_fn: Callable[[], gym.Env], kind: str, steps: int) -> float:
         if term or trunc:
             t0 = time.perf_counter()
             obs, _ = env.reset()
+            timer.watch_host()
             resets += time.perf_counter() - t0
     elapsed = time.perf_counter() - start - resets
     env.close()
-    return steps / elapsed
+    phases = {k: 1000 * v / steps for k, v in timer.totals.items()}
+    phases["evaluate"] -= phases["counterfactuals"]  # the ablated passes run inside _evaluate
+    phases["rest"] = 1000 * elapsed / steps - sum(phases.values())
+    return steps / elapsed, phases
 
 
 def bench_vector(vector_cls: type, env_fn: Callable[[], gym.Env], kind: str, steps: int, num_envs: int) -> float:
@@ -76,32 +117,39 @@ def bench_vector(vector_cls: type, env_fn: Callable[[], gym.Env], kind: str, ste
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    parser.add_argument("--steps", type=int, default=32, help="timed steps per configuration")
     parser.add_argument("--num-envs", type=int, default=2, help="sub-envs of the vector envs")
-    parser.add_argument("--controller", choices=("random", "wait"), default="random")
-    parser.add_argument("--max-epochs", type=int, default=20, help="episode length (autoreset in between)")
-    parser.add_argument("--train-size", type=int, default=None, help="train images (default: all 1,437)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--controller", choices=("random", "wait", "both"), default="both")
+    parser.add_argument("--no-vector", action="store_true", help="only the single env")
     args = parser.parse_args()
     if args.steps < 1 or args.num_envs < 1:
         parser.error("--steps and --num-envs must be >= 1")
 
-    env_fn = functools.partial(
-        make_morpho_env, max_epochs=args.max_epochs, train_size=args.train_size, batch_size=args.batch_size
-    )
+    env_fn = functools.partial(make_morpho_env)  # the env's defaults
+    probe = env_fn()
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"controller={args.controller}, max_epochs={args.max_epochs}, train_size={args.train_size or 'all'}, "
-        f"batch_size={args.batch_size}, {args.steps} timed steps"
+        f"MorphoEnv defaults (host {probe.host_channels}, max_epochs={probe.max_epochs}, "
+        f"train_size={probe.train_size}, val_size={probe.val_size}, batch_size={probe.batch_size}), "
+        f"{args.steps} timed steps"
     )
-    rows = [("MorphoEnv x1", bench_single(env_fn, args.controller, args.steps))]
-    n = args.num_envs
-    rows.append((f"SyncVectorEnv x{n}", bench_vector(gym.vector.SyncVectorEnv, env_fn, args.controller, args.steps, n)))
-    rows.append((f"AsyncVectorEnv x{n}", bench_vector(gym.vector.AsyncVectorEnv, env_fn, args.controller, args.steps, n)))
-    print(f"{'configuration':<22}{'env-steps/s':>14}{'ms/epoch':>12}{'speed-up':>10}")
-    base = rows[0][1]
-    for name, rate in rows:
-        print(f"{name:<22}{rate:>14.1f}{1000 / rate:>12.1f}{rate / base:>10.2f}")
+    kinds = ("wait", "random") if args.controller == "both" else (args.controller,)
+    print(
+        f"{'controller':<11}{'configuration':<20}{'env-steps/s':>12}{'ms/step':>9}"
+        f"{'train':>8}{'valid':>8}{'counterf':>9}{'rest':>7}  (ms per step)"
+    )
+    for kind in kinds:
+        rate, ph = bench_single(env_fn, kind, args.steps)
+        print(
+            f"{kind:<11}{'MorphoEnv x1':<20}{rate:>12.1f}{1000 / rate:>9.1f}"
+            f"{ph['train']:>8.1f}{ph['evaluate']:>8.2f}{ph['counterfactuals']:>9.2f}{ph['rest']:>7.2f}"
+        )
+        if args.no_vector:
+            continue
+        n = args.num_envs
+        for cls in (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv):
+            rate = bench_vector(cls, env_fn, kind, args.steps, n)
+            print(f"{kind:<11}{f'{cls.__name__} x{n}':<20}{rate:>12.1f}{1000 / rate:>9.1f}")
 
 
 if __name__ == "__main__":

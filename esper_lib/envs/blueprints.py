@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from esper_lib.constants import NUM_BLUEPRINTS, BlueprintAction
+from esper_lib.envs.small_ops import SmallConv2d
 
 
 def _zero_(module: nn.Module) -> nn.Module:
@@ -34,7 +35,7 @@ class ConvLightSeed(nn.Sequential):
     """1x1 convolution C -> C (channel mixing only)."""
 
     def __init__(self, channels: int):
-        super().__init__(_zero_(nn.Conv2d(channels, channels, 1)))
+        super().__init__(_zero_(SmallConv2d(channels, channels, 1)))
 
 
 class ConvSmallSeed(nn.Sequential):
@@ -42,7 +43,7 @@ class ConvSmallSeed(nn.Sequential):
 
     def __init__(self, channels: int):
         mid = max(1, channels // 2)
-        super().__init__(nn.Conv2d(channels, mid, 3, padding=1), nn.ReLU(), _zero_(nn.Conv2d(mid, channels, 1)))
+        super().__init__(SmallConv2d(channels, mid, 3, padding=1), nn.ReLU(), _zero_(SmallConv2d(mid, channels, 1)))
 
 
 class ConvHeavySeed(nn.Sequential):
@@ -50,7 +51,7 @@ class ConvHeavySeed(nn.Sequential):
 
     def __init__(self, channels: int):
         super().__init__(
-            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), _zero_(nn.Conv2d(channels, channels, 3, padding=1))
+            SmallConv2d(channels, channels, 3, padding=1), nn.ReLU(), _zero_(SmallConv2d(channels, channels, 3, padding=1))
         )
 
 
@@ -59,7 +60,7 @@ class DepthwiseSeed(nn.Sequential):
 
     def __init__(self, channels: int):
         super().__init__(
-            nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.ReLU(), _zero_(nn.Conv2d(channels, channels, 1))
+            SmallConv2d(channels, channels, 3, padding=1, groups=channels), nn.ReLU(), _zero_(SmallConv2d(channels, channels, 1))
         )
 
 
@@ -69,11 +70,11 @@ class BottleneckSeed(nn.Sequential):
     def __init__(self, channels: int):
         mid = max(1, channels // 4)
         super().__init__(
-            nn.Conv2d(channels, mid, 1),
+            SmallConv2d(channels, mid, 1),
             nn.ReLU(),
-            nn.Conv2d(mid, mid, 3, padding=1),
+            SmallConv2d(mid, mid, 3, padding=1),
             nn.ReLU(),
-            _zero_(nn.Conv2d(mid, channels, 1)),
+            _zero_(SmallConv2d(mid, channels, 1)),
         )
 
 
@@ -88,9 +89,9 @@ class AttentionSeed(nn.Module):
         super().__init__()
         mid = max(1, channels // 4)
         self.channel = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, mid, 1), nn.ReLU(), nn.Conv2d(mid, channels, 1), nn.Sigmoid()
+            nn.AdaptiveAvgPool2d(1), SmallConv2d(channels, mid, 1), nn.ReLU(), SmallConv2d(mid, channels, 1), nn.Sigmoid()
         )
-        self.spatial = nn.Sequential(nn.Conv2d(2, 1, 3, padding=1), nn.Sigmoid())
+        self.spatial = nn.Sequential(SmallConv2d(2, 1, 3, padding=1), nn.Sigmoid())
         self.scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,11 @@ classifier finish it::
     x [B,1,8,8] -> block0 [B,16,8,8] -> slot0 -> block1 [B,32,4,4] -> slot1
                 -> block2 [B,32,4,4] -> slot2 -> mean over H,W [B,32] -> linear [B,10]
 
+The convolutions are ``SmallConv2d`` (an ``nn.Conv2d`` computed as a Toeplitz matrix product on
+small maps) and the pool is ``MaxPool2x2`` (same values as ``nn.MaxPool2d(2)``), both from
+``esper_lib.envs.small_ops``: the same functions and parameters, several times cheaper at these
+sizes on CPU.
+
 About 14k parameters at ``HostCNN``'s defaults; ``MorphoEnv`` uses a narrower host by default
 (channels 4/8/8, 1,010 parameters: see its docstring), deliberately small (and without a dense
 layer on the spatial map) so that seeds have capacity to add and an epoch runs in tens of
@@ -28,6 +33,7 @@ from torch import nn
 from esper_lib.constants import SeedStage
 from esper_lib.envs.blueprints import parameter_count
 from esper_lib.envs.lifecycle import SeedSlot
+from esper_lib.envs.small_ops import MaxPool2x2, SmallConv2d
 
 NUM_CLASSES = 10
 NUM_DIGITS = 1797
@@ -93,9 +99,9 @@ class HostCNN(nn.Module):
         super().__init__()
         blocks, c_in = [], 1
         for i, c in enumerate(channels):
-            layers: list[nn.Module] = [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU()]
+            layers: list[nn.Module] = [SmallConv2d(c_in, c, 3, padding=1), nn.ReLU()]
             if i in pool_after:
-                layers.append(nn.MaxPool2d(2))
+                layers.append(MaxPool2x2())
             blocks.append(nn.Sequential(*layers))
             c_in = c
         self.blocks = nn.ModuleList(blocks)

@@ -10,7 +10,9 @@ rules, gates and durations are in ``esper_lib.envs.lifecycle``; the blueprints i
 Epoch. A full pass over the train split in shuffled minibatches of ``batch_size`` (or, with
 ``batches_per_epoch=k``, the first ``k`` minibatches of a fresh shuffle: a cheaper "epoch" for
 quick runs), Adam on the host (``lr``) and one Adam per seed (``seed_lr``), gradients clipped at
-norm 5. Then one validation pass (the whole validation split in one batch).
+norm 5. Then one validation pass (the whole validation split in one batch). The Adams use the fused
+CPU kernel and the statistics of the epoch (loss, accuracy, gradient norms) stay tensors until it
+ends: at this host's size a step's cost is per-op overhead, not arithmetic.
 
 Counterfactuals. For every slot whose seed is in the host stream with alpha > 0 (BLENDING,
 HOLDING, PRUNING, FOSSILIZED), the validation accuracy with that slot's alpha forced to 0 is
@@ -281,7 +283,7 @@ class MorphoEnv(gym.Env):
             self.host = HostCNN(self.host_channels)
         self._gen = torch.Generator().manual_seed(self._draw_seed())
         self._host_params = self.host.host_parameters()
-        self._opt = torch.optim.Adam(self._host_params, lr=self.lr)
+        self._opt = _adam(self._host_params, self.lr)
 
         self._epoch = 0
         self._germinations = self._fossilizations = self._prunes = 0
@@ -294,7 +296,7 @@ class MorphoEnv(gym.Env):
         self._host_grad_norm: float | None = None
         self._last_op: int | None = None
         self._last_success: bool | None = None
-        with torch_threads(self.num_threads), torch.no_grad():
+        with torch_threads(self.num_threads), torch.inference_mode():
             logits = self.host(self._data.x_val)
             self._initial_acc = float((logits.argmax(1) == self._data.y_val).float().mean())
         self._prev_acc = self._initial_acc
@@ -415,7 +417,7 @@ class MorphoEnv(gym.Env):
                 TempoAction(a["tempo"]),
                 ALPHA_TARGET_VALUES[AlphaTargetAction(a["alpha_target"])],
             )
-            slot.optimizer = torch.optim.Adam([*module.parameters(), *gate.parameters()], lr=self.seed_lr)
+            slot.optimizer = _adam([*module.parameters(), *gate.parameters()], self.seed_lr)
             self._germinations += 1
         elif op == LifecycleOp.ADVANCE:
             slot.advance(TEMPO_EPOCHS[slot.tempo])
@@ -455,45 +457,56 @@ class MorphoEnv(gym.Env):
 
     @torch.enable_grad()  # callers (e.g. a PPO rollout) may step the env inside torch.no_grad()
     def _train_epoch(self) -> None:
+        """One epoch of minibatch Adam; per-minibatch statistics stay tensors until the epoch ends.
+
+        Per minibatch: forward, backward, the fossils' gradient norms (before the host clip rescales
+        them), the host's clip and Adam step, then each learning seed's norm, clip and Adam step.
+        The epoch's minibatches are gathered in one indexing op and split into views.
+        """
         host, data = self.host, self._data
         host.train()
         learning = [s for s in host.slots if s.learning]
         fossils = [s for s in host.slots if s.stage == SeedStage.FOSSILIZED]
-        loss_sum = torch.zeros(())
-        correct = torch.zeros((), dtype=torch.int64)
-        host_norm = torch.zeros(())
-        seed_norm = {s.index: torch.zeros(()) for s in learning + fossils}
-        batches = self._batches()
-        for idx in batches:
-            xb, yb = data.x_train[idx], data.y_train[idx]
+        host_params = self._host_params
+        seed_params = {s.index: s.seed_parameters() for s in learning + fossils}
+        # every parameter of a learning seed's optimizer (its gate too, even while the style ignores it)
+        seed_opt_params = {s.index: [p for g in s.optimizer.param_groups for p in g["params"]] for s in learning}
+        seed_norms: dict[int, list[torch.Tensor]] = {i: [] for i in seed_params}
+        host_norms: list[torch.Tensor] = []
+        losses: list[torch.Tensor] = []
+        logits_all: list[torch.Tensor] = []
+        perm = torch.cat(self._batches())
+        xs = data.x_train[perm].split(self.batch_size)
+        ys = data.y_train[perm].split(self.batch_size)
+        for xb, yb in zip(xs, ys):
             logits = host(xb)
             loss = F.cross_entropy(logits, yb)
-            self._opt.zero_grad(set_to_none=True)
+            _zero_grad(host_params)
             for s in learning:
-                s.optimizer.zero_grad(set_to_none=True)
+                _zero_grad(seed_opt_params[s.index])
             loss.backward()
             for s in fossils:  # measured before the host clip rescales them
-                seed_norm[s.index] += _grad_norm(s.seed_parameters())
-            host_norm += torch.nn.utils.clip_grad_norm_(self._host_params, MAX_GRAD_NORM)
+                seed_norms[s.index].append(_grad_norm(seed_params[s.index]))
+            host_norms.append(_clip_grad_norm_(host_params, MAX_GRAD_NORM))
             for s in learning:
-                seed_norm[s.index] += _grad_norm(s.seed_parameters())
-                torch.nn.utils.clip_grad_norm_(s.seed_parameters(), MAX_GRAD_NORM)
+                seed_norms[s.index].append(_clip_grad_norm_(seed_params[s.index], MAX_GRAD_NORM))
                 s.optimizer.step()
             self._opt.step()
-            loss_sum += loss.detach() * len(yb)
-            correct += (logits.detach().argmax(1) == yb).sum()
-        n_seen, nb = sum(len(b) for b in batches), len(batches)
-        self._train_loss = float(loss_sum) / n_seen
+            losses.append(loss.detach() * len(yb))
+            logits_all.append(logits.detach())
+        n_seen, nb = len(perm), len(xs)
+        correct = (torch.cat(logits_all).argmax(1) == data.y_train[perm]).sum()
+        self._train_loss = float(torch.stack(losses).sum()) / n_seen
         self._train_acc = float(correct) / n_seen
-        self._host_grad_norm = float(host_norm) / nb
+        self._host_grad_norm = float(torch.stack(host_norms).sum()) / nb
         for s in host.slots:
             st = s.stats
-            if s.index in seed_norm:
-                norm = float(seed_norm[s.index]) / nb
+            if s.index in seed_norms:
+                norm = float(torch.stack(seed_norms[s.index]).sum()) / nb
                 st.prev_grad_health = st.grad_health
                 st.grad_norm, st.grad_health = norm, grad_health(norm)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _evaluate(self) -> tuple[float, float]:
         """Validation loss and accuracy, and the counterfactuals of the slots in the stream."""
         host, x, y = self.host, self._data.x_val, self._data.y_val
@@ -618,11 +631,33 @@ class MorphoEnv(gym.Env):
         state[fi[p + "interaction"]] = np.clip(st.interaction * 100.0 / 10.0, -1.0, 1.0)
 
 
+def _zero_grad(params: list[torch.nn.Parameter]) -> None:
+    for p in params:
+        p.grad = None
+
+
 def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Euclidean norm of all the gradients of ``params`` (0 when none has a gradient)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (norm 2, foreach) without its Python overhead; returns the norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
+
+
+def _adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with the fused CPU kernel: one call updates every parameter (the per-tensor loop costs
+    ~10 small ops per parameter and step, a large share of a minibatch of this tiny host)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:

@@ -1,0 +1,138 @@
+"""Convolution and max-pool for tiny feature maps, cheaper than the oneDNN kernels on CPU.
+
+The morphogenetic env trains a CNN on 8x8 images in minibatches of 64: a 3x3 convolution there is
+a few hundred thousand multiply-adds, and oneDNN runs them far below the machine's matmul rate
+(about 100 us per forward and 300-500 us per backward on one core of the dev machine). The layers
+here compute the same functions with cheaper calls:
+
+- ``SmallConv2d`` (an ``nn.Conv2d``: same parameters, same initialisation, same state dict) runs a
+  stride-1, dilation-1 convolution on an ``H x W`` map as one matrix product with its *Toeplitz*
+  matrix ``T`` ``[O*H'*W', C*H*W]`` when ``T`` has at most ``TOEPLITZ_MAX_ENTRIES`` entries::
+
+      T[(o, p), (c, q)] = sum_k w[o, c, k] * S[k, p, q]      y_flat = x_flat @ T^T + b
+
+  ``S[k, p, q] = 1`` when kernel tap ``k`` reads input position ``q`` for output position ``p``
+  (zero padding is the missing ones). ``T`` is rebuilt from ``w`` at every call (one small matrix
+  product), so autograd gives the gradients of ``w`` and ``b`` through plain ``mm`` s. Larger maps
+  (the host's 4 -> 8 channels at 8x8: ``T`` is 512 x 256, and the dense products cost more than
+  oneDNN there) keep ``conv2d``.
+- ``max_pool2x2``: 2x2/2 max-pool. Without autograd (validation, counterfactuals) the maximum of
+  the four strided views (exact, 5-8x faster than NCHW ``max_pool2d``); with autograd the
+  channels-last ``max_pool2d`` kernel (vectorised, unlike the NCHW one), whose backward routes each
+  gradient to the first maximum of its window, as ``max_pool2d`` does.
+
+Results equal the oneDNN ones up to float rounding (summation order), ~1e-5 relative; the
+reductions are deterministic on CPU, so an env seed still gives the same episode bit for bit.
+"""
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Largest Toeplitz matrix (entries) built instead of calling conv2d: 256 x 256 covers every
+# convolution of the default env except the host's 4 -> 8 channels on the 8x8 map (256 x 512),
+# where the dense product costs more than oneDNN (measured on the 2-core dev machine).
+TOEPLITZ_MAX_ENTRIES = 256 * 256
+
+
+@lru_cache(maxsize=64)
+def _shift_matrix(h: int, w: int, kh: int, kw: int, ph: int, pw: int) -> torch.Tensor:
+    """``S`` ``[kh*kw, H'*W' * H*W]`` (float32 0/1): tap ``k`` of output ``p`` reads input ``q``."""
+    ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    with torch.inference_mode(False):  # cached: a normal tensor even when first built in inference mode
+        s = torch.zeros(kh * kw, ho * wo, h * w)
+        for dy, dx, y, x in itertools.product(range(kh), range(kw), range(ho), range(wo)):
+            yy, xx = y + dy - ph, x + dx - pw
+            if 0 <= yy < h and 0 <= xx < w:
+                s[dy * kw + dx, y * wo + x, yy * w + xx] = 1.0
+        return s.view(kh * kw, -1)
+
+
+def _dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[O, C/groups, kh, kw]`` -> ``[O, C, kh*kw]`` with zeros between groups."""
+    o, cg, kh, kw = weight.shape
+    w = weight.reshape(o, cg, kh * kw)
+    if groups == 1:
+        return w
+    eye = torch.eye(groups, dtype=weight.dtype)
+    full = torch.einsum("gock,gh->gohck", w.view(groups, o // groups, cg, kh * kw), eye)
+    return full.reshape(o, groups * cg, kh * kw)
+
+
+def toeplitz_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int], groups: int = 1
+) -> torch.Tensor:
+    """Stride-1 ``conv2d`` as ``x_flat @ T^T`` (see the module docstring). ``[B, C, H, W] -> [B, O, H', W']``."""
+    b, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    ph, pw = padding
+    ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    s = _shift_matrix(h, w, kh, kw, ph, pw)
+    wd = _dense_weight(weight, groups)  # [O, C, K]
+    t = (wd.reshape(o * c, kh * kw) @ s).view(o, c, ho * wo, h * w).transpose(1, 2).reshape(o * ho * wo, c * h * w)
+    y = (x.reshape(b, c * h * w) @ t.t()).view(b, o, ho, wo)
+    return y if bias is None else y + bias.view(1, o, 1, 1)
+
+
+class SmallConv2d(nn.Conv2d):
+    """``nn.Conv2d`` computed by ``toeplitz_conv2d`` on small maps (stride 1, dilation 1, zero padding).
+
+    Any other configuration, or a map whose Toeplitz matrix is too large, goes through ``conv2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = (
+            self.stride != (1, 1)
+            or self.dilation != (1, 1)
+            or self.padding_mode != "zeros"
+            or isinstance(self.padding, str)
+            or x.dim() != 4
+        )
+        if plain:
+            return super().forward(x)
+        _, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        ph, pw = self.padding
+        out_hw = (h + 2 * ph - kh + 1) * (w + 2 * pw - kw + 1)
+        if c * h * w * self.out_channels * out_hw <= TOEPLITZ_MAX_ENTRIES:
+            return toeplitz_conv2d(x, self.weight, self.bias, (ph, pw), self.groups)
+        return super().forward(x)
+
+
+class _MaxPool2x2(torch.autograd.Function):
+    """2x2/2 max-pool through the channels-last kernel (NCHW in and out)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        xc = x.contiguous(memory_format=torch.channels_last)
+        out, idx = torch.ops.aten.max_pool2d_with_indices(xc, [2, 2], [2, 2])
+        ctx.save_for_backward(xc, idx)
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        xc, idx = ctx.saved_tensors
+        gc = g.contiguous(memory_format=torch.channels_last)
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(gc, xc, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+        return gx.contiguous()
+
+
+def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)`` for ``[B, C, H, W]`` with even ``H``, ``W`` (values identical)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _MaxPool2x2.apply(x)
+    v = x.unflatten(3, (-1, 2)).unflatten(2, (-1, 2))  # [B, C, H/2, 2, W/2, 2]
+    top = torch.maximum(v[:, :, :, 0, :, 0], v[:, :, :, 0, :, 1])
+    bottom = torch.maximum(v[:, :, :, 1, :, 0], v[:, :, :, 1, :, 1])
+    return torch.maximum(top, bottom)
+
+
+class MaxPool2x2(nn.Module):
+    """Module form of ``max_pool2x2`` (replaces ``nn.MaxPool2d(2)`` in the host)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool2x2(x)
