@@ -69,8 +69,8 @@ def plot_paired_differences(
         offsets = rng.uniform(-jitter, jitter, size=len(d))
         if colours and d[TRAIN_SEED].notna().any():
             point_colours = [colours.get(ts, "0.5") for ts in d[TRAIN_SEED]]
-        else:
-            point_colours = ["tab:blue"] * len(d)
+        else:  # a controller without training seeds (a baseline): grey, not a training seed's colour
+            point_colours = ["0.45" if colours else "tab:blue"] * len(d)
         ax.scatter(x + offsets, d["diff"], s=14, c=point_colours, alpha=0.6, linewidths=0, gid=POINTS_GID, zorder=2)
         low, high = row.diff_ci_low, row.diff_ci_high
         ax.errorbar(
@@ -89,7 +89,8 @@ def plot_paired_differences(
     )
     if colours:
         for ts, colour in colours.items():
-            ax.scatter([], [], color=colour, s=14, label=f"train seed {ts}")
+            label = int(ts) if float(ts).is_integer() else ts  # train_seed is float when baselines (NaN) share the column
+            ax.scatter([], [], color=colour, s=14, label=f"training seed {label}")
         ax.legend(fontsize=7, loc="best")
     ax.figure.tight_layout()
     return ax.figure
