@@ -551,14 +551,16 @@ def test_fused_weights_follow_optimizer_steps_loads_and_replaced_heads(small_net
     state, bp = make_inputs(8, 1, seed=4)
     masks = _random_step_masks(8, seed=4)
     _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))  # builds the cache
-    # an optimizer step changes every parameter in place
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    # optimizer steps change every parameter in place; the fused Adam (the trainer's) without bumping versions
     actions = random_actions(8, 1, seed=3)
     actions["op"] = torch.tensor([[1], [2], [3], [1], [2], [3], [1], [2]])
-    ev = net.evaluate_actions(state, bp, actions)
-    (sum(v.sum() for v in ev.log_probs.values()) + ev.value.sum()).backward()
-    opt.step()
-    _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))
+    for fused in (False, True):
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2, fused=fused)
+        net.zero_grad()
+        ev = net.evaluate_actions(state, bp, actions)
+        (sum(v.sum() for v in ev.log_probs.values()) + ev.value.sum()).backward()
+        opt.step()
+        _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))
     # a state_dict load
     torch.manual_seed(9)
     net.load_state_dict(FactoredRecurrentActorCritic(state_dim=121, num_slots=3, feature_dim=32, hidden_dim=32).state_dict())
