@@ -227,6 +227,7 @@ class FactoredRecurrentActorCritic(nn.Module):
         self.fused_heads = fused_heads
         self.head_sizes = head_sizes(num_slots)
         self._fast_cache: _FastWeights | None = None  # built by _fast_weights(), never saved
+        self._fast_seen: tuple = ((), None)  # (modules, plan) of _fast_sources
 
         self.blueprint_embedding = BlueprintEmbedding()
         in_dim = state_dim + num_slots * BLUEPRINT_EMBED_DIM
@@ -305,12 +306,22 @@ class FactoredRecurrentActorCritic(nn.Module):
 
     # --- get_action's fused layout ------------------------------------------------------------
 
-    def _fast_sources(self) -> tuple[torch.Tensor, ...] | None:
-        """The parameters the fused path copies, in a fixed order; None when a head is not the standard MLP."""
+    def _fast_modules(self) -> tuple[nn.Module, ...]:
+        """The modules the fused path reads (found through the module dicts: cheap enough for every call)."""
+        mods = self._modules
+        found: list[nn.Module] = [mods["feature_net"]._modules["0"], mods["lstm"], mods["value_head"]._modules["0"]]
+        heads = mods["heads"]._modules
+        for name in HEAD_NAMES:
+            found.append(heads[name])
+            found.extend(heads[name]._modules.values())
+        return tuple(found)
+
+    def _fast_plan(self) -> tuple[tuple[nn.Module, str], ...] | None:
+        """(module, parameter name) of every parameter the fused path copies, in a fixed order; None when a
+        head is not the standard MLP (Linear, ReLU, Linear; the blueprint head Linear, ReLU, Linear, ReLU, Linear)."""
         blueprint_layers = 3
-        sources: list[torch.Tensor] = [self.feature_net[0].weight, self.feature_net[0].bias]
-        lstm = self.lstm
-        sources += [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0]
+        plan: list[tuple[nn.Module, str]] = [(self.feature_net[0], "weight"), (self.feature_net[0], "bias")]
+        plan += [(self.lstm, name) for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")]
         for name in HEAD_NAMES:
             head = self.heads[name]
             want = blueprint_layers if name == "blueprint" else 2
@@ -320,9 +331,17 @@ class FactoredRecurrentActorCritic(nn.Module):
                 if not isinstance(layer, nn.Linear if i % 2 == 0 else nn.ReLU):
                     return None
                 if i % 2 == 0:
-                    sources += [layer.weight, layer.bias]
-        sources += [self.value_head[0].weight, self.value_head[0].bias]
-        return tuple(sources)
+                    plan += [(layer, "weight"), (layer, "bias")]
+        plan += [(self.value_head[0], "weight"), (self.value_head[0], "bias")]
+        return tuple(plan)
+
+    def _fast_sources(self) -> tuple[torch.Tensor, ...] | None:
+        """The parameters the fused path copies (the plan is recomputed only when a module was replaced)."""
+        modules = self._fast_modules()
+        if modules != self._fast_seen[0]:  # identity comparison of the module objects
+            self._fast_seen = (modules, self._fast_plan())
+        plan = self._fast_seen[1]
+        return None if plan is None else tuple(m._parameters[n] for m, n in plan)
 
     def _fast_weights(self) -> _FastWeights | None:
         """The cached fused layout, rebuilt when a source parameter was replaced, changed in place
@@ -734,9 +753,9 @@ class FactoredRecurrentActorCritic(nn.Module):
         x = F.layer_norm(x, (self.feature_dim,), self.feature_net[1].weight, self.feature_net[1].bias, self.feature_net[1].eps).relu_()
         if B >= FUSED_CELL_MIN_BATCH:
             gates = torch.addmm(fast.lstm_b, torch.cat([x, h0], dim=-1), fast.lstm_wt)  # [B, 4H], columns (i, f, o, g)
-            sig = gates[:, : 3 * H].sigmoid()
-            c = torch.addcmul(sig[:, H : 2 * H] * c0, sig[:, :H], gates[:, 3 * H :].tanh())
-            h = sig[:, 2 * H :] * c.tanh()
+            i_gate, f_gate, o_gate = gates[:, : 3 * H].sigmoid().chunk(3, dim=1)
+            c = torch.addcmul(f_gate * c0, i_gate, gates[:, 3 * H :].tanh())
+            h = o_gate * c.tanh()
         else:
             lstm = self.lstm
             h, c = torch.lstm_cell(x, (h0, c0), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
