@@ -116,6 +116,8 @@ class _FastWeights(NamedTuple):
     placeholder: torch.Tensor  # [8, K] bool: one-hot of each head's canonical action (op row: all of valid_pad)
     relevance: torch.Tensor  # [NUM_OPS, 8] bool RELEVANCE_TABLE on the device
     invalid: torch.Tensor  # [1, 1] False (the column padded slots read their mask from)
+    live: dict[str, torch.Tensor]  # parameters used as they are (not copied): always current
+    eps: tuple[float, float]  # LayerNorm eps of feature_net and lstm_norm
 
 
 # Fused optimizers (``Adam(fused=True)``, the trainer's choice on the CPU) update parameters without
@@ -309,7 +311,8 @@ class FactoredRecurrentActorCritic(nn.Module):
     def _fast_modules(self) -> tuple[nn.Module, ...]:
         """The modules the fused path reads (found through the module dicts: cheap enough for every call)."""
         mods = self._modules
-        found: list[nn.Module] = [mods["feature_net"]._modules["0"], mods["lstm"], mods["value_head"]._modules["0"]]
+        found: list[nn.Module] = [*mods["feature_net"]._modules.values(), mods["lstm"], mods["lstm_norm"], mods["blueprint_embedding"]]
+        found.extend(mods["value_head"]._modules.values())
         heads = mods["heads"]._modules
         for name in HEAD_NAMES:
             found.append(heads[name])
@@ -333,6 +336,9 @@ class FactoredRecurrentActorCritic(nn.Module):
                 if i % 2 == 0:
                     plan += [(layer, "weight"), (layer, "bias")]
         plan += [(self.value_head[0], "weight"), (self.value_head[0], "bias")]
+        # used live (not copied), listed so that replacing them is noticed like the rest
+        plan += [(m, n) for m in (self.feature_net[1], self.lstm_norm, self.value_head[2]) for n in ("weight", "bias")]
+        plan += [(self.blueprint_embedding.embedding, "weight")]
         return tuple(plan)
 
     def _fast_sources(self) -> tuple[torch.Tensor, ...] | None:
@@ -414,6 +420,22 @@ class FactoredRecurrentActorCritic(nn.Module):
             placeholder=placeholder,
             relevance=RELEVANCE_TABLE.to(device),
             invalid=torch.zeros(1, 1, dtype=torch.bool, device=device),
+            live={
+                "feature_b": self.feature_net[0].bias,
+                "feature_ln_w": self.feature_net[1].weight,
+                "feature_ln_b": self.feature_net[1].bias,
+                "lstm_ln_w": self.lstm_norm.weight,
+                "lstm_ln_b": self.lstm_norm.bias,
+                "blueprint_mid_b": bp[2].bias,
+                "value_w2": self.value_head[2].weight,
+                "value_b2": self.value_head[2].bias,
+                "embedding": self.blueprint_embedding.embedding.weight,
+                "w_ih": lstm.weight_ih_l0,
+                "w_hh": lstm.weight_hh_l0,
+                "b_ih": lstm.bias_ih_l0,
+                "b_hh": lstm.bias_hh_l0,
+            },
+            eps=(self.feature_net[1].eps, self.lstm_norm.eps),
         )
 
     # --- validation ---------------------------------------------------------------------------
@@ -748,30 +770,30 @@ class FactoredRecurrentActorCritic(nn.Module):
         h0, c0 = hidden[0][0], hidden[1][0]
 
         # trunk: features, LSTM cell, LayerNorm
-        x = torch.cat([state, self.blueprint_embedding(blueprint_indices).to(state.dtype)], dim=-1)
-        x = torch.addmm(self.feature_net[0].bias, x, fast.feature_wt)
-        x = F.layer_norm(x, (self.feature_dim,), self.feature_net[1].weight, self.feature_net[1].bias, self.feature_net[1].eps).relu_()
+        live = fast.live
+        idx = blueprint_indices.masked_fill(blueprint_indices < 0, self.blueprint_embedding.null_index)  # -1 -> null row
+        x = torch.cat([state, F.embedding(idx, live["embedding"]).flatten(1).to(state.dtype)], dim=-1)
+        x = torch.addmm(live["feature_b"], x, fast.feature_wt)
+        x = F.layer_norm(x, (self.feature_dim,), live["feature_ln_w"], live["feature_ln_b"], fast.eps[0]).relu_()
         if B >= FUSED_CELL_MIN_BATCH:
             gates = torch.addmm(fast.lstm_b, torch.cat([x, h0], dim=-1), fast.lstm_wt)  # [B, 4H], columns (i, f, o, g)
             i_gate, f_gate, o_gate = gates[:, : 3 * H].sigmoid().chunk(3, dim=1)
             c = torch.addcmul(f_gate * c0, i_gate, gates[:, 3 * H :].tanh())
             h = o_gate * c.tanh()
         else:
-            lstm = self.lstm
-            h, c = torch.lstm_cell(x, (h0, c0), lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
-        lstm_out = self.lstm_norm(h)  # [B, H]
+            h, c = torch.lstm_cell(x, (h0, c0), live["w_ih"], live["w_hh"], live["b_ih"], live["b_hh"])
+        lstm_out = F.layer_norm(h, (H,), live["lstm_ln_w"], live["lstm_ln_b"], fast.eps[1])  # [B, H]
 
         # heads and critic: first layers in one matmul, last layers in one batched matmul
         n_two = (n_heads - 1) * hh  # the 7 two-layer heads' hidden units
         pre = torch.addmm(fast.first_b, lstm_out, fast.first_wt)  # [B, 7*hh + H + hh]
         act = pre[:, : n_two + H].relu()
-        blueprint = self.heads["blueprint"]
-        bp_hidden = torch.addmm(blueprint[2].bias, act[:, n_two:], fast.blueprint_mid_wt).relu_()  # [B, hh]
+        bp_hidden = torch.addmm(live["blueprint_mid_b"], act[:, n_two:], fast.blueprint_mid_wt).relu_()  # [B, hh]
         at = HEAD_NAMES.index("blueprint") * hh
         head_hidden = torch.cat([act[:, :at], bp_hidden, act[:, at:n_two]], dim=-1)  # [B, 8*hh], HEAD_NAMES order
         logits = torch.baddbmm(fast.last_b, head_hidden.view(B, n_heads, hh).transpose(0, 1), fast.last_w).transpose(0, 1)  # [B, 8, K]
         q_hidden = (pre[:, n_two + H :].unsqueeze(1) + fast.value_op_w).relu_()  # [B, NUM_OPS, hh]
-        q_all = F.linear(q_hidden, self.value_head[2].weight, self.value_head[2].bias).squeeze(-1)  # [B, NUM_OPS]
+        q_all = F.linear(q_hidden, live["value_w2"], live["value_b2"]).squeeze(-1)  # [B, NUM_OPS]
         if self.validate_inputs and not math.isfinite(float(logits.sum())):  # padding is 0: finite
             for i, name in enumerate(HEAD_NAMES):
                 check_finite(f"{name}: logits", logits[:, i, : sizes[i]])
