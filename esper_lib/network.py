@@ -253,6 +253,12 @@ class FactoredRecurrentActorCritic(nn.Module):
         self.value_head = _mlp_head(hidden_dim + NUM_OPS, self.head_hidden, 1)
         self._init_weights()
 
+    def __getstate__(self) -> dict:
+        """Pickling and ``copy.deepcopy`` leave the fused copy of the weights behind (rebuilt on first use)."""
+        state = self.__dict__.copy()
+        state["_fast_cache"], state["_fast_seen"] = None, ((), None)
+        return state
+
     def __setattr__(self, name: str, value: object) -> None:
         if name in PLAN_HEAD_ATTRS:  # nn.Module would register a second module; the descriptor replaces heads[...]
             object.__setattr__(self, name, value)

@@ -599,3 +599,17 @@ def test_fused_get_action_validation_errors_match_the_per_head_path(small_net: F
             small_net.get_action(state, bp, None, {**masks, "op": torch.tensor([[False, True, False, False, False, False]] * 4)})
         errors.append(str(err.value))
     assert errors[0] == errors[1] == "style: mask has a row with no valid action (first at index [2])"
+
+
+def test_copies_and_pickles_leave_the_fused_copy_behind(small_net: FactoredRecurrentActorCritic) -> None:
+    import copy
+    import pickle
+
+    state, bp = make_inputs(5, 1)
+    small_net.get_action(state, bp)
+    assert small_net._fast_cache is not None
+    for clone in (copy.deepcopy(small_net), pickle.loads(pickle.dumps(small_net))):
+        assert clone._fast_cache is None
+        _assert_same_step(*_both_paths(clone, state, bp, None, _random_step_masks(5, seed=3), return_q_all=True))
+        _assert_same_step(_both_paths(small_net, state, bp, None, _random_step_masks(5, seed=3), return_q_all=True)[1],
+                          _both_paths(clone, state, bp, None, _random_step_masks(5, seed=3), return_q_all=True)[1])
