@@ -3,9 +3,13 @@
     .venv/bin/python benchmarks/bench_ppo.py                       # defaults below, torch's thread count
     .venv/bin/python benchmarks/bench_ppo.py --threads 1 --updates 2
     .venv/bin/python benchmarks/bench_ppo.py --feature-dim 64 --hidden-dim 64   # the probe-test size
+    .venv/bin/python benchmarks/bench_ppo.py --autocast-bf16 --compare           # the update in fp32 and bf16 autocast
 
 Prints a table: collection (policy + env) env-steps/s, env-only steps/s (random valid actions), the
 PPO update time (GAE + epochs; no KL early stop so every run does the same work) and the total.
+``--autocast-bf16`` runs the update under bfloat16 autocast (``PPOConfig.autocast_bf16``);
+``--compare`` times the update with it off and on in the same run (same rollout, alternated, each
+from the same weights), which is the fair comparison on a shared machine.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ def main() -> None:
     ap.add_argument("--episode-length", type=int, default=25, help="length of MemoryProbe episodes (memory probe only)")
     ap.add_argument("--updates", type=int, default=3, help="timed updates (after one warm-up update)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's choice)")
+    ap.add_argument("--autocast-bf16", action="store_true", help="run the update under bfloat16 autocast (PPOConfig.autocast_bf16)")
+    ap.add_argument("--compare", action="store_true", help="also time the update fp32 vs bf16 autocast, alternated on one rollout")
     args = ap.parse_args()
 
     if args.threads is not None:
@@ -62,6 +68,7 @@ def main() -> None:
         hidden_dim=args.hidden_dim,
         target_kl=None,
         total_updates=args.updates + 1,
+        autocast_bf16=args.autocast_bf16,
     )
     trainer = PPOTrainer(make, cfg)
     params = sum(p.numel() for p in trainer.policy.parameters())
@@ -71,10 +78,12 @@ def main() -> None:
     update = [r["update_s"] for r in rows]
     steps = cfg.steps_per_update
     env_sps = env_only_steps_per_s(make, args.num_envs, args.num_steps)
+    compare = compare_autocast(trainer, cfg, args.updates) if args.compare else None
     trainer.close()
 
     minibatches = args.epochs * -(-cfg.num_sequences // args.minibatch_sequences)
-    print(f"recurrent PPO benchmark | torch {torch.__version__} | threads {torch.get_num_threads()} | device cpu")
+    print(f"recurrent PPO benchmark | torch {torch.__version__} | threads {torch.get_num_threads()} | device cpu | "
+          f"update {'bf16 autocast' if args.autocast_bf16 else 'fp32'} | CPU bf16 matmuls: {cpu_bf16_flags()}")
     print(f"network {args.feature_dim}/{args.hidden_dim} ({params / 1e6:.2f}M params) | {args.num_envs} envs x {args.num_steps} steps "
           f"= {steps} steps/update | probe {args.probe} | seq_len {args.seq_len}, {cfg.num_sequences} sequences, "
           f"{args.minibatch_sequences}/minibatch, {args.epochs} epochs = {minibatches} minibatch steps")
@@ -90,6 +99,42 @@ def main() -> None:
     for name, values, fmt, higher in table:
         best = max(values) if higher else min(values)
         print(f"{name:<40}{fmt.format(statistics.median(values)):>12}{fmt.format(best):>12}")
+    if compare is not None:
+        fp32, bf16 = compare
+        print(f"\nupdate on one rollout, fp32 vs bf16 autocast alternated ({len(fp32)} each){'median s':>14}{'best s':>12}")
+        for name, values in (("fp32", fp32), ("bf16 autocast", bf16)):
+            print(f"{'  ' + name:<62}{statistics.median(values):>14.3f}{min(values):>12.3f}")
+        print(f"{'  speed-up (median fp32 / median bf16)':<62}{statistics.median(fp32) / statistics.median(bf16):>14.2f}x")
+
+
+def cpu_bf16_flags() -> str:
+    """The CPU's bf16 matmul features from /proc/cpuinfo (AMX tiles, AVX512-BF16), or "none"."""
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return "unknown"
+    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return ", ".join(found) or "none"
+
+
+def compare_autocast(trainer: PPOTrainer, cfg: PPOConfig, repeats: int) -> tuple[list[float], list[float]]:
+    """Update times (s) fp32 and bf16 autocast, alternated, each from the same weights and the same rollout."""
+    import copy
+
+    from esper_lib.ppo.update import ppo_update
+
+    buffer = trainer.buffer
+    policy0, opt0 = copy.deepcopy(trainer.policy.state_dict()), copy.deepcopy(trainer.optimizer.state_dict())
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for autocast in (False, True):
+            trainer.policy.load_state_dict(policy0)
+            trainer.optimizer.load_state_dict(opt0)
+            gen = torch.Generator().manual_seed(0)
+            t0 = time.perf_counter()
+            ppo_update(trainer.policy, trainer.optimizer, buffer, cfg.replace(autocast_bf16=autocast), gen)
+            times[autocast].append(time.perf_counter() - t0)
+    return times[False], times[True]
 
 
 if __name__ == "__main__":

@@ -30,6 +30,20 @@ from esper_lib.constants import (
 from esper_lib.finite import check_finite
 
 
+def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(masked_logits, log_probs)``, both ``[..., K]``, of ``logits`` under ``mask`` (True = valid), over the last axis.
+
+    ``masked_logits = where(mask, logits - max_valid(logits), -1e4)`` (see the module docstring) and
+    ``log_probs = log_softmax(masked_logits)``. Works on any leading shape, so several heads padded to
+    one ``K`` (padding masked out) are handled in one call. Every row needs a valid entry (unchecked).
+    """
+    invalid = ~mask
+    # Shift so the best valid logit is 0, then fill: masked actions end >= 1e4 below every row's max.
+    valid_max = logits.detach().masked_fill(invalid, float("-inf")).amax(dim=-1, keepdim=True)
+    masked_logits = (logits - valid_max).masked_fill(invalid, MASK_FILL_VALUE)
+    return masked_logits, torch.log_softmax(masked_logits, dim=-1)
+
+
 class MaskedCategorical:
     """Categorical distribution over the valid actions of one head.
 
@@ -57,11 +71,7 @@ class MaskedCategorical:
         self.head = head
         self.logits = logits
         self.mask = mask
-        invalid = ~mask
-        # Shift so the best valid logit is 0, then fill: masked actions end >= 1e4 below every row's max.
-        valid_max = logits.detach().masked_fill(invalid, float("-inf")).amax(dim=-1, keepdim=True)
-        self.masked_logits = (logits - valid_max).masked_fill(invalid, MASK_FILL_VALUE)
-        self.log_probs_all = torch.log_softmax(self.masked_logits, dim=-1)
+        self.masked_logits, self.log_probs_all = masked_log_softmax(logits, mask)
 
     @property
     def probs(self) -> torch.Tensor:
@@ -162,6 +172,7 @@ def max_entropy(num_valid: int) -> float:
 
 __all__ = [
     "MaskedCategorical",
+    "masked_log_softmax",
     "relevance",
     "causal_masks",
     "placeholder_mask",

@@ -468,3 +468,148 @@ def test_init_blueprint_head_reinitialises_with_the_plans_gains(small_net: Facto
         assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
     # other heads untouched
     assert (small_net.op_head[-1].weight == 0.5).all()
+
+
+# --- get_action's fused path (fused_heads=True, the default) against the plain per-head path ---------
+
+
+def _random_step_masks(b: int, seed: int, num_slots: int = 3) -> dict[str, torch.Tensor]:
+    """Random masks for one step with at least one valid action per head and a valid slot for every op."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {name: torch.rand(b, k, generator=g) < 0.5 for name, k in head_sizes(num_slots).items()}
+    for name, m in masks.items():
+        m[torch.arange(b), torch.randint(0, m.shape[1], (b,), generator=g)] = True
+    masks["slot"][:, 0] = True
+    masks["slot_by_op"] = torch.rand(b, NUM_OPS, num_slots, generator=g) < 0.5
+    masks["slot_by_op"][..., 0] = True
+    return masks
+
+
+def _both_paths(net: FactoredRecurrentActorCritic, *args, seed: int = 0, **kwargs) -> tuple[GetActionResult, GetActionResult]:
+    out = []
+    for fused in (False, True):
+        net.fused_heads = fused
+        out.append(net.get_action(*args, generator=torch.Generator().manual_seed(seed), **kwargs))
+    net.fused_heads = True
+    return out[0], out[1]
+
+
+def _assert_same_step(plain: GetActionResult, fast: GetActionResult, atol: float = 1e-5) -> None:
+    for name in HEAD_NAMES:
+        assert torch.equal(plain.actions[name], fast.actions[name]), name
+        assert torch.equal(plain.masks[name], fast.masks[name]), name
+        assert torch.allclose(plain.log_probs[name], fast.log_probs[name], atol=atol), name
+    for field in ("value", "op_probs", "q_all"):
+        a, b = getattr(plain, field), getattr(fast, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            assert torch.allclose(a, b, atol=atol), field
+    assert torch.equal(fast.sampled_op, fast.actions["op"])
+    for a, b in zip(plain.hidden, fast.hidden):
+        assert torch.allclose(a, b, atol=atol)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])  # below and above FUSED_CELL_MIN_BATCH
+@pytest.mark.parametrize("with_masks", [True, False])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fused_get_action_equals_the_per_head_path(batch: int, with_masks: bool, deterministic: bool) -> None:
+    torch.manual_seed(3)
+    net = FactoredRecurrentActorCritic()  # full size: 512/512, heads 256
+    state, bp = make_inputs(batch, 1, seed=batch)
+    g = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(1, batch, 512, generator=g), torch.randn(1, batch, 512, generator=g))
+    masks = _random_step_masks(batch, seed=batch) if with_masks else None
+    plain, fast = _both_paths(net, state[:, 0], bp[:, 0], hidden, masks, deterministic=deterministic, return_q_all=True)
+    _assert_same_step(plain, fast)
+    # every sampled action is valid under the mask actually used, and canonicalised heads have log-prob 0
+    for name in HEAD_NAMES:
+        assert fast.masks[name].gather(1, fast.actions[name][:, None]).all(), name
+    rel = torch.stack([torch.tensor([n in HEAD_RELEVANCE[LifecycleOp(int(o))] for n in HEAD_NAMES]) for o in fast.sampled_op])
+    log_probs = torch.stack([fast.log_probs[n] for n in HEAD_NAMES], dim=1)
+    assert torch.equal(log_probs[~rel], torch.zeros(int((~rel).sum())))
+
+
+def test_fused_get_action_samples_the_same_actions_many_times(small_net: FactoredRecurrentActorCritic) -> None:
+    """Same generator, same draws: over many rows both paths pick the same actions (same random stream)."""
+    b = 512
+    state, bp = make_inputs(b, 1, seed=11)
+    plain, fast = _both_paths(small_net, state, bp, None, _random_step_masks(b, seed=12), seed=5, return_q_all=True)
+    _assert_same_step(plain, fast)
+    assert len(set(fast.actions["op"].tolist())) == NUM_OPS  # every op was drawn: the comparison covers them all
+
+
+def test_fused_get_action_in_float64(small_net: FactoredRecurrentActorCritic) -> None:
+    net = small_net.double()
+    state, bp = make_inputs(6, 1)
+    plain, fast = _both_paths(net, state.double(), bp, None, _random_step_masks(6, seed=2), return_q_all=True)
+    _assert_same_step(plain, fast, atol=1e-12)
+    assert fast.value.dtype == torch.float64
+
+
+def test_fused_weights_follow_optimizer_steps_loads_and_replaced_heads(small_net: FactoredRecurrentActorCritic) -> None:
+    net = small_net
+    state, bp = make_inputs(8, 1, seed=4)
+    masks = _random_step_masks(8, seed=4)
+    _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))  # builds the cache
+    # optimizer steps change every parameter in place; the fused Adam (the trainer's) without bumping versions
+    actions = random_actions(8, 1, seed=3)
+    actions["op"] = torch.tensor([[1], [2], [3], [1], [2], [3], [1], [2]])
+    for fused in (False, True):
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2, fused=fused)
+        net.zero_grad()
+        ev = net.evaluate_actions(state, bp, actions)
+        (sum(v.sum() for v in ev.log_probs.values()) + ev.value.sum()).backward()
+        opt.step()
+        _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))
+    # a state_dict load
+    torch.manual_seed(9)
+    net.load_state_dict(FactoredRecurrentActorCritic(state_dim=121, num_slots=3, feature_dim=32, hidden_dim=32).state_dict())
+    _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))
+    # a replaced head, then a non-standard one (the fused path steps aside for it)
+    net.blueprint_head = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 13))
+    _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))
+    net.style_head = torch.nn.Linear(32, 4)
+    assert net._fast_weights() is None
+    _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))
+
+
+def test_gradients_reach_every_head_parameter_after_fused_steps(small_net: FactoredRecurrentActorCritic) -> None:
+    """The fused copies are no_grad side buffers: evaluate_actions still trains every head's own parameters."""
+    state, bp = make_inputs(3, 4)
+    small_net.get_action(state[:, 0], bp[:, 0])  # builds the fused copy
+    actions = random_actions(3, 4, seed=7)
+    actions["op"] = torch.tensor([[1, 2, 3, 1]] * 3)
+    ev = small_net.evaluate_actions(state, bp, actions)
+    (sum(v.sum() for v in ev.log_probs.values()) + sum(v.sum() for v in ev.entropy.values()) + ev.value.sum()).backward()
+    for name, p in small_net.named_parameters():
+        if name.startswith(("heads.", "value_head.")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    assert not any(t.requires_grad for t in small_net._fast_cache[2:] if torch.is_tensor(t))
+    assert set(small_net.state_dict()) == {n for n, _ in small_net.named_parameters()} | {n for n, _ in small_net.named_buffers()}
+
+
+def test_fused_get_action_validation_errors_match_the_per_head_path(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(4, 1)
+    masks = _random_step_masks(4, seed=1)
+    masks["style"][2] = False
+    errors = []
+    for fused in (False, True):
+        small_net.fused_heads = fused
+        with pytest.raises(ValueError) as err:
+            small_net.get_action(state, bp, None, {**masks, "op": torch.tensor([[False, True, False, False, False, False]] * 4)})
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] == "style: mask has a row with no valid action (first at index [2])"
+
+
+def test_copies_and_pickles_leave_the_fused_copy_behind(small_net: FactoredRecurrentActorCritic) -> None:
+    import copy
+    import pickle
+
+    state, bp = make_inputs(5, 1)
+    small_net.get_action(state, bp)
+    assert small_net._fast_cache is not None
+    for clone in (copy.deepcopy(small_net), pickle.loads(pickle.dumps(small_net))):
+        assert clone._fast_cache is None
+        _assert_same_step(*_both_paths(clone, state, bp, None, _random_step_masks(5, seed=3), return_q_all=True))
+        _assert_same_step(_both_paths(small_net, state, bp, None, _random_step_masks(5, seed=3), return_q_all=True)[1],
+                          _both_paths(clone, state, bp, None, _random_step_masks(5, seed=3), return_q_all=True)[1])

@@ -45,6 +45,8 @@ from esper_lib.ppo import PPOConfig
         ("device", "meta"),
         ("device", 0),
         ("num_threads", 0),
+        ("autocast_bf16", 1),
+        ("autocast_bf16", "yes"),
     ],
 )
 def test_bad_value_names_the_field(field, value):
@@ -53,6 +55,9 @@ def test_bad_value_names_the_field(field, value):
 
 
 def test_cross_field_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"PPOConfig\.autocast_bf16 needs a device of type"):
+        PPOConfig(autocast_bf16=True, device="mps")
+    assert PPOConfig(autocast_bf16=True).autocast_bf16 and PPOConfig(autocast_bf16=True, device="cuda").autocast_bf16
     with pytest.raises(ValueError, match=r"PPOConfig\.seq_len .*divide num_steps"):
         PPOConfig(num_steps=10, seq_len=4)
     with pytest.raises(ValueError, match=r"PPOConfig\.minibatch_sequences"):

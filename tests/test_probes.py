@@ -2,7 +2,8 @@
 
 PPO runs use small networks (32/32), 4 envs x 16 steps, fixed seeds, one torch thread; each probe
 is checked every 5 updates and the run stops as soon as the learned values are within 0.1 of the
-true ones and the optimal action has probability >= 0.9 at every evaluated step.
+true ones and the optimal action has probability >= 0.9 at every evaluated step. Every probe runs
+twice: the update in float32, and under bfloat16 autocast (``PPOConfig.autocast_bf16``).
 """
 import warnings
 
@@ -184,9 +185,9 @@ def optimal_enough(report) -> bool:
     return value_ok and bool((p >= P_MIN).all())
 
 
-def train_probe(name: str):
+def train_probe(name: str, autocast_bf16: bool = False):
     max_updates, changes = CASES[name]
-    cfg = PPOConfig(**{**BASE, **changes, "total_updates": max_updates})
+    cfg = PPOConfig(**{**BASE, **changes, "total_updates": max_updates, "autocast_bf16": autocast_bf16})
     make = lambda: make_probe(name, gamma=cfg.gamma)  # noqa: E731
     trainer = PPOTrainer(make, cfg)
     result = {"solved_at": None}
@@ -204,11 +205,12 @@ def train_probe(name: str):
     return trainer, result["report"], result["solved_at"]
 
 
+@pytest.mark.parametrize("autocast_bf16", [False, True], ids=["fp32", "bf16_autocast"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_ppo_reaches_the_known_optimum(name):
-    trainer, report, solved_at = train_probe(name)
+def test_ppo_reaches_the_known_optimum(name, autocast_bf16):
+    trainer, report, solved_at = train_probe(name, autocast_bf16)
     worst = (report.q_optimal_op - report.true_value).abs().max()
-    assert solved_at is not None, f"{name}: not solved in {CASES[name][0]} updates (worst value error {worst:.3f}, min p {report.p_optimal.min():.3f})"
+    assert solved_at is not None, f"{name} ({'bf16 autocast' if autocast_bf16 else 'fp32'}): not solved in {CASES[name][0]} updates (worst value error {worst:.3f}, min p {report.p_optimal.min():.3f})"
     assert worst < VALUE_TOL
     if report.p_optimal.notna().any():
         assert report.p_optimal.min() >= P_MIN

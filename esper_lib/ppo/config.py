@@ -18,6 +18,7 @@ from esper_lib.constants import ENTROPY_COEF_PER_HEAD, FEATURE_DIM, HEAD_NAMES, 
 BOOTSTRAP_MODES = ("expected", "sampled")
 OP_ADVANTAGE_MODES = ("expected", "q")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # where autocast_bf16 is offered
 VECTOR_ENV_KINDS = ("sync", "async", "ray")  # where PPOTrainer runs the envs it builds from env_fn
 
 
@@ -44,7 +45,10 @@ class PPOConfig:
     Optional knobs: ``value_clip`` (None = unclipped value loss), ``target_kl`` (None = no early
     stop; otherwise the update stops at the first minibatch whose approximate KL, measured before
     its gradient step, exceeds it), ``num_threads`` (None = leave torch's thread count alone; else
-    set while the trainer runs and restored by ``PPOTrainer.close``).
+    set while the trainer runs and restored by ``PPOTrainer.close``), ``autocast_bf16`` (run the
+    update's forward and backward under ``torch.autocast(dtype=torch.bfloat16)`` on "cpu" or "cuda":
+    matmuls and the LSTM in bfloat16, the losses, their reduction and the optimizer in float32;
+    worth it where the hardware has bf16 matmuls, i.e. CPUs with AMX / AVX512-BF16 and recent GPUs).
 
     ``device`` is parsed when the config is built ("cpu", "cuda", "cuda:N", "mps"); whether that
     device exists on this machine is checked when the trainer is built.
@@ -86,6 +90,7 @@ class PPOConfig:
     feature_dim: int = FEATURE_DIM
     hidden_dim: int = LSTM_HIDDEN_DIM
     validate_inputs: bool = False
+    autocast_bf16: bool = False
     # run
     seed: int = 0
     device: str = "cpu"
@@ -119,7 +124,7 @@ class PPOConfig:
         for name in ("value_clip", "target_kl"):
             if getattr(self, name) is not None:
                 _positive_float(name, getattr(self, name))
-        for name in ("normalize_advantages", "normalize_obs", "anneal_lr", "validate_inputs"):
+        for name in ("normalize_advantages", "normalize_obs", "anneal_lr", "validate_inputs", "autocast_bf16"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PPOConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.entropy_coef_per_head is not None:
@@ -134,7 +139,9 @@ class PPOConfig:
             raise ValueError(f"PPOConfig.bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {self.bootstrap_mode!r}")
         if self.op_advantage not in OP_ADVANTAGE_MODES:
             raise ValueError(f"PPOConfig.op_advantage must be one of {OP_ADVANTAGE_MODES}, got {self.op_advantage!r}")
-        _device("device", self.device)
+        device = _device("device", self.device)
+        if self.autocast_bf16 and device.type not in AUTOCAST_DEVICE_TYPES:
+            raise ValueError(f"PPOConfig.autocast_bf16 needs a device of type {AUTOCAST_DEVICE_TYPES}, got device {self.device!r}")
         if self.vector_env not in VECTOR_ENV_KINDS:
             raise ValueError(f"PPOConfig.vector_env must be one of {VECTOR_ENV_KINDS}, got {self.vector_env!r}")
         if self.num_steps % self.seq_len:

@@ -18,6 +18,11 @@ so they receive exactly zero gradient from the policy loss and the entropy bonus
 The approximate KL is the joint one, ``mean_valid((r - 1) - log r)`` with ``log r`` the sum of
 the relevant heads' log-ratios (Schulman's low-variance estimator).
 
+With ``PPOConfig.autocast_bf16`` the network's forward (``evaluate_actions``) runs under bfloat16
+autocast, so its backward does too; the per-head log-probs, entropies and values are cast to float32
+before the losses, and the reduction, gradient clipping and optimizer step stay in float32 (the
+parameters and their gradients are float32 throughout).
+
 No step on a non-finite signal: the advantages and returns are checked once per update (before the
 first step), the loss and the gradient norm before every optimizer step; a NaN or inf raises
 ``NonFiniteError`` naming it, the epoch, the minibatch and the update, and that step is not taken,
@@ -177,13 +182,17 @@ def ppo_update(
     sums: dict[str, torch.Tensor] = {}
     kl_sum, kl_count, steps, grad_norm_sum = 0.0, 0, 0, 0.0
     early_stop = False
+    device_type = next(policy.parameters()).device.type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.autocast_bf16)
     policy.train()
     for epoch in range(config.epochs):
         order = torch.randperm(M, generator=generator)
         for start in range(0, M, config.minibatch_sequences):
             where = f" in epoch {epoch}, minibatch {start // config.minibatch_sequences}{of_update} (no optimizer step taken)"
             mb = seqs.select(order[start : start + config.minibatch_sequences])
-            log_probs, entropy, values = evaluate_batch(policy, mb)
+            with autocast:
+                log_probs, entropy, values = evaluate_batch(policy, mb)
+            log_probs, entropy, values = log_probs.float(), entropy.float(), values.float()  # losses in fp32
             out = ppo_losses(
                 log_probs,
                 entropy,
