@@ -13,9 +13,14 @@ import json
 import shutil
 from pathlib import Path
 
-import pandas as pd
+import matplotlib
 
-from esper_lib.training_runs import describe_outcome
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from esper_lib.evaluation_plots import plot_paired_differences  # noqa: E402
+from esper_lib.training_runs import describe_outcome  # noqa: E402
 
 
 def _row(table: pd.DataFrame, controller: str, train_seed: str = "all") -> pd.Series:
@@ -45,10 +50,19 @@ def section(label: str, folder: Path, figures: Path) -> list[str]:
         p = "" if pd.isna(r.p_improvement) else f"{r.p_improvement:.2f}"
         lines.append(f"| {r.controller} | {r.train_seed} | {r.n} | {r['mean']:.3f} | {r.iqm:.3f} | {diff} | {p} |")
     lines += ["", describe_outcome(results, calibration=calibration), ""]
-    for png in ("controller_comparison.png", "learning_curve_and_calibration.png"):
-        target = figures / f"ppo_morpho_{label.split()[0]}_{png}"
-        shutil.copyfile(folder / png, target)
-        lines += [f"![{png}](figures/{target.name})", ""]
+    tag = label.split()[0]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, metric in zip(axes, ("return", "final_val_accuracy")):
+        plot_paired_differences(results, metric, "always_wait", ax=ax)
+        ax.set_title(f"{metric}: paired difference with always-WAIT ({tag})\n"
+                     f"{summary['heldout_seeds']} held-out seeds; one point per episode")
+    fig.tight_layout()
+    target = figures / f"ppo_morpho_{tag}_controller_comparison.png"
+    fig.savefig(target, dpi=110)
+    lines += [f"![controller comparison](figures/{target.name})", ""]
+    target = figures / f"ppo_morpho_{tag}_learning_curve_and_calibration.png"
+    shutil.copyfile(folder / "learning_curve_and_calibration.png", target)
+    lines += [f"![learning curves and critic calibration](figures/{target.name})", ""]
     return lines
 
 
