@@ -137,27 +137,61 @@ def plot_learning_curve(metrics: pd.DataFrame, ax: Axes | None = None) -> Figure
     return ax.figure
 
 
-def plot_head_entropies(metrics: pd.DataFrame, ax: Axes | None = None) -> Figure:
-    """Per-head entropy (over steps where the head is relevant) per update."""
+def plot_head_entropies(metrics: pd.DataFrame, ax: Axes | None = None, head_sizes: dict[str, int] | None = None) -> Figure:
+    """Per-head entropy (over steps where the head is relevant) per update, with ln(k) of each head.
+
+    A head's line has gaps at updates where no step made it relevant (e.g. blueprint when nothing
+    was germinated); a head never relevant in the run is listed in the title. ``head_sizes``
+    (default: 3 slots) gives the dotted ln(k) reference of a uniform head over k actions (the
+    maximum; masks make the real maximum lower).
+    """
+    from esper_lib.constants import head_sizes as default_head_sizes
+
     ax = _ax(ax)
-    for name in HEAD_NAMES:
-        ax.plot(metrics["update"], metrics[f"entropy_{name}"], label=name)
+    sizes = head_sizes or default_head_sizes(3)
+    never = []
+    for k, name in enumerate(HEAD_NAMES):
+        y = metrics[f"entropy_{name}"]
+        if y.isna().all():
+            never.append(name)
+            continue
+        color = f"C{k}"
+        ax.plot(metrics["update"], y, color=color, marker=".", ms=3, label=f"{name} (ln {sizes[name]} = {np.log(sizes[name]):.2f})")
+        ax.axhline(np.log(sizes[name]), color=color, ls=":", lw=0.8)
     ax.set_xlabel("update")
     ax.set_ylabel("entropy (nats)")
-    ax.set_title("Per-head entropy")
-    ax.legend(ncol=2, fontsize=8)
+    title = "Per-head entropy (dotted: ln k, uniform)"
+    if never:
+        title += f"\nnever relevant: {', '.join(never)}"
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.figure.tight_layout()
     return ax.figure
 
 
-def plot_training_diagnostics(metrics: pd.DataFrame, axes: Sequence[Axes] | None = None) -> Figure:
-    """Value loss, explained variance, approximate KL and grad norm per update (2 x 2 grid)."""
+def plot_training_diagnostics(metrics: pd.DataFrame, axes: Sequence[Axes] | None = None, target_kl: float | None = None) -> Figure:
+    """Value loss, explained variance, approximate KL (with ``target_kl``) and clip fraction per update (2 x 2)."""
     if axes is None:
-        axes = plt.subplots(2, 2, figsize=(9, 6))[1].ravel()
-    for ax, column in zip(axes, ("value_loss", "explained_variance", "approx_kl", "grad_norm")):
+        axes = plt.subplots(2, 2, figsize=(10, 6.5))[1].ravel()
+    panels = (
+        ("value_loss", "value loss (MSE of Q(s, op) vs returns)"),
+        ("explained_variance", "explained variance of Q(s, op)"),
+        ("approx_kl", "approximate KL per update"),
+    )
+    for ax, (column, label) in zip(axes, panels):
         ax.plot(metrics["update"], metrics[column], marker="o", ms=3)
-        ax.set_title(column)
+        ax.set_ylabel(label)
         ax.set_xlabel("update")
+    if target_kl is not None:
+        axes[2].axhline(target_kl, color="tab:red", ls="--", lw=1, label=f"target_kl = {target_kl:g} (early stop)")
+        axes[2].legend(fontsize=8)
+    clip = [c for c in (f"clip_frac_{h}" for h in HEAD_NAMES) if c in metrics.columns and metrics[c].notna().any()]
+    for c in clip:
+        axes[3].plot(metrics["update"], metrics[c], marker=".", ms=3, label=c.removeprefix("clip_frac_"))
+    axes[3].set_ylabel("fraction of relevant steps clipped")
+    axes[3].set_xlabel("update")
+    if clip:
+        axes[3].legend(fontsize=7, ncol=2)
     axes[0].figure.tight_layout()
     return axes[0].figure
 

@@ -119,8 +119,14 @@ def test_plots_draw_the_data() -> None:
     metrics["update"] = np.arange(n)
     fig = plot_learning_curve(metrics)
     assert list(fig.axes[0].lines[0].get_ydata()) == list(metrics["episode_return_mean"])
-    assert len(plot_head_entropies(metrics).axes[0].lines) == len(HEAD_NAMES)
-    assert len(plot_training_diagnostics(metrics).axes) == 4
+    assert len(plot_head_entropies(metrics).axes[0].lines) == 2 * len(HEAD_NAMES)  # a curve and its ln(k) line per head
+    metrics_gap = metrics.assign(entropy_blueprint=np.nan)
+    ax = plot_head_entropies(metrics_gap).axes[0]
+    assert len(ax.lines) == 2 * (len(HEAD_NAMES) - 1) and "never relevant: blueprint" in ax.get_title()
+    fig = plot_training_diagnostics(metrics, target_kl=0.03)
+    assert len(fig.axes) == 4 and all(ax.get_ylabel() for ax in fig.axes)
+    assert any(line.get_ydata()[0] == 0.03 for line in fig.axes[2].lines)  # the target_kl reference
+    assert len(fig.axes[3].lines) == len(HEAD_NAMES)  # clip fraction per head
     usage = pd.DataFrame({"update": np.arange(n), "env_steps": np.arange(n), **{op: np.full(n, 1 / 6) for op in OP_NAMES}})
     assert len(plot_op_distribution(usage).axes[0].collections) == len(OP_NAMES)
     episodes = pd.DataFrame({"return": [1.0, 2.0], "reward_gain": [1.5, 2.5], "reward_cost": [-0.5, -0.5]})
