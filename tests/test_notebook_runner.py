@@ -30,9 +30,11 @@ def test_trained_run_without_the_checkpoint_fails_clearly(tmp_path: Path) -> Non
 def test_cli_parameters_are_parsed_by_declared_type() -> None:
     params = nr.resolve_run_parameters(
         _runs("04_short_training"),
-        cli_parameters=[("updates", "100"), ("seed", "3"), ("lr", "1e-3"), ("op_advantage", "q"), ("async_envs", "false"), ("ent_coef", "0")],
+        cli_parameters=[("updates", "100"), ("train_seeds", "[3, 4]"), ("lr", "1e-3"), ("op_advantage", "q"), ("vector_env", "sync"),
+                        ("show_progress", "false"), ("ent_coef", "0")],
     )["04_short_training"]
-    assert params == {"updates": 100, "seed": 3, "lr": 1e-3, "op_advantage": "q", "async_envs": False, "ent_coef": 0.0}
+    assert params == {"updates": 100, "train_seeds": [3, 4], "lr": 1e-3, "op_advantage": "q", "vector_env": "sync",
+                      "show_progress": False, "ent_coef": 0.0}
     assert isinstance(params["ent_coef"], float)  # an int given for a float parameter becomes a float
     lists = nr.resolve_run_parameters(_runs("02_validate_shapes"), cli_parameters=[("batch_sizes", "[1, 4]")])
     assert lists["02_validate_shapes"] == {"batch_sizes": [1, 4]}
@@ -40,7 +42,8 @@ def test_cli_parameters_are_parsed_by_declared_type() -> None:
 
 def test_flat_parameters_go_to_every_selected_notebook_that_declares_them() -> None:
     params = nr.resolve_run_parameters(_runs("01_build_v2_model", "04_short_training"), cli_parameters=[("seed", "3"), ("updates", "5")])
-    assert params == {"01_build_v2_model": {"seed": 3}, "04_short_training": {"seed": 3, "updates": 5}}
+    # notebook 04 declares train_seeds, not seed: the flat seed goes to 01 only
+    assert params == {"01_build_v2_model": {"seed": 3}, "04_short_training": {"updates": 5}}
 
 
 def test_unknown_name_is_rejected() -> None:
@@ -55,7 +58,7 @@ def test_unknown_name_is_rejected() -> None:
     [
         ("updates", "1.5", r"parameter 'updates' of notebook '04_short_training' must be int .*got 1.5 \(float\)"),
         ("updates", "many", r"parameter 'updates' .* must be int .*got 'many' \(str\)"),
-        ("async_envs", "1", r"parameter 'async_envs' .* must be bool"),
+        ("show_progress", "1", r"parameter 'show_progress' .* must be bool"),
         ("lr", "fast", r"parameter 'lr' .* must be float"),
     ],
 )
@@ -79,7 +82,7 @@ def test_parameter_file_flat_and_by_notebook_and_run(tmp_path: Path) -> None:
     )
     assert params["03_value_landscape"] == {"seed": 7, "max_epochs": 4, "sweep_feature": "val_accuracy"}
     assert params["03_value_landscape_trained"] == {"seed": 7, "max_epochs": 4, "sweep_feature": "val_accuracy", "controller": "policy_greedy"}
-    assert params["04_short_training"] == {"seed": 7, "updates": 3}
+    assert params["04_short_training"] == {"updates": 3}  # 04 declares train_seeds, not seed
     as_json = tmp_path / "params.json"
     as_json.write_text(json.dumps({"updates": 2.5}))
     with pytest.raises(ValueError, match="parameter 'updates' .* must be int"):
