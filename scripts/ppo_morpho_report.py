@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from esper_lib.evaluation_plots import plot_paired_differences  # noqa: E402
+from esper_lib.evaluation_stats import compare_controllers  # noqa: E402
 from esper_lib.training_runs import describe_outcome  # noqa: E402
 
 
@@ -49,7 +50,17 @@ def section(label: str, folder: Path, figures: Path) -> list[str]:
         diff = "baseline" if pd.isna(r.diff_mean) else f"{r.diff_mean:+.3f} [{r.diff_ci_low:+.3f}, {r.diff_ci_high:+.3f}]"
         p = "" if pd.isna(r.p_improvement) else f"{r.p_improvement:.2f}"
         lines.append(f"| {r.controller} | {r.train_seed} | {r.n} | {r['mean']:.3f} | {r.iqm:.3f} | {diff} | {p} |")
-    lines += ["", describe_outcome(results, calibration=calibration), ""]
+    two_level = compare_controllers(results, "return", baseline="always_wait", resample_training_seeds=True)
+    agg = _row(two_level, "ppo")
+    lines += [
+        "",
+        f"The 'all' row's interval resamples held-out episodes within each training run: it says how sure we are "
+        f"about *these* {len(seeds)} runs. Resampling the training runs too (two-level bootstrap, the question "
+        f"'what would a new run give?') gives {agg.diff_mean:+.3f} [{agg.diff_ci_low:+.3f}, {agg.diff_ci_high:+.3f}].",
+        "",
+        describe_outcome(results, calibration=calibration),
+        "",
+    ]
     tag = label.split()[0]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, metric in zip(axes, ("return", "final_val_accuracy")):
@@ -71,6 +82,7 @@ def main() -> None:
     ap.add_argument("expected", type=Path, help="notebook 04 output folder of the op_advantage='expected' run")
     ap.add_argument("q", type=Path, nargs="?", help="the same for op_advantage='q' (optional)")
     ap.add_argument("--out", type=Path, default=Path("docs"))
+    ap.add_argument("--reading", type=Path, help="a markdown file with the human reading of the numbers, appended as is")
     args = ap.parse_args()
     figures = args.out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -86,6 +98,8 @@ def main() -> None:
     lines += section("expected (design estimator, default)", args.expected, figures)
     if args.q is not None:
         lines += section("q (the plan's estimator)", args.q, figures)
+    if args.reading is not None:
+        lines += ["## Reading", "", args.reading.read_text().strip(), ""]
     (args.out / "ppo_morpho.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'ppo_morpho.md'}")
 
