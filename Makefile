@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: help run run-quick test bench lab install clean
+.PHONY: help run run-quick test bench lab tensorboard install clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,6 +44,10 @@ bench: $(STAMP) ## benchmarks: get_action plain vs fused, update fp32 vs bf16 au
 
 lab: $(STAMP) ## start JupyterLab in notebooks/ (pick the kernel "Python (esper-lib)")
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+tensorboard: $(STAMP) ## install the tensorboard extra and serve the logs of training runs under artefacts/ (notebook 04 with -p tensorboard true)
+	$(PY) -m pip install --quiet -e ".[tensorboard]"
+	$(VENV)/bin/tensorboard --logdir artefacts
 
 clean: ## remove artefacts/ and pytest caches
 	rm -rf artefacts .pytest_cache

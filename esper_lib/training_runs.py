@@ -62,6 +62,31 @@ class LiveMetrics:
         pd.DataFrame([row]).to_csv(self.path, mode="a", header=not self.path.exists(), index=False)
 
 
+class TensorBoardMetrics:
+    """Trainer callback: each update's metrics as TensorBoard scalars (x axis: env steps) under ``log_dir``.
+
+    Needs the optional ``tensorboard`` extra (``pip install -e .[tensorboard]``); open the logs with
+    ``make tensorboard`` or ``tensorboard --logdir artefacts``.
+    """
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError("TensorBoard logging needs the tensorboard package: pip install -e .[tensorboard]") from err
+        self.writer = SummaryWriter(str(log_dir))
+
+    def __call__(self, trainer: PPOTrainer, row: dict[str, float]) -> None:
+        step = int(row["env_steps"])
+        for key, value in row.items():
+            if key not in ("update", "env_steps") and isinstance(value, (int, float)) and np.isfinite(value):
+                self.writer.add_scalar(key, float(value), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 @dataclass
 class TrainingRun:
     """What one training run leaves (see ``train_morpho_policy``)."""
@@ -84,6 +109,7 @@ def train_morpho_policy(
     train_seed: int | None = None,
     vector_env: str = "async",
     checkpoint_every: int = 0,
+    tensorboard: bool = False,
     progress: bool = True,
     callbacks: Sequence[Callable[[PPOTrainer, dict[str, float]], Any]] = (),
 ) -> TrainingRun:
@@ -92,7 +118,8 @@ def train_morpho_policy(
     ``train_seed``: sets ``config.seed = train_seed * TRAIN_SEED_STRIDE`` (None: keep ``config.seed``
     and report it as the training seed). Writes ``metrics.csv`` (row by row), ``tamiyo_v2_ppo.pt`` (final; with ``checkpoint_every=k``
     also after every k-th update, overwriting), ``op_usage.csv``, ``training_episodes.csv`` and
-    ``calibration.csv``.
+    ``calibration.csv``; with ``tensorboard=True`` also TensorBoard scalars under ``tensorboard/``
+    (``TensorBoardMetrics``, the ``tensorboard`` extra).
     """
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
@@ -106,11 +133,12 @@ def train_morpho_policy(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "tamiyo_v2_ppo.pt"
+    board = TensorBoardMetrics(out / "tensorboard") if tensorboard else None  # before the envs: a missing extra leaks nothing
     envs = make_training_envs(env_kwargs, config.num_envs, vector_env)
     op_usage, calibration, live = OpUsage(), CalibrationRecorder(config.gamma), LiveMetrics(out / "metrics.csv")
 
     def on_update(trainer: PPOTrainer, row: dict[str, float]) -> None:
-        for cb in (op_usage, calibration, live, *callbacks):
+        for cb in (op_usage, calibration, live, *([board] if board else []), *callbacks):
             cb(trainer, row)
         if checkpoint_every and (trainer.update_index % checkpoint_every == 0):
             trainer.save(checkpoint)
@@ -124,6 +152,8 @@ def train_morpho_policy(
         trainer.save(checkpoint)
     finally:
         trainer.close()
+        if board is not None:
+            board.close()
     run = TrainingRun(
         train_seed=config.seed if train_seed is None else train_seed,
         metrics=metrics,

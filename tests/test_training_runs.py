@@ -67,3 +67,15 @@ def test_bad_arguments_are_named(tmp_path):
         train_morpho_policy(PPOConfig(**CFG), ENV, tmp_path, checkpoint_every=-1, progress=False)
     with pytest.raises(ValueError, match="max_epochs"):
         train_morpho_policy(PPOConfig(**CFG), {**ENV, "max_epochs": 0}, tmp_path, progress=False)
+
+
+def test_tensorboard_logging_is_an_optional_extra(tmp_path):
+    """With tensorboard installed, scalars are written per update; without it, a clear ImportError names the extra."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install -e \.\[tensorboard\]"):
+            train_morpho_policy(PPOConfig(**CFG), ENV, tmp_path, vector_env="sync", tensorboard=True, progress=False)
+        return
+    train_morpho_policy(PPOConfig(**CFG), ENV, tmp_path, vector_env="sync", tensorboard=True, progress=False)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
