@@ -313,9 +313,9 @@ def evaluate_controller(
     seeds = list(seeds)
     iterator: Iterable[int] = seeds
     if progress:
-        from tqdm.auto import tqdm
+        from esper_lib.progress import progress_bar
 
-        iterator = tqdm(seeds, desc=f"evaluate {label}")
+        iterator = progress_bar(seeds, desc=f"evaluate {label}")
     env = env_fn()
     rows = []
     try:

@@ -24,7 +24,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-HEADLESS_ENV = "ESPER_HEADLESS"
+from esper_lib.progress import HEADLESS_ENV, is_headless, progress_bar  # noqa: F401 (re-exported for notebooks)
 ROOT_MARKER = "pyproject.toml"
 
 
@@ -100,36 +100,6 @@ def show_and_save(fig: Figure, path: str | os.PathLike, *, dpi: int = 110, show:
 
 # --- progress ----------------------------------------------------------------------------------
 
-
-def is_headless() -> bool:
-    """True when no live widget frontend should be assumed: ``ESPER_HEADLESS=1`` or no IPython kernel."""
-    if os.environ.get(HEADLESS_ENV, "").strip().lower() in ("1", "true", "yes"):
-        return True
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
-    return shell is None or getattr(shell, "kernel", None) is None
-
-
-def progress_bar(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str | None = None,
-                 unit: str = "it", disable: bool = False, leave: bool = True, **kwargs: Any) -> Any:
-    """A tqdm bar: a widget in a live notebook, plain text (on stdout) headless.
-
-    Same arguments as ``tqdm`` (``iterable``, ``total``, ``desc``, ``unit``, ``disable``, ``leave``,
-    ...). Headless bars redraw at most every 5 s (an executed notebook keeps every redraw in its
-    stream output) and print their final state when closed; use the bar as a context manager or
-    call ``close()``. ``leave`` defaults to True so the last line stays visible.
-    """
-    if is_headless():
-        from tqdm.std import tqdm as text_tqdm
-
-        kwargs.setdefault("file", sys.stdout)
-        kwargs.setdefault("mininterval", 5.0)
-        kwargs.setdefault("dynamic_ncols", False)
-        kwargs.setdefault("ncols", 100)
-        return text_tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=leave, **kwargs)
-    from tqdm.auto import tqdm as auto_tqdm
-
-    return auto_tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=leave, **kwargs)
 
 
 __all__ = ["repo_root", "resolve_path", "display_path", "show_and_save", "is_headless", "progress_bar", "HEADLESS_ENV"]

@@ -326,9 +326,9 @@ def select_best_schedule(
     num_slots = _num_slots(env_fn)
     iterator: Iterable[FixedSchedule] = schedules
     if progress:
-        from tqdm.auto import tqdm
+        from esper_lib.progress import progress_bar
 
-        iterator = tqdm(schedules, desc="schedules")
+        iterator = progress_bar(schedules, desc="schedules")
     rows = []
     for schedule in iterator:
         res = evaluate_controller(ScheduleController(schedule, num_slots), env_fn, train_seeds, name=schedule.name)

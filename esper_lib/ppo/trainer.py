@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 from gymnasium.vector import VectorEnv
-from tqdm.auto import tqdm
+from esper_lib.progress import progress_bar
 
 from esper_lib.checkpoint import load_checkpoint, read_payload, save_checkpoint
 from esper_lib.constants import HEAD_NAMES
@@ -225,7 +225,7 @@ class PPOTrainer:
         """
         total = self.config.num_updates if num_updates is None else num_updates
         remaining = max(total - self.update_index, 0)
-        bar = tqdm(total=total, initial=self.update_index, disable=not progress, desc="PPO", unit="upd")
+        bar = progress_bar(total=total, initial=self.update_index, disable=not progress, desc="PPO", unit="upd")
         try:
             for _ in range(remaining):
                 row = self.step()
