@@ -29,10 +29,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv, install torch, the project and the Jupyter kernel "esper-lib"
 
 run: $(STAMP) ## execute notebooks 01-04 and 03 on the trained checkpoint into artefacts/<run>/ (ARGS="-p updates 100 ...")
-	$(PY) -m esper_lib.notebook_runner $(ARGS)
+	$(PY) -m esper_lib.notebooks.runner $(ARGS)
 
 run-quick: $(STAMP) ## the same with each notebook's quick parameters (seconds per notebook)
-	$(PY) -m esper_lib.notebook_runner --quick $(ARGS)
+	$(PY) -m esper_lib.notebooks.runner --quick $(ARGS)
 
 test: $(STAMP) ## run the whole test suite (notebooks included) on 2 workers
 	MPLBACKEND=Agg $(PY) -m pytest -n 2 --dist loadgroup --durations=15

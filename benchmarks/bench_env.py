@@ -25,8 +25,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from esper_lib.baselines import AlwaysWaitController, RandomMaskedController
 from esper_lib.envs.morpho import make_morpho_env
+from esper_lib.evaluation.baselines import AlwaysWaitController, RandomMaskedController
 
 
 def _split(obs: dict, i: int) -> dict:

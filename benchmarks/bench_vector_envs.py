@@ -22,8 +22,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from esper_lib.baselines import AlwaysWaitController, RandomMaskedController
 from esper_lib.envs.morpho import MorphoEnv
+from esper_lib.evaluation.baselines import AlwaysWaitController, RandomMaskedController
 from esper_lib.ppo import make_vector_env
 
 NUM_ENVS = 2

@@ -7,7 +7,7 @@ training episodes, the critic's calibration (value at each episode's first state
 measured discounted return) and a checkpoint (also every ``checkpoint_every`` updates).
 ``evaluate_runs`` plays every run's greedy policy and the baselines on the same held-out env seeds
 (never used in training), one row per (controller, training seed, held-out seed), ready for
-``esper_lib.evaluation_stats.compare_controllers``.
+``esper_lib.evaluation.stats.compare_controllers``.
 
 Seeds: training run ``k`` uses ``PPOConfig.seed = k * TRAIN_SEED_STRIDE`` (network init, sampling)
 and its training envs are reset with seeds ``k * TRAIN_SEED_STRIDE + i`` (the trainer's convention:
@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from esper_lib.baselines import evaluate_controller
 from esper_lib.envs.morpho import MorphoEnv
+from esper_lib.evaluation.baselines import evaluate_controller
+from esper_lib.notebooks.training_report import EpisodeRecorder, OpUsage, StepTimer, episodes_frame
 from esper_lib.ppo import VECTOR_ENV_KINDS, PolicyController, PPOConfig, PPOTrainer, load_trained, make_vector_env
 from esper_lib.ppo.calibration import CalibrationRecorder
-from esper_lib.training_report import EpisodeRecorder, OpUsage, StepTimer, episodes_frame
 
 TRAIN_SEED_STRIDE = 1000
 
@@ -267,7 +267,7 @@ def describe_outcome(
     reacts is the number of distinct op sequences over the held-out seeds; ``calibration``
     (``calibration_summary``) adds the critic's V(s0) against the measured return.
     """
-    from esper_lib.evaluation_stats import compare_controllers
+    from esper_lib.evaluation.stats import compare_controllers
 
     vs_wait = compare_controllers(results, metric, baseline=wait, **compare_kwargs)
     seeds = sorted(results.loc[results["controller"] == policy, "train_seed"].dropna().unique())

@@ -23,12 +23,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from esper_lib.baselines import HeuristicController, evaluate_controller  # noqa: E402
 from esper_lib.constants import TempoAction  # noqa: E402
 from esper_lib.envs.morpho import MorphoEnv  # noqa: E402
-from esper_lib.evaluation_plots import plot_paired_differences  # noqa: E402
-from esper_lib.evaluation_stats import compare_controllers  # noqa: E402
-from esper_lib.schedules import headroom_table, schedule_grid, schedule_to_dict, select_best_schedule  # noqa: E402
+from esper_lib.evaluation.baselines import HeuristicController, evaluate_controller  # noqa: E402
+from esper_lib.evaluation.plots import plot_paired_differences  # noqa: E402
+from esper_lib.evaluation.schedules import headroom_table, schedule_grid, schedule_to_dict, select_best_schedule  # noqa: E402
+from esper_lib.evaluation.stats import compare_controllers  # noqa: E402
 
 HELDOUT_OFFSET = 10_000  # the held-out seeds notebook 04 evaluates on
 TEMPOS = (TempoAction.FAST, TempoAction.STANDARD)  # blend over 3 or 5 epochs (SLOW, 8, is too long for 16-epoch runs)
@@ -128,7 +128,7 @@ def write_page(args, defaults, best, training, summary, seconds) -> None:
         f"`schedule_grid` ({len(training)} members): every slot x every CNN blueprint x germination at epoch 0 or",
         "`max_epochs // 4` x tempo FAST or STANDARD, plus one member per blueprint and tempo that seeds every slot",
         "from epoch 0; LINEAR_ADD style, alpha target 1.0; ADVANCE as soon as allowed,",
-        "FOSSILIZE as soon as HOLDING (`esper_lib/schedules.py`). The best member is chosen by mean return on",
+        "FOSSILIZE as soon as HOLDING (`esper_lib/evaluation/schedules.py`). The best member is chosen by mean return on",
         f"training seeds 0..{args.train_seeds - 1} only. Top 10:",
         "",
         training.head(10).round(4).to_markdown(index=False),

@@ -2,8 +2,8 @@
 
 Run notebook 04 twice on the same seeds, then this script:
 
-    .venv/bin/python -m esper_lib.notebook_runner --only 04_short_training                       # op_advantage="expected"
-    .venv/bin/python -m esper_lib.notebook_runner --only 04_short_training -p op_advantage q --out-root artefacts/q
+    .venv/bin/python -m esper_lib.notebooks.runner --only 04_short_training                       # op_advantage="expected"
+    .venv/bin/python -m esper_lib.notebooks.runner --only 04_short_training -p op_advantage q --out-root artefacts/q
     .venv/bin/python scripts/ppo_morpho_report.py artefacts/04_short_training artefacts/q/04_short_training
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from esper_lib.evaluation_plots import plot_paired_differences  # noqa: E402
-from esper_lib.evaluation_stats import compare_controllers  # noqa: E402
+from esper_lib.evaluation.plots import plot_paired_differences  # noqa: E402
+from esper_lib.evaluation.stats import compare_controllers  # noqa: E402
 from esper_lib.training_runs import describe_outcome  # noqa: E402
 
 

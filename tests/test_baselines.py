@@ -8,14 +8,6 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from esper_lib.baselines import (
-    AlwaysWaitController,
-    HeuristicController,
-    RandomMaskedController,
-    evaluate_controller,
-    make_action,
-    summarize_results,
-)
 from esper_lib.constants import (
     CANONICAL_ACTION,
     HEAD_NAMES,
@@ -27,6 +19,14 @@ from esper_lib.constants import (
 )
 from esper_lib.envs.blueprints import CNN_BLUEPRINTS
 from esper_lib.envs.morpho import MorphoEnv, make_morpho_env
+from esper_lib.evaluation.baselines import (
+    AlwaysWaitController,
+    HeuristicController,
+    RandomMaskedController,
+    evaluate_controller,
+    make_action,
+    summarize_results,
+)
 from esper_lib.observation import feature_index
 
 Op = LifecycleOp

@@ -12,8 +12,8 @@ import torch
 from esper_lib.constants import HEAD_NAMES
 from esper_lib.envs.probes import OpRewardProbe
 from esper_lib.network import FactoredRecurrentActorCritic
+from esper_lib.notebooks.shape_checks import make_masks
 from esper_lib.ppo import PPOConfig, PPOTrainer, load_trained, probe_report
-from esper_lib.shape_checks import make_masks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from esper_lib.evaluation_plots import POINTS_GID, plot_paired_differences
-from esper_lib.evaluation_stats import (
+from esper_lib.evaluation.plots import POINTS_GID, plot_paired_differences
+from esper_lib.evaluation.stats import (
     bootstrap_ci,
     compare_controllers,
     iqm,

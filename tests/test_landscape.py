@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from esper_lib.checkpoint import save_checkpoint
 from esper_lib.constants import NUM_OPS
-from esper_lib.landscape import (
+from esper_lib.landscape.core import (
     LANDSCAPE_COLUMNS,
     OP_NAMES,
     Trajectory,
@@ -28,17 +28,7 @@ from esper_lib.landscape import (
     sweep_values,
     wide,
 )
-from esper_lib.landscape_sources import (
-    ControllerContext,
-    check_controller_name,
-    check_env_name,
-    check_notebook_parameters,
-    load_model,
-    make_controller,
-)
-from esper_lib.network import FactoredRecurrentActorCritic
-from esper_lib.observation import feature_index
-from esper_lib.plots import (
+from esper_lib.landscape.plots import (
     MASKED_COLOR,
     OP_COLORS,
     figure_png,
@@ -48,6 +38,16 @@ from esper_lib.plots import (
     plot_q_heatmap,
     plot_q_trajectory,
 )
+from esper_lib.landscape.sources import (
+    ControllerContext,
+    check_controller_name,
+    check_env_name,
+    check_notebook_parameters,
+    load_model,
+    make_controller,
+)
+from esper_lib.network import FactoredRecurrentActorCritic
+from esper_lib.observation import feature_index
 from landscape_support import FirstValidController, TinyTamiyoEnv, small_policy
 
 T = 9
@@ -337,7 +337,7 @@ def test_trajectory_plot_greys_masked_ops_and_overlays_v(frame) -> None:
 
 
 def test_baseline_controllers_and_env_names(policy) -> None:
-    pytest.importorskip("esper_lib.baselines")
+    pytest.importorskip("esper_lib.evaluation.baselines")
     env = TinyTamiyoEnv(5)
     classes = {"random": "RandomMaskedController", "heuristic": "HeuristicController", "wait": "AlwaysWaitController"}
     for name, cls in classes.items():
@@ -396,7 +396,7 @@ def test_op_probs_are_drawn_as_one_stacked_bar_per_step(frame) -> None:
 
 
 def test_recorded_range_covers_the_recorded_values_with_a_margin(trajectory) -> None:
-    from esper_lib.landscape import recorded_range
+    from esper_lib.landscape.core import recorded_range
     from esper_lib.observation import feature_index
 
     for name in ("val_accuracy", "epoch_progress", "slot0.alpha"):
@@ -420,7 +420,7 @@ def test_loaded_model_label_says_fresh_untrained_or_trained_with_updates(tmp_pat
 def test_recorded_range_skips_the_not_measured_flag(trajectory) -> None:
     import dataclasses
 
-    from esper_lib.landscape import recorded_range
+    from esper_lib.landscape.core import recorded_range
 
     states = trajectory.states.copy()
     acc, alpha_mode = feature_index("val_accuracy"), feature_index("slot0.alpha_mode")

@@ -10,7 +10,6 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-from esper_lib.baselines import RandomMaskedController, make_action
 from esper_lib.constants import (
     NUM_OPS,
     AlphaSpeedAction,
@@ -25,6 +24,7 @@ from esper_lib.envs.blueprints import CNN_BLUEPRINTS, build_blueprint, parameter
 from esper_lib.envs.lifecycle import DWELL_EPOCHS, MIN_EPOCHS_TRAINING, curve_value
 from esper_lib.envs.morpho import MORPHO_ENV_ID, MorphoEnv, make_morpho_env
 from esper_lib.envs.spaces import action_space, observation_space
+from esper_lib.evaluation.baselines import RandomMaskedController, make_action
 from esper_lib.observation import FEATURE_BOUND, feature_index, observation_layout
 
 # Tiny data so a step is a few milliseconds: 2 minibatches of 32, 40 validation images.

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from esper_lib.checkpoint import save_checkpoint
-from esper_lib.notebook_runner import QUICK_PARAMETERS, run_notebook
+from esper_lib.notebooks.runner import QUICK_PARAMETERS, run_notebook
 from landscape_support import small_policy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.figure import Figure
 
-from esper_lib import notebook_helpers as nh
+from esper_lib.notebooks import helpers as nh
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

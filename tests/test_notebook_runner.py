@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from esper_lib import notebook_runner as nr
+from esper_lib.notebooks import runner as nr
 
 
 def _runs(*names: str) -> list[nr.Run]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from esper_lib.notebook_runner import NOTEBOOKS, QUICK_PARAMETERS, check_parameters, notebook_parameters, run_notebook
+from esper_lib.notebooks.runner import NOTEBOOKS, QUICK_PARAMETERS, check_parameters, notebook_parameters, run_notebook
 
 # Files each notebook must leave in its output folder (besides the executed copy).
 EXPECTED_ARTEFACTS: dict[str, tuple[str, ...]] = {
@@ -100,7 +100,7 @@ def test_relative_paths_resolve_against_the_repository_root_from_notebooks_folde
     import shutil
     import uuid
 
-    from esper_lib.notebook_runner import REPO_ROOT
+    from esper_lib.notebooks.runner import REPO_ROOT
 
     relative = f"artefacts/_test_cwd_{uuid.uuid4().hex[:8]}"
     try:

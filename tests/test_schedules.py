@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esper_lib import schedules as sched
 from esper_lib.constants import BlueprintAction, LifecycleOp, SeedStage, TempoAction
 from esper_lib.envs.blueprints import CNN_BLUEPRINTS
 from esper_lib.envs.morpho import MorphoEnv
-from esper_lib.schedules import FixedSchedule, ScheduleController, schedule_grid, select_best_schedule
+from esper_lib.evaluation import schedules as sched
+from esper_lib.evaluation.schedules import FixedSchedule, ScheduleController, schedule_grid, select_best_schedule
 
 TINY = dict(max_epochs=10, train_size=100, val_size=40, batches_per_epoch=2)
 tiny_fn = functools.partial(MorphoEnv, **TINY)
@@ -196,7 +196,7 @@ def test_random_seed_changes_the_random_policy_but_not_the_pairing():
 def test_schedule_round_trips_through_json():
     import json
 
-    from esper_lib.schedules import schedule_from_dict, schedule_to_dict
+    from esper_lib.evaluation.schedules import schedule_from_dict, schedule_to_dict
 
     for s in schedule_grid(max_epochs=8)[:5] + [FixedSchedule(1, BlueprintAction.NORM, 2, prune_at=5, fossilize_at=None, extra_seedings=((2, BlueprintAction.CONV_LIGHT, 3),))]:
         back = schedule_from_dict(json.loads(json.dumps(schedule_to_dict(s))))

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esper_lib.model_report import init_gain_frame, parameter_count_check, parameter_frame
 from esper_lib.network import FactoredRecurrentActorCritic
-from esper_lib.shape_checks import (
+from esper_lib.notebooks.model_report import init_gain_frame, parameter_count_check, parameter_frame
+from esper_lib.notebooks.shape_checks import (
     check_positive_ints,
     make_masks,
     masked_sampling_check,

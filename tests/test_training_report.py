@@ -9,7 +9,7 @@ import torch
 from gymnasium import spaces
 
 from esper_lib.constants import HEAD_NAMES, LifecycleOp
-from esper_lib.training_report import (
+from esper_lib.notebooks.training_report import (
     OP_NAMES,
     EpisodeRecorder,
     OpUsage,

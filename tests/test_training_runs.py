@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esper_lib.baselines import AlwaysWaitController
+from esper_lib.evaluation.baselines import AlwaysWaitController
 from esper_lib.ppo import PPOConfig
 from esper_lib.training_runs import (
     LiveMetrics,

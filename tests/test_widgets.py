@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from esper_lib.checkpoint import save_checkpoint
-from esper_lib.landscape_sources import controller_factories
+from esper_lib.landscape.sources import controller_factories
+from esper_lib.landscape.widgets import PLOT_NAMES, LandscapeExplorer
 from esper_lib.network import FactoredRecurrentActorCritic
 from esper_lib.observation import feature_index
-from esper_lib.widgets import PLOT_NAMES, LandscapeExplorer
 from landscape_support import FirstValidController, TinyTamiyoEnv, small_policy
 
 EPISODE = 7
@@ -183,7 +183,7 @@ def test_one_step_episode() -> None:
 
 
 def test_default_sweep_range_follows_the_recorded_feature() -> None:
-    from esper_lib.landscape import recorded_range
+    from esper_lib.landscape.core import recorded_range
 
     ex = _explorer(small_policy(2), sweep_range=None)
     assert ex.error is None, ex.error

@@ -24,7 +24,7 @@ our own code on numpy / scipy, not the rliable package):
   run without letting one run's episodes stand in for another's.
 
 ``compare_controllers`` puts these together in one tidy table; ``summarize_differences`` is the
-same for a table of paired differences (what ``evaluation_plots.plot_paired_differences`` draws).
+same for a table of paired differences (what ``plots.plot_paired_differences`` draws).
 """
 from __future__ import annotations
 

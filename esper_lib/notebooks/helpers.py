@@ -9,7 +9,7 @@
   output (an ``image/png`` output, whatever matplotlib backend the kernel has: Agg under a headless
   run, inline in JupyterLab), then closes the figure so pyplot does not draw it a second time.
 - ``progress_bar(...)``: a tqdm bar that is a live widget in JupyterLab and plain text in headless
-  runs (``ESPER_HEADLESS=1``, which ``esper_lib.notebook_runner`` sets for its kernels, or no
+  runs (``ESPER_HEADLESS=1``, which ``esper_lib.notebooks.runner`` sets for its kernels, or no
   IPython kernel at all). The text bar writes to stdout and always ends on its final state
   (``100%|...| n/n``), so an executed notebook keeps a correct last line instead of a frozen
   widget's "0%".
@@ -41,7 +41,7 @@ def repo_root(start: str | os.PathLike | None = None) -> Path:
     for candidate in (here, *here.parents):
         if (candidate / ROOT_MARKER).is_file():
             return candidate
-    package_root = Path(__file__).resolve().parent.parent
+    package_root = Path(__file__).resolve().parents[2]  # esper_lib/notebooks/helpers.py -> repository
     if (package_root / ROOT_MARKER).is_file():
         return package_root
     raise FileNotFoundError(f"no {ROOT_MARKER} at or above {here} (nor at {package_root}): cannot find the repository root")

@@ -1,14 +1,14 @@
 """Execute the workbook's notebooks headless with papermill, in order, into ``artefacts/<run>/``.
 
-``python -m esper_lib.notebook_runner`` is the main job (``make run``). It follows ``PLAN``: notebooks
+``python -m esper_lib.notebooks.runner`` is the main job (``make run``). It follows ``PLAN``: notebooks
 01 to 04, then notebook 03 a second time on the checkpoint notebook 04 trained
 (``03_value_landscape_trained``), so the landscape of the untrained and of the trained critic can
 be read side by side.
 
 Command line::
 
-    python -m esper_lib.notebook_runner [--quick] [--only RUN ...] [--out-root DIR]
-                                        [-p NAME VALUE ...] [-f params.yaml] [--list]
+    python -m esper_lib.notebooks.runner [--quick] [--only RUN ...] [--out-root DIR]
+                                         [-p NAME VALUE ...] [-f params.yaml] [--list]
 
 - ``--only`` picks runs of the plan by name (``--list`` prints them).
 - ``-p NAME VALUE`` sets a parameter; the value is read as a Python or YAML literal
@@ -23,7 +23,7 @@ Command line::
   All of this is checked before the first notebook starts: papermill itself only warns.
 
 Kernels started by the runner get ``ESPER_HEADLESS=1`` (text progress bars, see
-``esper_lib.notebook_helpers``) and matplotlib's inline backend, so figures appear in the executed
+``esper_lib.notebooks.helpers``) and matplotlib's inline backend, so figures appear in the executed
 notebooks as well as in the PNG files the notebooks save.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # esper_lib/notebooks/runner.py -> repository
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 DEFAULT_OUT_ROOT = REPO_ROOT / "artefacts"
 KERNEL_NAME = "esper-lib"
@@ -361,7 +361,7 @@ def default_kernel() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m esper_lib.notebook_runner",
+        prog="python -m esper_lib.notebooks.runner",
         description="Execute the workbook's notebooks headless (papermill) into <out-root>/<run>/.",
         epilog="runs: " + ", ".join(r.name for r in PLAN),
     )

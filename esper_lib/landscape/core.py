@@ -219,7 +219,7 @@ def record_trajectory(
 
 
 def _progress_bar(total: int, desc: str) -> Any:
-    from esper_lib.notebook_helpers import progress_bar
+    from esper_lib.progress import progress_bar
 
     return progress_bar(total=total, desc=desc, unit="step")
 

@@ -9,9 +9,9 @@ Resolved by name so a notebook parameter or a widget dropdown can pick them:
   other Gymnasium env with the Tamiyo spaces can be used by passing a factory to the explorer.
 - ``controller_factories()`` / ``make_controller(name, context)``: ``"policy"`` (samples from the
   network, ``esper_lib.ppo.PolicyController`` seeded with the env seed), ``"policy_greedy"``
-  (argmax), and the baselines ``"random"``, ``"heuristic"``, ``"wait"`` (``esper_lib.baselines``).
+  (argmax), and the baselines ``"random"``, ``"heuristic"``, ``"wait"`` (``esper_lib.evaluation.baselines``).
 
-The team's modules (``esper_lib.envs.morpho``, ``esper_lib.baselines``, ``esper_lib.ppo``) are
+The team's modules (``esper_lib.envs.morpho``, ``esper_lib.evaluation.baselines``, ``esper_lib.ppo``) are
 imported lazily, so this module imports even where one of them is missing; asking for something
 that needs a missing module raises a ValueError that says which.
 """
@@ -28,7 +28,7 @@ import gymnasium as gym
 import torch
 
 from esper_lib.checkpoint import load_checkpoint
-from esper_lib.landscape import Controller, resolve_normalizer, sweep_values
+from esper_lib.landscape.core import Controller, resolve_normalizer, sweep_values
 from esper_lib.network import FactoredRecurrentActorCritic
 from esper_lib.observation import FEATURE_BOUND, feature_names
 
@@ -94,7 +94,7 @@ def checkpoint_updates(ckpt: Any) -> int | None:
 
 def model_label(path: str | os.PathLike, updates: int | None) -> str:
     """One line naming a checkpoint for titles: trained (with its PPO updates) or untrained, and its path."""
-    from esper_lib.notebook_helpers import display_path
+    from esper_lib.notebooks.helpers import display_path
 
     shown = display_path(path)
     if updates is None:
@@ -192,7 +192,7 @@ def _policy_controller(deterministic: bool) -> ControllerFactory:
 
 
 def _baselines() -> Any:
-    return _team_module("esper_lib.baselines", "the baseline controllers")
+    return _team_module("esper_lib.evaluation.baselines", "the baseline controllers")
 
 
 def _random(ctx: ControllerContext) -> Controller:

@@ -26,7 +26,7 @@ import ipywidgets as W
 import pandas as pd
 from matplotlib.figure import Figure
 
-from esper_lib.landscape import (
+from esper_lib.landscape.core import (
     OP_NAMES,
     Trajectory,
     check_compatible,
@@ -36,7 +36,8 @@ from esper_lib.landscape import (
     recorded_range,
     sweep_values,
 )
-from esper_lib.landscape_sources import (
+from esper_lib.landscape.plots import figure_png, plot_feature_sweep, plot_op_probs, plot_q_heatmap, plot_q_trajectory, save_figure
+from esper_lib.landscape.sources import (
     ControllerContext,
     ControllerFactory,
     QUICK_ENV_KWARGS,
@@ -47,7 +48,6 @@ from esper_lib.landscape_sources import (
 )
 from esper_lib.network import FactoredRecurrentActorCritic
 from esper_lib.observation import feature_names
-from esper_lib.plots import figure_png, plot_feature_sweep, plot_op_probs, plot_q_heatmap, plot_q_trajectory, save_figure
 
 PLOT_NAMES: tuple[str, ...] = ("q_trajectory", "q_heatmap", "op_probs", "feature_sweep")
 _TRAJECTORY_PLOTS = {"q_trajectory": plot_q_trajectory, "q_heatmap": plot_q_heatmap, "op_probs": plot_op_probs}

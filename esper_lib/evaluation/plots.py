@@ -2,7 +2,7 @@
 
 ``plot_paired_differences`` draws, per controller, each held-out seed's paired difference with the
 baseline as a point (a jittered strip; coloured by training seed when there are several), the mean
-difference with its bootstrap CI as an error bar (``evaluation_stats.summarize_differences``), a
+difference with its bootstrap CI as an error bar (``stats.summarize_differences``), a
 zero line, and ``n`` in the labels. It draws on the ``ax`` it is given (or a new pyplot figure)
 and returns the figure; it never calls ``plt.show``.
 """
@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from esper_lib.evaluation_stats import (
+from esper_lib.evaluation.stats import (
     AGGREGATE,
     DEFAULT_RESAMPLES,
     TRAIN_SEED,
@@ -43,7 +43,7 @@ def plot_paired_differences(
     """Per-seed differences ``metric(controller) - metric(baseline)`` with mean and bootstrap CI.
 
     :param table_or_results: evaluation rows (``evaluate_controller`` frames, concatenated) or a
-        table from ``evaluation_stats.paired_differences`` (recognised by its ``diff`` and
+        table from ``stats.paired_differences`` (recognised by its ``diff`` and
         ``baseline_value`` columns).
     :param metric, baseline: what is compared and against which controller (used for the labels
         when a differences table is given).

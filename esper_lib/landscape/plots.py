@@ -1,8 +1,8 @@
-"""Matplotlib views of the Q(s, op) landscape (frames from ``esper_lib.landscape``).
+"""Matplotlib views of the Q(s, op) landscape (frames from ``esper_lib.landscape.core``).
 
 Every function draws on the ``ax`` it is given (or on a new ``Figure`` of ``FIGSIZE`` when ``ax`` is
 None, created without pyplot so nothing accumulates in pyplot's global state) and returns the
-figure. Nothing here calls ``plt.show`` (notebooks use ``esper_lib.notebook_helpers.show_and_save``).
+figure. Nothing here calls ``plt.show`` (notebooks use ``esper_lib.notebooks.helpers.show_and_save``).
 Each op keeps one colour in every plot (``OP_COLORS``); masked (invalid) ops are drawn in grey. All
 four views share one figure size and one set of font sizes, so side by side (the explorer's grid)
 their text has the same size. ``label`` (e.g. ``LoadedModel.label``) adds a second title line that
@@ -22,7 +22,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from esper_lib.landscape import OP_NAMES, require_columns, wide
+from esper_lib.landscape.core import OP_NAMES, require_columns, wide
 
 OP_COLORS: dict[str, str] = dict(
     zip(OP_NAMES, ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd"))

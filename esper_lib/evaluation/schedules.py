@@ -38,12 +38,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from esper_lib.baselines import (
-    AlwaysWaitController,
-    RandomMaskedController,
-    evaluate_controller,
-    make_action,
-)
 from esper_lib.constants import (
     DEFAULT_NUM_SLOTS,
     AlphaSpeedAction,
@@ -54,7 +48,13 @@ from esper_lib.constants import (
     TempoAction,
 )
 from esper_lib.envs.blueprints import CNN_BLUEPRINTS
-from esper_lib.evaluation_stats import compare_controllers
+from esper_lib.evaluation.baselines import (
+    AlwaysWaitController,
+    RandomMaskedController,
+    evaluate_controller,
+    make_action,
+)
+from esper_lib.evaluation.stats import compare_controllers
 from esper_lib.observation import feature_index
 
 Seeding = tuple[int, BlueprintAction, int]  # (slot, blueprint, germinate_at)
