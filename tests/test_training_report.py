@@ -129,11 +129,18 @@ def test_plots_draw_the_data() -> None:
     assert len(fig.axes[3].lines) == len(HEAD_NAMES)  # clip fraction per head
     usage = pd.DataFrame({"update": np.arange(n), "env_steps": np.arange(n), **{op: np.full(n, 1 / 6) for op in OP_NAMES}})
     assert len(plot_op_distribution(usage).axes[0].collections) == len(OP_NAMES)
-    episodes = pd.DataFrame({"return": [1.0, 2.0], "reward_gain": [1.5, 2.5], "reward_cost": [-0.5, -0.5]})
-    fig = plot_reward_terms(episodes)
-    assert len(fig.axes[0].patches) == 4  # two terms x two episodes
+    episodes = pd.DataFrame({"return": [1.0, 2.0, 3.0, 4.0], "reward_gain": [1.5, 2.5, 3.5, 4.5], "reward_cost": [-0.5] * 4})
+    ax = plot_reward_terms(episodes, bins=2).axes[0]
+    assert [line.get_label() for line in ax.lines[:3]] == ["gain", "cost", "return"]
+    assert list(ax.lines[0].get_ydata()) == [2.0, 4.0] and list(ax.lines[2].get_ydata()) == [1.5, 3.5]  # window means
+    assert list(ax.lines[0].get_xdata()) == [1.5, 3.5]  # window centres, episodes counted from 1
+    assert len(plot_reward_terms(episodes).axes[0].lines[0].get_xdata()) == 4  # never more windows than episodes
     with pytest.raises(ValueError, match="reward_<term>"):
         plot_reward_terms(pd.DataFrame({"return": [1.0]}))
+    with pytest.raises(ValueError, match="bins"):
+        plot_reward_terms(episodes, bins=0)
+    with pytest.raises(ValueError, match="empty"):
+        plot_reward_terms(episodes.iloc[:0])
     summary = pd.DataFrame(
         {"controller": ["a", "b"], "return_mean": [1.0, 2.0], "return_ci_low": [0.5, 1.5], "return_ci_high": [1.5, 2.5]}
     )

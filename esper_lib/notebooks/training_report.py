@@ -214,27 +214,34 @@ def reward_term_columns(episodes: pd.DataFrame) -> list[str]:
     return [c for c in episodes.columns if c.startswith("reward_")]
 
 
-def plot_reward_terms(episodes: pd.DataFrame, ax: Axes | None = None, title: str = "Reward terms per training episode") -> Figure:
-    """Per-episode sums of each reward term (bars) and the episode return (line)."""
-    ax = _ax(ax)
+def plot_reward_terms(
+    episodes: pd.DataFrame, ax: Axes | None = None, bins: int = 24, title: str = "Reward terms over training"
+) -> Figure:
+    """Mean per-episode sum of each reward term, and the mean return, over ``bins`` windows of episodes.
+
+    Episodes are taken in finishing order and cut into ``bins`` consecutive windows of (nearly) equal
+    size; each line is one term's window means (the terms add up to the return line). The legend
+    sits outside the axes.
+    """
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+        raise ValueError(f"bins must be a positive int, got {bins!r}")
     terms = reward_term_columns(episodes)
     if not terms:
         raise ValueError("episodes has no reward_<term> columns: record the env with EpisodeRecorder")
-    x = np.arange(len(episodes))
-    pos = np.zeros(len(episodes))
-    neg = np.zeros(len(episodes))
+    if len(episodes) == 0:
+        raise ValueError("episodes is empty: no finished training episode to plot")
+    ax = _ax(ax, (8, 4))
+    window = np.minimum(np.arange(len(episodes)) * bins // len(episodes), bins - 1)
+    grouped = episodes.reset_index(drop=True).groupby(window)
+    x = grouped.apply(lambda g: float(g.index.to_numpy().mean()), include_groups=False).to_numpy() + 1
     for term in terms:
-        v = episodes[term].to_numpy(dtype=float)
-        bottom = np.where(v >= 0, pos, neg)
-        ax.bar(x, v, bottom=bottom, label=term.removeprefix("reward_"))
-        pos += np.clip(v, 0, None)
-        neg += np.clip(v, None, 0)
-    ax.plot(x, episodes["return"], color="black", marker=".", label="return")
+        ax.plot(x, grouped[term].mean().to_numpy(), marker=".", label=term.removeprefix("reward_"))
+    ax.plot(x, grouped["return"].mean().to_numpy(), color="black", lw=2, marker="o", ms=3, label="return")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xlabel("episode (in finishing order)")
+    ax.set_xlabel(f"training episode (finishing order; means over {len(episodes) / bins:.0f}-episode windows)")
     ax.set_ylabel("sum over the episode")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.figure.tight_layout()
     return ax.figure
 
