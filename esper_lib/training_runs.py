@@ -176,6 +176,12 @@ def greedy_controller(checkpoint: str | Path) -> PolicyController:
     return PolicyController(policy, normalizer, deterministic=True)
 
 
+def sampling_controller(checkpoint: str | Path, seed: int) -> PolicyController:
+    """The saved policy sampling its actions (the policy PPO optimises), from a generator seeded with ``seed``."""
+    policy, normalizer, _ = load_trained(checkpoint)
+    return PolicyController(policy, normalizer, deterministic=False, seed=seed)
+
+
 def evaluate_runs(
     runs: Iterable[TrainingRun],
     baselines: Mapping[str, Any],
@@ -183,9 +189,15 @@ def evaluate_runs(
     heldout_seeds: Sequence[int],
     *,
     label: str = "ppo",
+    sampled_label: str | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Greedy policy of every run and every baseline controller on the same held-out env seeds.
+
+    ``sampled_label``: when set, every run's policy also plays the seeds *sampling* its actions (the
+    stochastic policy PPO optimises; generator seeded with the training seed), under that
+    controller name. Greedy and sampled readouts can differ a lot: argmax per head never germinates
+    where p(GERMINATE) stays below p(WAIT), while sampling does.
 
     Columns: those of ``evaluate_controller`` (``ops`` is the episode's op sequence: a greedy policy
     that plays one sequence on every seed runs a fixed schedule, one that varies reacts to the
@@ -194,12 +206,18 @@ def evaluate_runs(
     seeds = [int(s) for s in heldout_seeds]
     if not seeds:
         raise ValueError("heldout_seeds must not be empty")
+    if sampled_label is not None and (not isinstance(sampled_label, str) or sampled_label in (label, *baselines)):
+        raise ValueError(f"sampled_label must be a new controller name (not {label!r} or a baseline's), got {sampled_label!r}")
     env_fn = partial(MorphoEnv, **env_kwargs)
     frames = []
     for run in runs:
-        df = evaluate_controller(greedy_controller(run.checkpoint), env_fn, seeds, name=label, progress=progress)
-        df["train_seed"] = run.train_seed
-        frames.append(df)
+        readouts = [(label, greedy_controller(run.checkpoint))]
+        if sampled_label is not None:
+            readouts.append((sampled_label, sampling_controller(run.checkpoint, seed=int(run.train_seed))))
+        for name, controller in readouts:
+            df = evaluate_controller(controller, env_fn, seeds, name=name, progress=progress)
+            df["train_seed"] = run.train_seed
+            frames.append(df)
     for name, controller in baselines.items():
         df = evaluate_controller(controller, env_fn, seeds, name=name, progress=progress)
         df["train_seed"] = np.nan
@@ -255,6 +273,7 @@ def describe_outcome(
     wait: str = "always_wait",
     random: str = "random_masked",
     best: str = "best_schedule",
+    sampled: str | None = "ppo_sampled",
     metric: str = "return",
     calibration: pd.DataFrame | None = None,
     **compare_kwargs: Any,
@@ -264,7 +283,8 @@ def describe_outcome(
     The policy is compared with always-WAIT and with random, paired by held-out seed, per training
     seed and aggregated (stratified bootstrap); the share of the headroom is
     (policy - WAIT) / (best schedule - WAIT) on the mean ``metric``; whether the greedy policy
-    reacts is the number of distinct op sequences over the held-out seeds; ``calibration``
+    reacts is the number of distinct op sequences over the held-out seeds; a ``sampled`` controller
+    (``evaluate_runs(sampled_label=...)``), when present, gets its own line against WAIT; ``calibration``
     (``calibration_summary``) adds the critic's V(s0) against the measured return.
     """
     from esper_lib.evaluation.stats import compare_controllers
@@ -289,6 +309,11 @@ def describe_outcome(
         lines.append(f"Headroom (best fixed schedule - WAIT): {room:+.3f}; the policy captures **{share:.0%}** of it "
                      f"(target: at least 50%)." if np.isfinite(share) else
                      f"Headroom (best fixed schedule - WAIT) is {room:+.3f}: no positive headroom to share.")
+    if sampled is not None and sampled in set(results["controller"]):
+        sampled_seeds = sorted(results.loc[results["controller"] == sampled, "train_seed"].dropna().unique())
+        lines.append(f"The same policies **sampling** their actions (the stochastic policy PPO optimises; greedy is argmax per head): "
+                     f"{_ci(_diff(vs_wait, sampled))} vs {wait} aggregated; "
+                     + "; ".join(f"seed {int(s)}: {_ci(_diff(vs_wait, sampled, int(s)))}" for s in sampled_seeds) + ".")
     distinct = distinct_op_sequences(results)
     d = distinct[distinct["controller"] == policy]
     lines.append("Greedy op sequences over the held-out seeds: "

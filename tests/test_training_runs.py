@@ -8,6 +8,7 @@ from esper_lib.ppo import PPOConfig
 from esper_lib.training_runs import (
     LiveMetrics,
     calibration_summary,
+    describe_outcome,
     distinct_op_sequences,
     evaluate_runs,
     train_morpho_policy,
@@ -51,6 +52,19 @@ def test_evaluation_pairs_ppo_and_baselines_on_the_same_seeds(run):
         evaluate_runs([run], {}, ENV, [], progress=False)
 
 
+def test_evaluation_can_add_the_sampled_policy(run):
+    kwargs = dict(sampled_label="ppo_sampled", progress=False)
+    res = evaluate_runs([run], {"wait": AlwaysWaitController()}, ENV, [100, 101, 102], **kwargs)
+    assert sorted(res.controller.unique()) == ["ppo", "ppo_sampled", "wait"]
+    sampled = res[res.controller == "ppo_sampled"]
+    assert sampled.seed.tolist() == [100, 101, 102] and (sampled.train_seed == 5).all()
+    again = evaluate_runs([run], {}, ENV, [100, 101, 102], **kwargs)
+    assert again[again.controller == "ppo_sampled"]["ops"].tolist() == sampled["ops"].tolist()  # seeded: reproducible
+    for bad in ("ppo", "wait"):
+        with pytest.raises(ValueError, match="sampled_label"):
+            evaluate_runs([run], {"wait": AlwaysWaitController()}, ENV, [100], sampled_label=bad, progress=False)
+
+
 def test_calibration_summary_and_live_metrics(run, tmp_path):
     s = calibration_summary([run], last_updates=1)
     assert len(s) == 1 and s.episodes.iloc[0] == 4
@@ -79,3 +93,29 @@ def test_tensorboard_logging_is_an_optional_extra(tmp_path):
         return
     train_morpho_policy(PPOConfig(**CFG), ENV, tmp_path, vector_env="sync", tensorboard=True, progress=False)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _synthetic_results() -> pd.DataFrame:
+    """Two training seeds x 6 held-out seeds; PPO = WAIT + 0.1 (seed 0) / + 0.2 (seed 1), sampled = WAIT - 0.05."""
+    rows = []
+    for seed in range(6):
+        wait = 1.0 + 0.01 * seed
+        rows += [{"controller": "always_wait", "train_seed": np.nan, "seed": seed, "return": wait, "ops": "0,0"},
+                 {"controller": "random_masked", "train_seed": np.nan, "seed": seed, "return": wait - 0.3, "ops": f"{seed},1"},
+                 {"controller": "best_schedule", "train_seed": np.nan, "seed": seed, "return": wait + 0.3, "ops": "1,5"}]
+        for train_seed, gain in ((0, 0.1), (1, 0.2)):
+            rows.append({"controller": "ppo", "train_seed": train_seed, "seed": seed, "return": wait + gain, "ops": "1,5"})
+            rows.append({"controller": "ppo_sampled", "train_seed": train_seed, "seed": seed, "return": wait - 0.05, "ops": "1,0"})
+    return pd.DataFrame(rows)
+
+
+def test_describe_outcome_states_winner_share_and_readouts():
+    text = describe_outcome(_synthetic_results(), n_resamples=200)
+    assert "seed 0: +0.100 (95% CI [+0.100, +0.100])" in text and "seed 1: +0.200" in text
+    assert "+0.150" in text and "**beats** always-WAIT" in text  # aggregate of the two training seeds
+    assert "Against the random masked policy: +0.450" in text
+    assert "captures **50%**" in text  # (0.15) / (0.30)
+    assert "**sampling**" in text and "-0.050" in text
+    assert "seed 0: 1 distinct of 6" in text
+    no_sampled = describe_outcome(_synthetic_results().query("controller != 'ppo_sampled'"), n_resamples=200)
+    assert "sampling" not in no_sampled
