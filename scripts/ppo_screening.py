@@ -47,15 +47,37 @@ def _assignment(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"{key}: value {value!r} is not JSON ({err})") from err
 
 
+def write_report(results: Path, report: Path) -> None:
+    """A markdown table of the screening runs in ``results`` (one row per lever and training seed)."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{results} holds no screening run")
+    lines = ["| lever | overrides | training seed | env steps | train s | training return first / last 20% "
+             "| greedy - WAIT | sampled - WAIT (SE) | greedy ops, first held-out seed |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | `{json.dumps(r['overrides'])}` | {r['train_seed']} | {r['env_steps']:,} | {r['train_s']} "
+                     f"| {r['train_return_first20pct']:.3f} / {r['train_return_last20pct']:.3f} | {r['greedy_vs_wait']:+.3f} "
+                     f"| {r['sampled_vs_wait']:+.3f} ({r['sampled_vs_wait_se']:.3f}) | `{r['greedy_ops_first_seed']}` |")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines) + "\n")
+    print(f"wrote {report} ({len(rows)} runs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--name", required=True, help="label of the lever (folder and JSON line)")
+    parser.add_argument("--name", help="label of the lever (folder and JSON line)")
     parser.add_argument("--train-seed", type=int, default=0)
     parser.add_argument("--set", type=_assignment, action="append", default=[], metavar="FIELD=JSON", help="PPOConfig override")
     parser.add_argument("--env", type=_assignment, action="append", default=[], metavar="ARG=JSON", help="MorphoEnv override")
     parser.add_argument("--out", type=Path, default=Path("artefacts/ppo_screening/results.jsonl"))
+    parser.add_argument("--report", type=Path, metavar="MARKDOWN", help="only write a table of the runs in --out to this file")
     args = parser.parse_args()
+    if args.report is not None:
+        write_report(args.out, args.report)
+        return
 
+    if not args.name:
+        parser.error("--name is required to train (or pass --report)")
     config = PPOConfig(**{**BASE_CONFIG, **dict(args.set)})
     env_kwargs = {**BASE_ENV, **dict(args.env)}
     run_dir = args.out.parent / args.name / f"seed_{args.train_seed}"
@@ -70,7 +92,8 @@ def main() -> None:
     episodes, n = run.episodes, len(run.episodes)
     sampled_diff = sampled["return"].to_numpy() - wait
     row = {
-        "name": args.name, "train_seed": args.train_seed, "config": config.to_dict(), "env": env_kwargs,
+        "name": args.name, "train_seed": args.train_seed, "overrides": {**dict(args.set), **{f"env.{k}": v for k, v in args.env}},
+        "config": config.to_dict(), "env": env_kwargs,
         "train_s": round(train_seconds), "env_steps": int(run.metrics.env_steps.max()),
         "train_return_first20pct": round(float(episodes["return"].iloc[: n // 5].mean()), 4),
         "train_return_last20pct": round(float(episodes["return"].iloc[n - n // 5:].mean()), 4),
