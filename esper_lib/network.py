@@ -17,6 +17,7 @@ log-prob and entropy are exactly 0.
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 from typing import NamedTuple
 
 import torch
@@ -39,7 +40,7 @@ from esper_lib.constants import (
     state_dim_for,
 )
 from esper_lib.finite import check_finite
-from esper_lib.masking import MaskedCategorical, canonicalise_actions, canonicalise_mask, masked_log_softmax
+from esper_lib.masking import MaskedCategorical, canonicalise_actions, canonicalise_mask
 
 Hidden = tuple[torch.Tensor, torch.Tensor]
 
@@ -52,7 +53,9 @@ STEP_LOOP_SEGMENT_RATIO = 4
 PLAN_HEAD_ATTRS: frozenset[str] = frozenset(f"{name}_head" for name in HEAD_NAMES)
 
 # [NUM_OPS] bool: ops whose step uses the slot head (every op but WAIT).
-_SLOT_RELEVANT = RELEVANCE_TABLE[:, HEAD_NAMES.index("slot")]
+_SLOT = HEAD_NAMES.index("slot")
+_SLOT_RELEVANT = RELEVANCE_TABLE[:, _SLOT]
+_BLUEPRINT = HEAD_NAMES.index("blueprint")
 
 
 class ForwardOutput(NamedTuple):
@@ -100,8 +103,8 @@ class _FastWeights(NamedTuple):
     ``K`` = the largest head size.
     """
 
-    sources: tuple[torch.Tensor, ...]  # the parameters it was built from (checked by identity)
-    stamps: tuple  # (optimizer steps so far, then each source's (_version, data_ptr)) when built
+    stamps: tuple  # (optimizer steps so far, then the ids, _versions and data_ptrs of the sources) when built
+    sources: tuple[torch.Tensor, ...]  # the parameters it was built from (kept alive, so their ids stay theirs)
     feature_wt: torch.Tensor  # [in_dim, F] feature_net[0].weight.T
     lstm_wt: torch.Tensor  # [F + H, 4H] [W_ih, W_hh].T, gate columns reordered (i, f, o, g)
     lstm_b: torch.Tensor  # [4H] b_ih + b_hh, same order
@@ -111,14 +114,25 @@ class _FastWeights(NamedTuple):
     last_w: torch.Tensor  # [8, hh, K] last layers transposed, zero-padded to K columns, HEAD_NAMES order
     last_b: torch.Tensor  # [8, 1, K]
     value_op_w: torch.Tensor  # [NUM_OPS, hh] the critic first layer's one-hot columns, transposed
-    pad_index: torch.Tensor  # [8 * K] int64: column of cat(masks in HEAD_NAMES order, False) for each padded slot
+    pad_index: torch.Tensor  # [8 * K] int64: column of cat(per-head [B, k] in HEAD_NAMES order, one more) for each padded slot
+    canon_index: torch.Tensor  # [NUM_OPS, 8 * K + S] int64 (S = sum of head sizes): for each op, the column of
+    #   cat(masks in HEAD_NAMES order, False, True) that each canonicalised mask entry reads: the head's own column
+    #   where the head counts for the op, else True at its placeholder action and False elsewhere; first the
+    #   padded [8, K] layout (padding reads False), then the S entries unpadded (the masks get_action returns)
     valid_pad: torch.Tensor  # [8, K] bool: the slot is one of the head's actions
-    placeholder: torch.Tensor  # [8, K] bool: one-hot of each head's canonical action (op row: all of valid_pad)
-    relevance: torch.Tensor  # [NUM_OPS, 8] bool RELEVANCE_TABLE on the device
-    invalid: torch.Tensor  # [1, 1] False (the column padded slots read their mask from)
     live: dict[str, torch.Tensor]  # parameters used as they are (not copied): always current
     eps: tuple[float, float]  # LayerNorm eps of feature_net and lstm_norm
+    sizes: tuple[int, ...]  # head sizes, HEAD_NAMES order
+    mask_split: tuple[int, ...]  # (8 * K, k0, k1, ...): a row of the canon_index gather split into its parts
+    slot_relevant: torch.Tensor  # [NUM_OPS] bool: ops that use the slot head
+    value_w2: torch.Tensor  # [hh] the critic's last weight as a vector (shares the live parameter's storage)
+    null_index: int  # the embedding row of an empty slot (blueprint index -1)
+    embedding_shifted: torch.Tensor  # [NUM_BLUEPRINTS + 1, E] the embedding table, null row first: row = blueprint index + 1
+    neg_inf: torch.Tensor  # 0-d -inf of the weights' dtype and device (no Python scalar wrapped per call)
+    batches: dict  # batch size -> _BatchPlan, filled on first use (see _batch_plan)
 
+
+_VERSION = attrgetter("_version")
 
 # Fused optimizers (``Adam(fused=True)``, the trainer's choice on the CPU) update parameters without
 # bumping their version counters, so the fused copy of the weights also keys on the number of
@@ -135,6 +149,106 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 # get_action's fused path steps the LSTM with one transposed-layout matmul from this batch size up;
 # below it torch.lstm_cell is as fast (measured on 2 CPU cores: B=1 0.34 vs 0.42 ms, B=8 0.95 vs 0.48 ms).
 FUSED_CELL_MIN_BATCH = 4
+
+# get_action's fused path multiplies by MKL-packed copies (cblas_sgemm_pack, through torch.ops.mkl) of its
+# two large weights, the LSTM cell's and the heads' first layers (13.6 of the 14.5 MB read per step), for
+# a batch size called MKL_PACK_AFTER_CALLS times since the weights last changed: ~15% faster than the
+# transposed copies at B = 2..256 on 1 CPU thread (measured on a loaded 2-core machine, B=8: LSTM 432 vs
+# 496 us, first layer 297 vs 364 us), same results to float rounding (checked when packing). A packed copy
+# is specific to its batch size (MKL allocates ~33 MB for both at the default size), so at most
+# MKL_PACKED_MAX_BATCH_SIZES are packed: the collector's batch, not the bootstrap's occasional ones.
+# float32 on the CPU only; MKL_PACKED_MAX_BATCH_SIZES = 0 switches packing off.
+MKL_PACKED_MAX_BATCH_SIZES = 2
+MKL_PACKED_MIN_BATCH = 2
+MKL_PACK_AFTER_CALLS = 16
+# Per-batch-size plans kept with the fused weights (small index tensors; the packed copies are counted
+# above), for batch sizes up to _PLAN_MAX_BATCH; a larger batch gets a plan per call (draws head by head).
+_BATCH_PLANS_MAX = 16
+_PLAN_MAX_BATCH = 1024
+
+
+class _BatchPlan:
+    """What the fused step keeps for one batch size B (built on its first call, dropped with the fused weights).
+
+    ``arange``: ``[B]``. ``n_draws``: ``B * sum(head sizes)``. ``race_index``: ``[B, 8, K]`` int64, for each
+    padded slot its position in one flat ``exponential_`` draw of every head (HEAD_NAMES order, ``[B, k]``
+    row-major each) followed by a 1, and ``op_race_index`` ``[B, n_ops]`` the op head's (``torch.take``
+    indices); None where one draw does not reproduce the per-head draws (the step then draws head by
+    head). ``row_offsets``: ``[B, 8]`` the flat offset of each (row, head) in ``[B, 8, K]``. ``all_valid``: a read-only all-True ``[B, k]`` per head
+    (stands for an absent mask). ``false_true``: ``[B, 2]`` (False, True), the columns that padding and
+    canonicalised heads read (``canon_index``); ``all_valid_source``: the gather source when no mask is given.
+    ``mask_shapes``: the shape of each mask key at B. ``packed``: MKL-packed (LSTM, its ``[out, in]``
+    view, first layer, its view) for B, or None. ``calls``: calls counted, up to MKL_PACK_AFTER_CALLS.
+    """
+
+    __slots__ = ("arange", "n_draws", "race_index", "op_race_index", "row_offsets", "all_valid", "false_true", "all_valid_source", "mask_shapes", "packed", "calls")
+
+    def __init__(self, batch: int, sizes: tuple[int, ...], num_slots: int, dtype: torch.dtype, device: torch.device, one_draw: bool = True):
+        n_heads, K = len(sizes), max(sizes)
+        self.arange = torch.arange(batch, device=device)
+        self.n_draws = batch * sum(sizes)
+        self.race_index: torch.Tensor | None = None
+        self.op_race_index: torch.Tensor | None = None
+        if one_draw and _one_draw_matches_per_head(batch, sizes, dtype, device):
+            index = torch.full((batch, n_heads, K), self.n_draws, dtype=torch.int64)
+            offset = 0
+            for i, k in enumerate(sizes):
+                index[:, i, :k] = torch.arange(offset, offset + batch * k).view(batch, k)
+                offset += batch * k
+            self.race_index = index.to(device)
+            self.op_race_index = torch.arange(batch * sizes[0], device=device).view(batch, sizes[0])
+        self.row_offsets = torch.arange(batch * n_heads, device=device).view(batch, n_heads) * K  # [B, 8]: (b, head) -> row start in [B, 8, K]
+        # contiguous (not expanded): torch.cat takes its fast path when every input is
+        self.all_valid = tuple(torch.ones(batch, k, dtype=torch.bool, device=device) for k in sizes)
+        self.false_true = torch.tensor([[False, True]], device=device).repeat(batch, 1)
+        self.all_valid_source = torch.cat([*self.all_valid, self.false_true], dim=-1)  # the source when no mask is given
+        self.mask_shapes = {name: (batch, k) for name, k in zip(HEAD_NAMES, sizes)}
+        self.mask_shapes["slot_by_op"] = (batch, NUM_OPS, num_slots)
+        self.packed: tuple[torch.Tensor, ...] | None = None
+        self.calls = 0
+
+
+def _one_draw_matches_per_head(batch: int, sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether one ``exponential_`` over ``batch * sum(sizes)`` values (then a 1 left as it is) gives exactly the
+    values and the generator state of one ``exponential_`` per head (``[batch, k]`` each, in order).
+
+    True with the CPU generator of the tested torch (one draw per value, in order); checked once per
+    batch size with a scratch generator, so a torch whose CPU kernel draws in blocks falls back to per-head draws.
+    """
+    if device.type != "cpu":
+        return False
+    total = batch * sum(sizes)
+    g1, g2 = torch.Generator(device).manual_seed(20240607), torch.Generator(device).manual_seed(20240607)
+    per_head = torch.cat([torch.empty(batch, k, dtype=dtype, device=device).exponential_(generator=g1).flatten() for k in sizes])
+    one = torch.ones(total + 1, dtype=dtype, device=device)
+    one.narrow(0, 0, total).exponential_(generator=g2)
+    return torch.equal(per_head, one[:total]) and float(one[total]) == 1.0 and torch.equal(g1.get_state(), g2.get_state())
+
+
+def _mkl_linear_unavailable(*args: object) -> torch.Tensor:
+    raise RuntimeError("torch.ops.mkl._mkl_linear is not available in this torch build")
+
+
+try:
+    _MKL_LINEAR = torch.ops.mkl._mkl_linear  # used only with weights that _mkl_pack produced (and checked)
+except (AttributeError, RuntimeError):
+    _MKL_LINEAR = _mkl_linear_unavailable
+
+
+def _mkl_pack(weight_t: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """An MKL-packed copy of ``weight_t`` (``[in, out]``, the fused layout) for ``x [batch, in] @ weight_t``,
+    or None where MKL packing is unavailable or does not reproduce ``torch.mm`` (checked on a random input)."""
+    if weight_t.device.type != "cpu" or weight_t.dtype != torch.float32 or not torch.backends.mkl.is_available():
+        return None
+    weight = weight_t.t().contiguous()  # [out, in], what the packing reads
+    try:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, batch)
+        x = torch.randn(batch, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        out = torch.ops.mkl._mkl_linear(x, packed, weight_t.t(), None, batch)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+    ref = x @ weight_t
+    return packed if torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max().clamp(min=1.0))) else None
 
 
 class BlueprintEmbedding(nn.Module):
@@ -187,9 +301,11 @@ class FactoredRecurrentActorCritic(nn.Module):
             set False on hot paths once the pipeline is trusted.
         fused_heads: ``get_action`` runs the fused single-step path (``_fast_step``: one matmul for
             the LSTM cell, one for the first layers of all heads and the critic, one batched matmul
-            for the heads' last layers, all heads masked and sampled as one padded tensor). False
-            runs the plain per-head path; both give the same results to float tolerance (tested),
-            the same random draws, and are interchangeable on the same instance (attribute).
+            for the heads' last layers, all heads masked and sampled as one padded tensor, the random
+            draws of all heads made at once; on the CPU in float32, MKL-packed weights for the batch
+            size in use, see MKL_PACK_AFTER_CALLS). False runs the plain per-head path; both give the
+            same results to float tolerance (tested), the same random draws, and are interchangeable
+            on the same instance (attribute). Both validate their inputs alike (``validate_inputs``).
 
     The policy heads live in ``heads`` (a ModuleDict, head name -> module); the plan's names
     ``op_head``, ``slot_head``, ``blueprint_head``, ... are the same modules. ``value_head`` is the critic.
@@ -229,7 +345,7 @@ class FactoredRecurrentActorCritic(nn.Module):
         self.fused_heads = fused_heads
         self.head_sizes = head_sizes(num_slots)
         self._fast_cache: _FastWeights | None = None  # built by _fast_weights(), never saved
-        self._fast_seen: tuple = ((), None)  # (modules, plan) of _fast_sources
+        self._fast_seen: tuple | None = None  # (module dicts, their contents, where the sources are) of _fast_sources
 
         self.blueprint_embedding = BlueprintEmbedding()
         in_dim = state_dim + num_slots * BLUEPRINT_EMBED_DIM
@@ -256,7 +372,7 @@ class FactoredRecurrentActorCritic(nn.Module):
     def __getstate__(self) -> dict:
         """Pickling and ``copy.deepcopy`` leave the fused copy of the weights behind (rebuilt on first use)."""
         state = self.__dict__.copy()
-        state["_fast_cache"], state["_fast_seen"] = None, ((), None)
+        state["_fast_cache"], state["_fast_seen"] = None, None
         return state
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -314,16 +430,19 @@ class FactoredRecurrentActorCritic(nn.Module):
 
     # --- get_action's fused layout ------------------------------------------------------------
 
-    def _fast_modules(self) -> tuple[nn.Module, ...]:
-        """The modules the fused path reads (found through the module dicts: cheap enough for every call)."""
+    def _fast_containers(self) -> tuple[dict, ...]:
+        """The ``_modules`` dicts whose contents make up the modules the fused path reads: the network's own,
+        ``feature_net``'s, ``heads`` and each head's, ``value_head``'s and ``blueprint_embedding``'s."""
         mods = self._modules
-        found: list[nn.Module] = [*mods["feature_net"]._modules.values(), mods["lstm"], mods["lstm_norm"], mods["blueprint_embedding"]]
-        found.extend(mods["value_head"]._modules.values())
         heads = mods["heads"]._modules
-        for name in HEAD_NAMES:
-            found.append(heads[name])
-            found.extend(heads[name]._modules.values())
-        return tuple(found)
+        return (
+            mods,
+            mods["feature_net"]._modules,
+            heads,
+            *(heads[name]._modules for name in HEAD_NAMES),
+            mods["value_head"]._modules,
+            mods["blueprint_embedding"]._modules,
+        )
 
     def _fast_plan(self) -> tuple[tuple[nn.Module, str], ...] | None:
         """(module, parameter name) of every parameter the fused path copies, in a fixed order; None when a
@@ -348,12 +467,15 @@ class FactoredRecurrentActorCritic(nn.Module):
         return tuple(plan)
 
     def _fast_sources(self) -> tuple[torch.Tensor, ...] | None:
-        """The parameters the fused path copies (the plan is recomputed only when a module was replaced)."""
-        modules = self._fast_modules()
-        if modules != self._fast_seen[0]:  # identity comparison of the module objects
-            self._fast_seen = (modules, self._fast_plan())
-        plan = self._fast_seen[1]
-        return None if plan is None else tuple(m._parameters[n] for m, n in plan)
+        """The parameters the fused path copies (the plan is recomputed only when a module was added, replaced
+        or removed: the modules in ``_fast_containers`` are compared by identity with those of the last call)."""
+        seen = self._fast_seen
+        if seen is None or tuple(map(tuple, map(dict.values, seen[0]))) != seen[1]:
+            containers = self._fast_containers()
+            plan = self._fast_plan()
+            where = None if plan is None else (tuple(m._parameters for m, _ in plan), tuple(n for _, n in plan))
+            seen = self._fast_seen = (containers, tuple(map(tuple, map(dict.values, containers))), where)
+        return None if seen[2] is None else tuple(map(dict.__getitem__, *seen[2]))
 
     def _fast_weights(self) -> _FastWeights | None:
         """The cached fused layout, rebuilt when a source parameter was replaced, changed in place
@@ -365,9 +487,12 @@ class FactoredRecurrentActorCritic(nn.Module):
         sources = self._fast_sources()
         if sources is None:
             return None
-        stamps = (_OPTIMIZER_STEPS[0], *((p._version, p.data_ptr()) for p in sources))
+        try:
+            stamps = (_OPTIMIZER_STEPS[0], tuple(map(id, sources)), tuple(map(_VERSION, sources)), tuple(map(torch.Tensor.data_ptr, sources)))
+        except (AttributeError, TypeError):  # a planned parameter is None (e.g. a bias removed): the plain path
+            return None
         cache = self._fast_cache
-        if cache is not None and cache.stamps == stamps and all(a is b for a, b in zip(cache.sources, sources)):
+        if cache is not None and cache.stamps == stamps:  # ids stay valid: the cache holds the sources
             return cache
         with torch.no_grad():
             cache = self._build_fast_weights(sources, stamps)
@@ -383,6 +508,7 @@ class FactoredRecurrentActorCritic(nn.Module):
         ref = self.lstm_norm.weight
         device = ref.device
         lstm = self.lstm
+        embedding, null = self.blueprint_embedding.embedding.weight.detach(), self.blueprint_embedding.null_index
         gates = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)]).to(device)
         lstm_wt = torch.cat([lstm.weight_ih_l0, lstm.weight_hh_l0], dim=1)[gates].t().contiguous()
         lstm_b = (lstm.bias_ih_l0 + lstm.bias_hh_l0)[gates]
@@ -397,18 +523,22 @@ class FactoredRecurrentActorCritic(nn.Module):
         last_w = ref.new_zeros(len(HEAD_NAMES), hh, K)
         last_b = ref.new_zeros(len(HEAD_NAMES), 1, K)
         valid_pad = torch.zeros(len(HEAD_NAMES), K, dtype=torch.bool, device=device)
-        placeholder = torch.zeros_like(valid_pad)
-        pad_index = torch.full((len(HEAD_NAMES), K), sum(sizes), dtype=torch.int64)  # default: the False column
+        total = sum(sizes)
+        pad_index = torch.full((len(HEAD_NAMES), K), total, dtype=torch.int64)  # padding: the column after the heads'
+        canon_index = torch.full((NUM_OPS, len(HEAD_NAMES), K), total, dtype=torch.int64)  # default: the False column
         offset = 0
         for i, (name, k) in enumerate(zip(HEAD_NAMES, sizes)):
             layer = self.heads[name][-1]
             last_w[i, :, :k] = layer.weight.t()
             last_b[i, 0, :k] = layer.bias
             valid_pad[i, :k] = True
-            placeholder[i, CANONICAL_ACTION[name]] = True
             pad_index[i, :k] = torch.arange(offset, offset + k)
+            for op in range(NUM_OPS):
+                if i == 0 or bool(RELEVANCE_TABLE[op, i]):
+                    canon_index[op, i, :k] = pad_index[i, :k]
+                else:
+                    canon_index[op, i, CANONICAL_ACTION[name]] = total + 1  # the True column
             offset += k
-        placeholder[0] = valid_pad[0]
         return _FastWeights(
             sources=sources,
             stamps=stamps,
@@ -422,10 +552,8 @@ class FactoredRecurrentActorCritic(nn.Module):
             last_b=last_b,
             value_op_w=value_w[:, H:].t().contiguous(),
             pad_index=pad_index.flatten().to(device),
+            canon_index=torch.cat([canon_index.flatten(1), canon_index.flatten(1)[:, valid_pad.flatten().cpu()]], dim=1).to(device),
             valid_pad=valid_pad,
-            placeholder=placeholder,
-            relevance=RELEVANCE_TABLE.to(device),
-            invalid=torch.zeros(1, 1, dtype=torch.bool, device=device),
             live={
                 "feature_b": self.feature_net[0].bias,
                 "feature_ln_w": self.feature_net[1].weight,
@@ -442,7 +570,117 @@ class FactoredRecurrentActorCritic(nn.Module):
                 "b_hh": lstm.bias_hh_l0,
             },
             eps=(self.feature_net[1].eps, self.lstm_norm.eps),
+            sizes=tuple(sizes),
+            mask_split=(len(HEAD_NAMES) * K, *sizes),
+            slot_relevant=_SLOT_RELEVANT.to(device),
+            value_w2=self.value_head[2].weight.detach().view(-1),
+            null_index=self.blueprint_embedding.null_index,
+            embedding_shifted=torch.cat([embedding[null : null + 1], embedding[:null]]),
+            neg_inf=ref.new_tensor(-math.inf),
+            batches={},
         )
+
+    def _batch_plan(self, fast: _FastWeights, batch: int, device: torch.device) -> _BatchPlan:
+        """The fused step's plan for ``batch`` (made on first use); packs the large weights for it on its
+        MKL_PACK_AFTER_CALLS-th call while fewer than MKL_PACKED_MAX_BATCH_SIZES batch sizes are packed."""
+        plans = fast.batches
+        plan = plans.get(batch)
+        if plan is not None and plan.calls >= MKL_PACK_AFTER_CALLS:
+            return plan
+        if plan is None:
+            if batch > _PLAN_MAX_BATCH:  # not kept: no probe, no packing
+                plan = _BatchPlan(batch, fast.sizes, self.num_slots, fast.lstm_b.dtype, device, one_draw=False)
+                plan.calls = MKL_PACK_AFTER_CALLS
+                return plan
+            plan = _BatchPlan(batch, fast.sizes, self.num_slots, fast.lstm_b.dtype, device)
+            if len(plans) >= _BATCH_PLANS_MAX:  # forget the oldest unpacked plan
+                del plans[next(b for b, p in list(plans.items()) if p.packed is None)]
+            plans[batch] = plan
+        plan.calls += 1
+        if (
+            plan.calls == MKL_PACK_AFTER_CALLS
+            and batch >= MKL_PACKED_MIN_BATCH
+            and sum(p.packed is not None for p in list(plans.values())) < MKL_PACKED_MAX_BATCH_SIZES
+        ):
+            lstm, first = _mkl_pack(fast.lstm_wt, batch), _mkl_pack(fast.first_wt, batch)
+            if lstm is not None and first is not None:
+                plan.packed = (lstm, fast.lstm_wt.t(), first, fast.first_wt.t())
+        return plan
+
+    def _fast_inputs(
+        self,
+        fast: _FastWeights,
+        state: object,
+        blueprint_indices: object,
+        hidden: object,
+        action_mask: object,
+    ) -> tuple | None:
+        """``(state [B, D], blueprint_indices [B, num_slots], hidden, masks, plan, slot_rows)`` for the fused step, when the
+        inputs take the common form (2-d state and indices, masks a dict of ``[B, k]`` / ``[B, NUM_OPS, num_slots]``
+        tensors, or None) and, with ``validate_inputs``, pass every check of ``_check_inputs`` and
+        ``_check_masks`` (dtypes, shapes, finite state and hidden, a valid slot for every allowed op; the
+        blueprint range too, which on the CPU the fused step's embedding lookup checks instead, raising the
+        same error), done with fewer ops: one finiteness reduction for state and hidden together.
+
+        ``slot_rows``: ``slot_by_op`` and-ed with the slot mask, ``[B, NUM_OPS, num_slots]``, when checked here
+        (the step reads the sampled op's row), else None.
+
+        None otherwise: ``get_action`` then runs the full checks, which raise their usual errors (or, for a
+        form accepted there but not here, such as ``[B, 1, k]`` masks, go on to the same fused step).
+        """
+        tensor = torch.Tensor
+        if not isinstance(state, tensor) or not isinstance(blueprint_indices, tensor) or state.dim() != 2 or blueprint_indices.dim() != 2:
+            return None
+        if action_mask is not None and type(action_mask) is not dict:
+            return None
+        B = state.shape[0]
+        if B == 0:
+            return None
+        plan = fast.batches.get(B)
+        if plan is None or plan.calls < MKL_PACK_AFTER_CALLS:
+            plan = self._batch_plan(fast, B, state.device)
+        if not self.validate_inputs:
+            if action_mask and any(not isinstance(m, tensor) or m.dim() != len(plan.mask_shapes.get(k, ())) for k, m in action_mask.items()):
+                return None  # [B, 1, k] masks: get_action squeezes them
+            return state, blueprint_indices, hidden, action_mask, plan, None
+        dtype = fast.live["lstm_ln_w"].dtype
+        if state.dtype != dtype or state.shape[1] != self.state_dim:
+            return None
+        if blueprint_indices.dtype != torch.int64 or blueprint_indices.shape != (B, self.num_slots):
+            return None
+        if hidden is not None:
+            if not isinstance(hidden, (tuple, list)) or len(hidden) != 2:
+                return None
+            h, c = hidden
+            want = (1, B, self.hidden_dim)
+            if not isinstance(h, tensor) or not isinstance(c, tensor) or h.shape != want or c.shape != want or h.dtype != dtype or c.dtype != dtype:
+                return None
+            if h.device != state.device or c.device != state.device:
+                return None
+            total = torch.cat([state, h[0], c[0]], dim=1).sum()  # one finiteness check for state and hidden
+        else:
+            total = state.sum()
+        if not math.isfinite(float(total)):  # finite iff every entry is (or finite values overflowed: the full checks decide)
+            return None
+        if not state.is_cpu:  # on the CPU the fused step's embedding lookup checks the range (IndexError)
+            lo, hi = torch.aminmax(blueprint_indices)
+            if int(lo) < -1 or int(hi) >= NUM_BLUEPRINTS:
+                return None
+        rows = None
+        if action_mask:
+            shapes = plan.mask_shapes
+            for name, m in action_mask.items():
+                if not isinstance(m, tensor) or m.dtype != torch.bool or m.shape != shapes.get(name):
+                    return None
+            by_op = action_mask.get("slot_by_op")
+            if by_op is not None:  # every allowed op that uses the slot head leaves a valid slot
+                slot = action_mask.get("slot")
+                rows = by_op if slot is None else by_op & slot.unsqueeze(1)
+                op = action_mask.get("op")
+                allowed = fast.slot_relevant if op is None else op & fast.slot_relevant
+                if not bool(rows.any(dim=-1).ge(allowed).all()):
+                    return None
+        return state, blueprint_indices, hidden, action_mask, plan, rows
 
     # --- validation ---------------------------------------------------------------------------
 
@@ -709,6 +947,11 @@ class FactoredRecurrentActorCritic(nn.Module):
         or ``[B, 1, num_slots]``; masks ``[B, k]`` (or ``[B, 1, k]``). Outputs are per step ``[B]``.
         ``deterministic`` takes the argmax of the valid logits of every head.
         """
+        fast = self._fast_weights() if self.fused_heads else None
+        if fast is not None:
+            step = self._fast_inputs(fast, state, blueprint_indices, hidden, action_mask)
+            if step is not None:  # the common case, checked
+                return self._fast_step(fast, *step, deterministic, return_q_all, generator)
         if torch.is_tensor(state) and state.dim() == 2:
             state = state.unsqueeze(1)
         if torch.is_tensor(blueprint_indices) and blueprint_indices.dim() == 2:
@@ -720,9 +963,9 @@ class FactoredRecurrentActorCritic(nn.Module):
         if self.validate_inputs:
             self._check_inputs(state, blueprint_indices, hidden)
             self._check_masks(action_mask, (state.shape[0],))
-        fast = self._fast_weights() if self.fused_heads else None
         if fast is not None:
-            return self._fast_step(fast, state[:, 0], blueprint_indices[:, 0], hidden, action_mask, deterministic, return_q_all, generator)
+            plan = self._batch_plan(fast, state.shape[0], state.device)
+            return self._fast_step(fast, state[:, 0], blueprint_indices[:, 0], hidden, action_mask, plan, None, deterministic, return_q_all, generator)
         lstm_out, new_hidden = self._trunk(state, blueprint_indices, hidden)
         lstm_out = lstm_out[:, 0]
         logits = self._head_logits(lstm_out)
@@ -753,6 +996,8 @@ class FactoredRecurrentActorCritic(nn.Module):
         blueprint_indices: torch.Tensor,
         hidden: Hidden | None,
         action_mask: dict[str, torch.Tensor] | None,
+        plan: _BatchPlan,
+        slot_rows: torch.Tensor | None,
         deterministic: bool,
         return_q_all: bool,
         generator: torch.Generator | None,
@@ -764,92 +1009,122 @@ class FactoredRecurrentActorCritic(nn.Module):
         one batched matmul for the heads' last layers into padded logits ``[B, 8, K]``. The op is
         sampled first (its mask is known); then every head's mask is completed (slot row of
         ``slot_by_op`` at the op, canonicalisation) and all heads are masked, normalised and sampled
-        at once. Random draws are those of the per-head path: one ``exponential_`` ``[B, k]`` per head
-        in HEAD_NAMES order, so with the same generator both paths sample the same actions (up to float
-        ties). Padded slots are masked like invalid actions, so they never win and add exactly 0.
+        at once. Random draws are those of the per-head path: ``exponential_`` ``[B, k]`` per head in
+        HEAD_NAMES order, made as one flat draw where that gives the same values (``plan.race_index``),
+        so with the same generator both paths sample the same actions (up to float ties). Padded slots
+        are masked like invalid actions, so they never win and add exactly 0.
         """
         B, H, hh = state.shape[0], self.hidden_dim, self.head_hidden
         n_heads, K = fast.valid_pad.shape
-        sizes = [self.head_sizes[n] for n in HEAD_NAMES]
+        sizes = fast.sizes
         if hidden is None:
             hidden = self.initial_hidden(B, state.device, state.dtype)
-        h0, c0 = hidden[0][0], hidden[1][0]
+        h_in, c_in = hidden  # [1, B, H] each
+        packed = plan.packed
 
         # trunk: features, LSTM cell, LayerNorm
         live = fast.live
-        idx = blueprint_indices.masked_fill(blueprint_indices < 0, self.blueprint_embedding.null_index)  # -1 -> null row
-        x = torch.cat([state, F.embedding(idx, live["embedding"]).flatten(1).to(state.dtype)], dim=-1)
+        if self.validate_inputs:  # indices in [-1, NUM_BLUEPRINTS - 1]: checked, or checked here by the lookup
+            try:
+                embedded = torch.embedding(fast.embedding_shifted, blueprint_indices + 1).flatten(1)  # -1 -> null row
+            except IndexError:
+                self._check_inputs(state.unsqueeze(1), blueprint_indices.unsqueeze(1), hidden)  # raises the range error
+                raise
+        else:  # as the per-head path: any negative index -> null row
+            idx = blueprint_indices.masked_fill(blueprint_indices < 0, fast.null_index)
+            embedded = torch.embedding(live["embedding"], idx).flatten(1)
+        x = torch.cat([state, embedded if embedded.dtype == state.dtype else embedded.to(state.dtype)], dim=-1)
         x = torch.addmm(live["feature_b"], x, fast.feature_wt)
-        x = F.layer_norm(x, (self.feature_dim,), live["feature_ln_w"], live["feature_ln_b"], fast.eps[0]).relu_()
-        if B >= FUSED_CELL_MIN_BATCH:
-            gates = torch.addmm(fast.lstm_b, torch.cat([x, h0], dim=-1), fast.lstm_wt)  # [B, 4H], columns (i, f, o, g)
-            i_gate, f_gate, o_gate = gates[:, : 3 * H].sigmoid().chunk(3, dim=1)
-            c = torch.addcmul(f_gate * c0, i_gate, gates[:, 3 * H :].tanh())
-            h = o_gate * c.tanh()
+        x = torch.layer_norm(x, (self.feature_dim,), live["feature_ln_w"], live["feature_ln_b"], fast.eps[0]).relu_()
+        if packed is not None or B >= FUSED_CELL_MIN_BATCH:
+            xh = torch.cat([x, h_in[0]], dim=-1)
+            if packed is not None:
+                gates = _MKL_LINEAR(xh, packed[0], packed[1], fast.lstm_b, B)  # [B, 4H], columns (i, f, o, g)
+            else:
+                gates = torch.addmm(fast.lstm_b, xh, fast.lstm_wt)
+            i_gate, f_gate, o_gate = gates[:, : 3 * H].sigmoid_().chunk(3, dim=1)  # in place: gates is ours
+            c = torch.addcmul(f_gate * c_in, i_gate, gates[:, 3 * H :].tanh_())  # [1, B, H]: c_in's leading 1
+            h = c.tanh().mul_(o_gate)  # [1, B, H]
         else:
-            h, c = torch.lstm_cell(x, (h0, c0), live["w_ih"], live["w_hh"], live["b_ih"], live["b_hh"])
-        lstm_out = F.layer_norm(h, (H,), live["lstm_ln_w"], live["lstm_ln_b"], fast.eps[1])  # [B, H]
+            h, c = torch.lstm_cell(x, (h_in[0], c_in[0]), live["w_ih"], live["w_hh"], live["b_ih"], live["b_hh"])
+            h, c = h.unsqueeze(0), c.unsqueeze(0)
+        lstm_out = torch.layer_norm(h[0], (H,), live["lstm_ln_w"], live["lstm_ln_b"], fast.eps[1])  # [B, H]
 
         # heads and critic: first layers in one matmul, last layers in one batched matmul
         n_two = (n_heads - 1) * hh  # the 7 two-layer heads' hidden units
-        pre = torch.addmm(fast.first_b, lstm_out, fast.first_wt)  # [B, 7*hh + H + hh]
-        act = pre[:, : n_two + H].relu()
-        bp_hidden = torch.addmm(live["blueprint_mid_b"], act[:, n_two:], fast.blueprint_mid_wt).relu_()  # [B, hh]
-        at = HEAD_NAMES.index("blueprint") * hh
-        head_hidden = torch.cat([act[:, :at], bp_hidden, act[:, at:n_two]], dim=-1)  # [B, 8*hh], HEAD_NAMES order
-        logits = torch.baddbmm(fast.last_b, head_hidden.view(B, n_heads, hh).transpose(0, 1), fast.last_w).transpose(0, 1)  # [B, 8, K]
+        if packed is not None:
+            pre = _MKL_LINEAR(lstm_out, packed[2], packed[3], fast.first_b, B)  # [B, 7*hh + H + hh]
+        else:
+            pre = torch.addmm(fast.first_b, lstm_out, fast.first_wt)
         q_hidden = (pre[:, n_two + H :].unsqueeze(1) + fast.value_op_w).relu_()  # [B, NUM_OPS, hh]
-        q_all = F.linear(q_hidden, live["value_w2"], live["value_b2"]).squeeze(-1)  # [B, NUM_OPS]
+        pre.relu_()  # the heads' first layers (the critic's part was read above)
+        bp_hidden = torch.addmm(live["blueprint_mid_b"], pre[:, n_two : n_two + H], fast.blueprint_mid_wt).relu_()  # [B, hh]
+        at = _BLUEPRINT * hh
+        head_hidden = torch.cat([pre[:, :at], bp_hidden, pre[:, at:n_two]], dim=-1)  # [B, 8*hh], HEAD_NAMES order
+        logits = torch.baddbmm(fast.last_b, head_hidden.view(B, n_heads, hh).transpose(0, 1), fast.last_w).transpose(0, 1)  # [B, 8, K]
+        q_flat = q_hidden.view(B * NUM_OPS, hh)  # addmv broadcasts its [1] bias to [0] rows as [1]: B = 0 without it
+        q_all = (torch.addmv(live["value_b2"], q_flat, fast.value_w2) if B else torch.mv(q_flat, fast.value_w2)).view(B, NUM_OPS)
         if self.validate_inputs and not math.isfinite(float(logits.sum())):  # padding is 0: finite
             for i, name in enumerate(HEAD_NAMES):
                 check_finite(f"{name}: logits", logits[:, i, : sizes[i]])
 
-        # masks [B, 8, K] (padding False); then the op; then each head's mask given the op
-        action_mask = action_mask or {}
-        if any(name in action_mask for name in HEAD_NAMES):
-            parts = [action_mask.get(name, fast.valid_pad[i, :k].expand(B, k)) for i, (name, k) in enumerate(zip(HEAD_NAMES, sizes))]
-            parts.append(fast.invalid.expand(B, 1))
-            mask = torch.cat(parts, dim=-1).index_select(1, fast.pad_index).view(B, n_heads, K)
-        else:
-            mask = fast.valid_pad.expand(B, n_heads, K)
+        # the op first (its mask is known); then every head's canonicalised mask given the op
+        masks = action_mask or {}
         n_ops = sizes[0]
-        op_masked, op_log_probs = masked_log_softmax(logits[:, 0, :n_ops], mask[:, 0, :n_ops])
-        op_probs = op_log_probs.exp()
-        races = None
+        op_mask = masks.get("op")
+        op_logits = torch.where(plan.all_valid[0] if op_mask is None else op_mask, logits[:, 0, :n_ops], fast.neg_inf)
+        op_probs = torch.softmax(op_logits, dim=-1)  # masked ops (-inf): exactly 0
         if deterministic:
-            op = op_masked.argmax(dim=-1)
+            op = op_logits.argmax(dim=-1)
         else:
-            races = [torch.empty(B, k, dtype=logits.dtype, device=logits.device).exponential_(generator=generator) for k in sizes]
-            op = (op_probs / races[0]).argmax(dim=-1)
-        rel = fast.relevance[op]  # [B, 8]
-        if "slot_by_op" in action_mask:
-            ns = self.num_slots
-            row = action_mask["slot_by_op"].gather(1, op.view(B, 1, 1).expand(B, 1, ns)).squeeze(1)  # [B, num_slots]
-            slot = HEAD_NAMES.index("slot")
-            mask = mask.clone() if mask.stride(0) == 0 else mask
-            mask[:, slot, :ns].logical_and_(row)
-        mask = torch.where(rel.unsqueeze(-1), mask, fast.placeholder)  # canonicalised [B, 8, K]
+            dtype, device = logits.dtype, logits.device
+            if plan.race_index is not None:  # one draw, the per-head draws' values (checked for this batch size)
+                draws = torch.ones(plan.n_draws + 1, dtype=dtype, device=device)
+                draws.narrow(0, 0, plan.n_draws).exponential_(generator=generator)
+                op_race = torch.take(draws, plan.op_race_index)  # [B, n_ops]: the op head's draws come first
+                race = torch.take(draws, plan.race_index)  # [B, 8, K], padding: 1
+            else:
+                races = [torch.empty(B, k, dtype=dtype, device=device).exponential_(generator=generator) for k in sizes]
+                op_race = races[0]
+                races.append(torch.ones(B, 1, dtype=dtype, device=device))
+                race = torch.cat(races, dim=-1).index_select(1, fast.pad_index).view(B, n_heads, K)  # padding: 1
+            op = (op_probs / op_race).argmax(dim=-1)
+        # masks [B, 8, K]: one gather from cat(masks in HEAD_NAMES order, False, True) at the op's row of
+        # canon_index (the slot mask and-ed with the op's row of slot_by_op; irrelevant heads: the placeholder)
+        if masks:
+            parts = [masks.get(name, valid) for name, valid in zip(HEAD_NAMES, plan.all_valid)]
+            if slot_rows is not None:  # slot_by_op and the slot mask, and-ed by the entry checks
+                parts[_SLOT] = slot_rows[plan.arange, op]
+            elif "slot_by_op" in masks:
+                parts[_SLOT] = parts[_SLOT] & masks["slot_by_op"][plan.arange, op]
+            parts.append(plan.false_true)
+            source = torch.cat(parts, dim=-1)
+        else:
+            source = plan.all_valid_source
+        padded, *unpadded = source.gather(1, fast.canon_index.index_select(0, op)).split_with_sizes(fast.mask_split, dim=1)
+        mask = padded.view(B, n_heads, K)
         if self.validate_inputs and not bool(mask.any(dim=-1).all()):
             for i, name in enumerate(HEAD_NAMES):
                 empty = ~mask[:, i].any(dim=-1)
                 if bool(empty.any()):
                     raise ValueError(f"{name}: mask has a row with no valid action (first at index {empty.nonzero()[0].tolist()})")
-        masked, log_probs_all = masked_log_softmax(logits, mask)  # [B, 8, K]
-        if deterministic:
-            actions = masked.argmax(dim=-1)
-        else:
-            races.append(torch.ones(B, 1, dtype=logits.dtype, device=logits.device))
-            race = torch.cat(races, dim=-1).index_select(1, fast.pad_index).view(B, n_heads, K)  # padding: 1
-            actions = (log_probs_all.exp() / race).argmax(dim=-1)  # [B, 8]
+        # log-softmax over the valid actions, normalised only where needed: rows shifted so the best valid
+        # logit is exactly 0, masked actions and padding at -inf (exp exactly 0); log_probs = shifted -
+        # log(sum(exp(shifted))) at the chosen actions; sampling reads exp(shifted) / race, whose argmax is
+        # that of probs / race (the row's sum is a positive constant). Every row has a valid action (checked above).
+        filled = torch.where(mask, logits, fast.neg_inf)
+        shifted = filled - filled.amax(dim=-1, keepdim=True)  # [B, 8, K]
+        unnormalised = shifted.exp()
+        actions = shifted.argmax(dim=-1) if deterministic else (unnormalised / race).argmax(dim=-1)  # [B, 8]
         actions[:, 0] = op
-        log_probs = log_probs_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [B, 8]
-        value = q_all.gather(1, op.unsqueeze(1)).squeeze(1)
+        log_norm = unnormalised.sum(dim=-1).log_()  # [B, 8], log of a sum >= 1
+        log_probs = torch.take(shifted, actions + plan.row_offsets).sub_(log_norm)  # [B, 8]: shifted at the actions
         return GetActionResult(
             actions=dict(zip(HEAD_NAMES, actions.unbind(1))),
             log_probs=dict(zip(HEAD_NAMES, log_probs.unbind(1))),
-            value=value,
-            hidden=(h.unsqueeze(0), c.unsqueeze(0)),
-            masks={name: m[:, :k] for name, m, k in zip(HEAD_NAMES, mask.unbind(1), sizes)},
+            value=q_all[plan.arange, op],
+            hidden=(h, c),
+            masks=dict(zip(HEAD_NAMES, unpadded)),
             sampled_op=op,
             op_probs=op_probs,
             q_all=q_all if return_q_all else None,

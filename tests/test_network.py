@@ -14,6 +14,7 @@ from esper_lib.constants import (
     LifecycleOp,
     head_sizes,
 )
+from esper_lib import network
 from esper_lib.network import (
     EvaluateOutput,
     FactoredRecurrentActorCritic,
@@ -571,6 +572,17 @@ def test_fused_weights_follow_optimizer_steps_loads_and_replaced_heads(small_net
     net.style_head = torch.nn.Linear(32, 4)
     assert net._fast_weights() is None
     _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))
+    # a layer removed from a head (no registration hook fires) is noticed too
+    net.style_head = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    assert net._fast_weights() is not None
+    del net.heads["tempo"][1]  # Linear, Linear: not the standard head
+    assert net._fast_weights() is None
+    _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))
+    # a parameter replaced in place of another (setattr) is noticed by identity
+    net.heads["tempo"] = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))
+    net.heads["tempo"][2].weight = torch.nn.Parameter(torch.randn(3, 16))
+    _assert_same_step(*_both_paths(net, state, bp, None, masks, return_q_all=True))
 
 
 def test_gradients_reach_every_head_parameter_after_fused_steps(small_net: FactoredRecurrentActorCritic) -> None:
@@ -613,3 +625,155 @@ def test_copies_and_pickles_leave_the_fused_copy_behind(small_net: FactoredRecur
         _assert_same_step(*_both_paths(clone, state, bp, None, _random_step_masks(5, seed=3), return_q_all=True))
         _assert_same_step(_both_paths(small_net, state, bp, None, _random_step_masks(5, seed=3), return_q_all=True)[1],
                           _both_paths(clone, state, bp, None, _random_step_masks(5, seed=3), return_q_all=True)[1])
+
+
+# --- get_action's fused step: MKL-packed weights, one flat random draw, the checks of its fast entry ---------
+
+
+def _call_until_packed(net: FactoredRecurrentActorCritic, batch: int) -> None:
+    """Call get_action at ``batch`` until its plan has decided on packing (MKL_PACK_AFTER_CALLS calls)."""
+    state, bp = make_inputs(batch, 1, seed=21)
+    state = state.to(net.lstm_norm.weight.dtype)
+    for _ in range(network.MKL_PACK_AFTER_CALLS):
+        net.get_action(state[:, 0], bp[:, 0], None, _random_step_masks(batch, seed=21))
+
+
+def test_fused_get_action_with_mkl_packed_weights_equals_the_per_head_path() -> None:
+    torch.manual_seed(3)
+    net = FactoredRecurrentActorCritic()  # full size, float32: the packed path's case
+    batch = 8
+    _call_until_packed(net, batch)
+    plan = net._fast_cache.batches[batch]
+    if network._mkl_pack(net._fast_cache.first_wt, batch) is None:
+        pytest.skip("MKL packed GEMM is not available in this torch build")
+    assert plan.packed is not None
+    state, bp = make_inputs(batch, 1, seed=5)
+    g = torch.Generator().manual_seed(2)
+    hidden = (torch.randn(1, batch, 512, generator=g), torch.randn(1, batch, 512, generator=g))
+    for seed in range(3):
+        _assert_same_step(*_both_paths(net, state[:, 0], bp[:, 0], hidden, _random_step_masks(batch, seed=seed), seed=seed, return_q_all=True))
+    # a weight change drops the packed copies with the rest of the fused layout; they come back after enough calls
+    with torch.no_grad():
+        net.heads["op"][0].weight.mul_(1.5)
+    _assert_same_step(*_both_paths(net, state[:, 0], bp[:, 0], hidden, _random_step_masks(batch, seed=7), return_q_all=True))
+    assert net._fast_cache.batches[batch].packed is None
+    _call_until_packed(net, batch)
+    assert net._fast_cache.batches[batch].packed is not None
+    _assert_same_step(*_both_paths(net, state[:, 0], bp[:, 0], hidden, _random_step_masks(batch, seed=8), return_q_all=True))
+
+
+def test_mkl_packing_is_bounded_and_skips_batches_below_its_minimum(small_net: FactoredRecurrentActorCritic) -> None:
+    for batch in (1, 2, 3, 4):
+        _call_until_packed(small_net, batch)
+    plans = small_net._fast_cache.batches
+    assert plans[1].packed is None  # below MKL_PACKED_MIN_BATCH
+    assert sum(p.packed is not None for p in plans.values()) <= network.MKL_PACKED_MAX_BATCH_SIZES
+    small_net.double()  # float64: never packed
+    _call_until_packed(small_net, 2)
+    assert small_net._fast_cache.batches[2].packed is None
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_one_flat_draw_and_per_head_draws_give_the_same_step(small_net: FactoredRecurrentActorCritic, monkeypatch: pytest.MonkeyPatch, deterministic: bool) -> None:
+    """The fused step's single exponential_ draw reproduces the per-head draws (checked per batch size at run time);
+    where it would not, the step draws head by head. Both give the plain path's actions."""
+    batch = 64
+    state, bp = make_inputs(batch, 1, seed=9)
+    masks = _random_step_masks(batch, seed=9)
+    one_draw = _both_paths(small_net, state, bp, None, masks, seed=4, deterministic=deterministic, return_q_all=True)
+    assert small_net._fast_cache.batches[batch].race_index is not None  # the CPU generator draws value by value
+    _assert_same_step(*one_draw)
+    monkeypatch.setattr(network, "_one_draw_matches_per_head", lambda *args: False)
+    small_net.invalidate_fast_weights()
+    per_head = _both_paths(small_net, state, bp, None, masks, seed=4, deterministic=deterministic, return_q_all=True)
+    assert small_net._fast_cache.batches[batch].race_index is None
+    _assert_same_step(*per_head)
+    for name in HEAD_NAMES:
+        assert torch.equal(one_draw[1].actions[name], per_head[1].actions[name])
+        assert torch.equal(one_draw[1].log_probs[name], per_head[1].log_probs[name])
+
+
+def _bad_step_inputs(net: FactoredRecurrentActorCritic) -> dict[str, tuple]:
+    """get_action arguments that fail one check each (B = 3)."""
+    state, bp = make_inputs(3, 1, seed=2)
+    state, bp = state[:, 0], bp[:, 0]
+    h, c = net.initial_hidden(3)
+    masks = _random_step_masks(3, seed=2)
+    dead = dict(masks, slot_by_op=masks["slot_by_op"].clone())
+    dead["op"] = torch.ones(3, NUM_OPS, dtype=torch.bool)
+    dead["slot_by_op"][2, int(LifecycleOp.FOSSILIZE)] = False
+
+    def bad(t: torch.Tensor, value: float, index: tuple) -> torch.Tensor:
+        t = t.clone()
+        t[index] = value
+        return t
+
+    return {
+        "state nan": (bad(state, math.nan, (1, 4)), bp, (h, c), masks),
+        "state inf": (bad(state, math.inf, (2, 0)), bp, (h, c), masks),
+        "hidden h inf": (state, bp, (bad(h, -math.inf, (0, 1, 3)), c), masks),
+        "hidden c nan": (state, bp, (h, bad(c, math.nan, (0, 2, 5))), masks),
+        "hidden shape": (state, bp, net.initial_hidden(4), masks),
+        "hidden dtype": (state, bp, (h.double(), c), masks),
+        "hidden not a pair": (state, bp, [h], masks),
+        "state dtype": (state.double(), bp, (h, c), masks),
+        "state width": (state[:, :120], bp, (h, c), masks),
+        "blueprint 13": (state, bad(bp, 13, (0, 1)), (h, c), masks),
+        "blueprint -2": (state, bad(bp, -2, (2, 2)), (h, c), masks),
+        "blueprint dtype": (state, bp.int(), (h, c), masks),
+        "mask dtype": (state, bp, (h, c), dict(masks, style=masks["style"].float())),
+        "mask shape": (state, bp, (h, c), dict(masks, tempo=masks["tempo"][:, :2])),
+        "mask key": (state, bp, (h, c), dict(masks, tempos=masks["tempo"])),
+        "masks not a dict": (state, bp, (h, c), list(masks.values())),
+        "dead slot row": (state, bp, (h, c), dead),
+        "empty mask row": (state, bp, (h, c), dict(masks, alpha_curve=torch.zeros(3, 5, dtype=torch.bool), op=torch.tensor([[False, False, True, False, False, False]] * 3))),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_step_inputs(FactoredRecurrentActorCritic(feature_dim=32, hidden_dim=32))))
+def test_fused_entry_checks_raise_what_the_full_checks_raise(small_net: FactoredRecurrentActorCritic, case: str) -> None:
+    """The fused step's fast entry checks (one reduction for state and hidden, ...) accept nothing the full checks
+    reject: every bad input raises the same error, with the same message, on both paths."""
+    args = _bad_step_inputs(small_net)[case]
+    errors = []
+    for fused in (False, True):
+        small_net.fused_heads = fused
+        with pytest.raises((ValueError, TypeError)) as err:
+            small_net.get_action(*args, generator=torch.Generator().manual_seed(0))
+        errors.append((type(err.value), str(err.value)))
+    small_net.fused_heads = True
+    assert errors[0] == errors[1]
+
+
+def test_fused_entry_takes_step_masks_with_a_time_axis(small_net: FactoredRecurrentActorCritic) -> None:
+    state, bp = make_inputs(4, 1, seed=3)
+    masks = _random_step_masks(4, seed=3)
+    flat = small_net.get_action(state[:, 0], bp[:, 0], None, masks, generator=torch.Generator().manual_seed(1), return_q_all=True)
+    timed = small_net.get_action(state, bp, None, {k: v.unsqueeze(1) for k, v in masks.items()}, generator=torch.Generator().manual_seed(1), return_q_all=True)
+    _assert_same_step(flat, timed, atol=0.0)
+
+
+def test_fused_get_action_at_batch_zero_and_beyond_the_kept_plans(small_net: FactoredRecurrentActorCritic) -> None:
+    for batch in (0, network._PLAN_MAX_BATCH + 1):  # no rows; a batch whose plan is made per call (draws head by head)
+        state, bp = make_inputs(batch, 1, seed=6)
+        plain, fast = _both_paths(small_net, state, bp, None, _random_step_masks(batch, seed=6) if batch else None, return_q_all=True)
+        _assert_same_step(plain, fast)
+        assert fast.q_all.shape == (batch, NUM_OPS) and fast.hidden[0].shape == (1, batch, 32)
+    assert network._PLAN_MAX_BATCH + 1 not in small_net._fast_cache.batches
+
+
+def test_fused_step_plans_and_packing_leave_the_default_generator_alone(small_net: FactoredRecurrentActorCritic) -> None:
+    """Making a batch plan (its draw check) and packing weights use scratch generators: with generator=None,
+    the fused path draws from the global generator exactly as the per-head path does, call after call."""
+    batch = 4
+    state, bp = make_inputs(batch, 1, seed=13)
+    masks = _random_step_masks(batch, seed=13)
+    runs = []
+    for fused in (False, True):
+        small_net.fused_heads = fused
+        small_net.invalidate_fast_weights()  # a fresh plan: its draw check (and packing) happen inside the calls
+        torch.manual_seed(123)
+        runs.append([small_net.get_action(state, bp, None, masks, return_q_all=True) for _ in range(network.MKL_PACK_AFTER_CALLS + 2)])
+    small_net.fused_heads = True
+    for plain, fast in zip(*runs):
+        _assert_same_step(plain, fast)
