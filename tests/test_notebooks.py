@@ -136,12 +136,14 @@ def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     metrics = pd.read_csv(out / "metrics.csv")
     assert len(metrics) == q["updates"] * len(q["train_seeds"]) and sorted(metrics.train_seed.unique()) == q["train_seeds"]
     summary = pd.read_csv(out / "evaluation_summary.csv")
-    assert set(summary["controller"]) == {"ppo", "heuristic", "random_masked", "always_wait", "best_schedule"}
+    assert set(summary["controller"]) == {"ppo", "ppo_sampled", "heuristic", "random_masked", "always_wait", "best_schedule"}
     assert set(summary["metric"]) == {"return", "final_val_accuracy"}
     # per training seed and aggregated; every episode of the aggregate is counted
     ppo = summary[(summary.controller == "ppo") & (summary.metric == "return")]
     assert sorted(ppo.train_seed.astype(str)) == sorted([*map(str, q["train_seeds"]), "all"])
     assert (ppo[ppo.train_seed.astype(str) == "all"].n == q["heldout_episodes"] * len(q["train_seeds"])).all()
+    sampled = summary[(summary.controller == "ppo_sampled") & (summary.metric == "return")]  # the stochastic readout, same layout
+    assert sorted(sampled.train_seed.astype(str)) == sorted(ppo.train_seed.astype(str))
     episodes = pd.read_csv(out / "evaluation_episodes.csv")
     assert (episodes.groupby(["controller", "train_seed"], dropna=False).seed.nunique() == q["heldout_episodes"]).all()
     run = json.loads((out / "run_summary.json").read_text())
