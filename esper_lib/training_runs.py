@@ -28,7 +28,7 @@ import pandas as pd
 
 from esper_lib.envs.morpho import MorphoEnv
 from esper_lib.evaluation.baselines import evaluate_controller
-from esper_lib.notebooks.training_report import EpisodeRecorder, OpUsage, StepTimer, episodes_frame
+from esper_lib.run_recorders import EpisodeRecorder, OpUsage, StepTimer, episodes_frame
 from esper_lib.ppo import VECTOR_ENV_KINDS, PolicyController, PPOConfig, PPOTrainer, load_trained, make_vector_env
 from esper_lib.ppo.calibration import CalibrationRecorder
 

@@ -1,4 +1,4 @@
-"""Recording and plotting helpers of notebook 04."""
+"""Recording (esper_lib.run_recorders) and plotting (esper_lib.notebooks.training_report) of notebook 04's runs."""
 from __future__ import annotations
 
 import gymnasium as gym
@@ -11,10 +11,6 @@ from gymnasium import spaces
 from esper_lib.constants import HEAD_NAMES, LifecycleOp
 from esper_lib.notebooks.training_report import (
     OP_NAMES,
-    EpisodeRecorder,
-    OpUsage,
-    StepTimer,
-    episodes_frame,
     iteration_timing,
     plot_controller_comparison,
     plot_head_entropies,
@@ -22,8 +18,8 @@ from esper_lib.notebooks.training_report import (
     plot_op_distribution,
     plot_reward_terms,
     plot_training_diagnostics,
-    recorders,
 )
+from esper_lib.run_recorders import EpisodeRecorder, OpUsage, StepTimer, episodes_frame, recorders
 
 
 class TermEnv(gym.Env):
