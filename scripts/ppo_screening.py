@@ -4,7 +4,7 @@ A screening run, not an evaluation (design section 5b): one training seed, 12 he
 no confidence interval beyond a standard error. It says whether a lever is worth a full notebook-04
 run (3 training seeds, 20 held-out seeds, paired bootstrap CIs). Each run appends one JSON line to
 ``--out`` (default ``artefacts/ppo_screening/results.jsonl``) and keeps its training files under
-``artefacts/ppo_screening/<name>/seed_<k>/``.
+``--run-root`` (default ``artefacts/ppo_screening``) ``/<name>/seed_<k>/``.
 
 Baseline: notebook 04's defaults (4 async envs x 32 steps, 72 updates, seq_len 16, lr 3e-4,
 ent_coef 0.01, ``op_advantage="expected"``, MorphoEnv with 16 epochs and 500 train images);
@@ -75,7 +75,8 @@ def main() -> None:
     parser.add_argument("--train-seed", type=int, default=0)
     parser.add_argument("--set", type=_assignment, action="append", default=[], metavar="FIELD=JSON", help="PPOConfig override")
     parser.add_argument("--env", type=_assignment, action="append", default=[], metavar="ARG=JSON", help="MorphoEnv override")
-    parser.add_argument("--out", type=Path, default=Path("artefacts/ppo_screening/results.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("artefacts/ppo_screening/results.jsonl"), help="JSON lines, one per run (appended)")
+    parser.add_argument("--run-root", type=Path, default=Path("artefacts/ppo_screening"), help="training files go to <run-root>/<name>/seed_<k>/")
     parser.add_argument("--report", type=Path, metavar="MARKDOWN", help="only write a table of the runs in --out to this file")
     args = parser.parse_args()
     if args.report is not None:
@@ -86,7 +87,7 @@ def main() -> None:
         parser.error("--name is required to train (or pass --report)")
     config = PPOConfig(**{**BASE_CONFIG, **dict(args.set)})
     env_kwargs = {**BASE_ENV, **dict(args.env)}
-    run_dir = args.out.parent / args.name / f"seed_{args.train_seed}"
+    run_dir = args.run_root / args.name / f"seed_{args.train_seed}"
     start = time.perf_counter()
     run = train_morpho_policy(config, env_kwargs, run_dir, train_seed=args.train_seed, vector_env="async", progress=True)
     train_seconds = time.perf_counter() - start
