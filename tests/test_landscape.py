@@ -432,3 +432,15 @@ def test_recorded_range_skips_the_not_measured_flag(trajectory) -> None:
     low, high = recorded_range(t, "val_accuracy")
     assert 0.45 <= low <= float(states[1:, acc].min()) and float(states[:, acc].max()) <= high <= 0.75
     assert recorded_range(t, "slot0.alpha_mode")[0] < -1.0
+
+
+def test_package_exports_every_public_name_of_its_modules():
+    import esper_lib.landscape as package
+    from esper_lib.landscape import core, plots, sources, widgets
+
+    modules = (core, sources, plots, widgets)
+    assert package.__all__ == [name for m in modules for name in m.__all__]
+    assert len(set(package.__all__)) == len(package.__all__)
+    for m in modules:
+        for name in m.__all__:
+            assert getattr(package, name) is getattr(m, name), name

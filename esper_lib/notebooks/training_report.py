@@ -131,7 +131,7 @@ def plot_reward_terms(
     ax = _ax(ax, (8, 4))
     window = np.minimum(np.arange(len(episodes)) * bins // len(episodes), bins - 1)
     grouped = episodes.reset_index(drop=True).groupby(window)
-    x = grouped.apply(lambda g: float(g.index.to_numpy().mean()), include_groups=False).to_numpy() + 1
+    x = pd.Series(np.arange(1, len(episodes) + 1)).groupby(window).mean().to_numpy()  # window centres, from 1
     for term in terms:
         ax.plot(x, grouped[term].mean().to_numpy(), marker=".", label=term.removeprefix("reward_"))
     ax.plot(x, grouped["return"].mean().to_numpy(), color="black", lw=2, marker="o", ms=3, label="return")
