@@ -170,6 +170,76 @@ def train_morpho_policy(
     return run
 
 
+def _train_one(kwargs: dict[str, Any]) -> TrainingRun:
+    """Worker of ``train_morpho_policies`` (module level so a spawned process can import it)."""
+    return train_morpho_policy(**kwargs)
+
+
+def _rows_written(path: Path) -> int:
+    """Data rows in a ``LiveMetrics`` CSV so far (0 while it does not exist)."""
+    try:
+        with path.open("rb") as f:
+            return max(0, sum(1 for _ in f) - 1)
+    except FileNotFoundError:
+        return 0
+
+
+def train_morpho_policies(
+    config: PPOConfig,
+    env_kwargs: Mapping[str, Any],
+    out_root: str | Path,
+    train_seeds: Sequence[int],
+    *,
+    workers: int = 1,
+    vector_env: str = "async",
+    checkpoint_every: int = 0,
+    tensorboard: bool = False,
+    progress: bool = True,
+) -> list[TrainingRun]:
+    """One ``train_morpho_policy`` per training seed, into ``out_root/seed_<k>``; runs in seed order.
+
+    ``workers=1`` trains the seeds one after the other in this process (one progress bar per run).
+    ``workers=n > 1`` trains up to ``n`` seeds at once, each in its own spawned process, with one
+    bar over all updates (read from the runs' live ``metrics.csv``). A run's result does not depend
+    on ``workers``: every run is seeded from its training seed alone (tested). On a machine with
+    ``c`` cores, ``workers = c`` with ``vector_env="sync"`` and ``config.num_threads=1`` keeps every
+    core busy during the policy and update phases too, which one run with async envs does not
+    (figures in the README).
+    """
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    seeds = list(train_seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"train_seeds must be a non-empty sequence of distinct training seeds, got {train_seeds!r}")
+    root = Path(out_root)
+    jobs = [
+        dict(config=config, env_kwargs=dict(env_kwargs), out_dir=root / f"seed_{seed}", train_seed=seed, vector_env=vector_env,
+             checkpoint_every=checkpoint_every, tensorboard=tensorboard, progress=progress and workers == 1)
+        for seed in seeds
+    ]
+    if workers == 1 or len(jobs) == 1:
+        return [train_morpho_policy(**job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    from esper_lib.progress import progress_bar
+
+    MorphoEnv(**env_kwargs)  # bad env arguments fail here, before any process starts (a bad seed fails in its worker)
+    for job in jobs:
+        (Path(job["out_dir"]) / "metrics.csv").unlink(missing_ok=True)  # the bar counts this run's rows only
+    total = config.num_updates * len(jobs)
+    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        futures = [pool.submit(_train_one, job) for job in jobs]
+        with progress_bar(total=total, desc=f"train {len(jobs)} runs, {workers} at a time", unit="update", disable=not progress) as bar:
+            pending = set(futures)
+            while pending:
+                _, pending = wait(pending, timeout=1.0)
+                done = sum(_rows_written(Path(job["out_dir"]) / "metrics.csv") for job in jobs)
+                bar.update(min(done, total) - bar.n)
+        return [f.result() for f in futures]
+
+
 def greedy_controller(checkpoint: str | Path) -> PolicyController:
     """The saved policy (with its observation normaliser) acting greedily: argmax of every valid head."""
     policy, normalizer, _ = load_trained(checkpoint)
@@ -191,6 +261,7 @@ def evaluate_runs(
     label: str = "ppo",
     sampled_label: str | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Greedy policy of every run and every baseline controller on the same held-out env seeds.
 
@@ -202,27 +273,48 @@ def evaluate_runs(
     Columns: those of ``evaluate_controller`` (``ops`` is the episode's op sequence: a greedy policy
     that plays one sequence on every seed runs a fixed schedule, one that varies reacts to the
     state) plus ``train_seed`` (NaN for the baselines).
+
+    ``workers > 1`` plays up to that many controllers at once, each in a spawned process (the
+    baselines must then be picklable, as the library's are); the rows are the same as with one.
     """
     seeds = [int(s) for s in heldout_seeds]
     if not seeds:
         raise ValueError("heldout_seeds must not be empty")
     if sampled_label is not None and (not isinstance(sampled_label, str) or sampled_label in (label, *baselines)):
         raise ValueError(f"sampled_label must be a new controller name (not {label!r} or a baseline's), got {sampled_label!r}")
-    env_fn = partial(MorphoEnv, **env_kwargs)
-    frames = []
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    jobs: list[tuple[str, Any, Any]] = []  # (controller name, controller or (checkpoint, sampling seed), train_seed)
     for run in runs:
-        readouts = [(label, greedy_controller(run.checkpoint))]
+        jobs.append((label, (run.checkpoint, None), run.train_seed))
         if sampled_label is not None:
-            readouts.append((sampled_label, sampling_controller(run.checkpoint, seed=int(run.train_seed))))
-        for name, controller in readouts:
-            df = evaluate_controller(controller, env_fn, seeds, name=name, progress=progress)
-            df["train_seed"] = run.train_seed
-            frames.append(df)
-    for name, controller in baselines.items():
-        df = evaluate_controller(controller, env_fn, seeds, name=name, progress=progress)
-        df["train_seed"] = np.nan
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+            jobs.append((sampled_label, (run.checkpoint, int(run.train_seed)), run.train_seed))
+    jobs += [(name, controller, np.nan) for name, controller in baselines.items()]
+    tasks = [(name, controller, dict(env_kwargs), seeds, train_seed) for name, controller, train_seed in jobs]
+    if workers == 1:
+        return pd.concat([_evaluate_job(task, progress) for task in tasks], ignore_index=True)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from esper_lib.progress import progress_bar
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
+        futures = [pool.submit(_evaluate_job, task, False) for task in tasks]
+        for _ in progress_bar(as_completed(futures), total=len(futures), desc=f"evaluate {len(tasks)} controllers", unit="controller", disable=not progress):
+            pass
+        return pd.concat([f.result() for f in futures], ignore_index=True)
+
+
+def _evaluate_job(task: tuple[str, Any, dict[str, Any], list[int], Any], progress: bool) -> pd.DataFrame:
+    """One controller on the held-out seeds (``evaluate_runs``); a policy comes as ``(checkpoint, sampling seed or None)``."""
+    name, controller, env_kwargs, seeds, train_seed = task
+    if isinstance(controller, tuple):
+        checkpoint, sampling_seed = controller
+        controller = greedy_controller(checkpoint) if sampling_seed is None else sampling_controller(checkpoint, seed=sampling_seed)
+    df = evaluate_controller(controller, partial(MorphoEnv, **env_kwargs), seeds, name=name, progress=progress)
+    df["train_seed"] = train_seed
+    return df
 
 
 def distinct_op_sequences(results: pd.DataFrame) -> pd.DataFrame:

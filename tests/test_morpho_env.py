@@ -609,3 +609,41 @@ def test_by_default_prune_waits_until_the_seed_is_in_the_host_stream():
     assert info["action_valid"] and info["prunes"] == 1
     with pytest.raises(ValueError, match="prune_before_blending"):
         MorphoEnv(prune_before_blending=1)
+
+
+def test_unseeded_resets_follow_the_last_seed_whatever_the_actions():
+    """Two envs reset with one seed play the same hosts in their later (unseeded) episodes, whatever they did."""
+    kwargs = dict(max_epochs=3, train_size=64, val_size=40, batch_size=32)
+    a, b = MorphoEnv(**kwargs), MorphoEnv(**kwargs)
+    a.reset(seed=11)
+    b.reset(seed=11)
+    grow = make_action(LifecycleOp.GERMINATE, slot=0, blueprint=int(CNN_BLUEPRINTS[0]))
+    for t in range(3):  # a germinates (drawing a seed-module init from np_random), b waits
+        a.step(grow if t == 0 else make_action(LifecycleOp.WAIT))
+        b.step(make_action(LifecycleOp.WAIT))
+    (obs_a, info_a), (obs_b, info_b) = a.reset(), b.reset()
+    assert info_a["initial_val_accuracy"] == info_b["initial_val_accuracy"]
+    np.testing.assert_array_equal(obs_a["state"], obs_b["state"])
+    for pa, pb in zip(a.host.host_parameters(), b.host.host_parameters()):
+        assert torch.equal(pa, pb)
+    c = MorphoEnv(**kwargs)
+    c.reset(seed=12)
+    c.reset()  # another seed's second episode: another host
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.host.host_parameters(), c.host.host_parameters()))
+
+
+@pytest.mark.parametrize("style", list(GerminationStyle))
+@pytest.mark.parametrize("blueprint", CNN_BLUEPRINTS)
+def test_a_fresh_seed_blended_at_full_alpha_leaves_the_host_unchanged(style, blueprint):
+    """Zero-init convention: every style's delta is 0 for a seed that has learned nothing."""
+    from esper_lib.envs.blueprints import ChannelGate
+    from esper_lib.envs.lifecycle import SeedSlot
+
+    torch.manual_seed(0)
+    slot = SeedSlot(0, 8)
+    slot.germinate(build_blueprint(blueprint, 8), ChannelGate(8), blueprint, style, TempoAction.FAST, 1.0)
+    slot.advance(1)
+    slot.advance(1)  # TRAINING -> BLENDING
+    slot.alpha = 1.0
+    h = torch.randn(2, 8, 4, 4)
+    assert torch.equal(slot(h), h)

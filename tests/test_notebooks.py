@@ -148,7 +148,8 @@ def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     assert (episodes.groupby(["controller", "train_seed"], dropna=False).seed.nunique() == q["heldout_episodes"]).all()
     run = json.loads((out / "run_summary.json").read_text())
     assert 0 < run["peak_rss_gib"] <= run["peak_total_gib_upper_bound"] < 3.0, "a quick run of notebook 04 must stay under 3 GiB"
-    assert run["vector_env"] == "async"  # the default: one process per env
+    assert run["vector_env"] == "async" and run["workers"] == 1 and run["eval_workers"] == 2  # the defaults
+    assert run["seed_group_size"] == 2
     training = pd.read_csv(out / "seed_0" / "training_episodes.csv")
     assert len(training) > 0 and {"reward_accuracy_delta", "reward_rent", "reward_terminal"} <= set(training.columns)
     policy, normalizer, config = load_trained(out / "tamiyo_v2_ppo.pt")

@@ -138,3 +138,36 @@ def test_mode_errors():
     buf = hand_buffer()
     with pytest.raises(ValueError, match="bootstrap_mode"):
         compute_advantages(buf, gamma=0.9, gae_lambda=0.9, bootstrap_mode="mean")
+
+
+def test_group_centring_subtracts_the_mean_of_the_other_envs_of_the_group():
+    from esper_lib.ppo.advantages import center_advantages_in_groups
+
+    adv = torch.tensor([[1.0, 2.0], [3.0, 6.0], [0.0, -1.0], [4.0, 5.0], [2.0, 0.0], [-1.0, 1.0]])
+    valid = torch.ones(6, 2, dtype=torch.bool)
+    done = torch.tensor([[False, True]] * 6)
+    # groups of 3: envs 0-2 and 3-5; e.g. env 0 at t=0: 1 - (3 + 0) / 2 = -0.5; env 4 at t=1: 0 - (5 + 1) / 2 = -3
+    expected = torch.tensor([[-0.5, -0.5], [2.5, 5.5], [-2.0, -5.0], [3.5, 4.5], [0.5, -3.0], [-4.0, -1.5]])
+    assert torch.allclose(center_advantages_in_groups(adv, valid, done, 3), expected)
+    # groups of 2: env 1 at t=1: 6 - 2 = 4
+    assert center_advantages_in_groups(adv, valid, done, 2)[1, 1] == 4.0
+    assert torch.equal(center_advantages_in_groups(adv, valid, done, 1), adv)
+    with pytest.raises(ValueError, match="group_size"):
+        center_advantages_in_groups(adv, valid, done, 4)
+    out_of_step = done.clone()
+    out_of_step[1, 1] = False
+    with pytest.raises(ValueError, match="terminated"):
+        center_advantages_in_groups(adv, valid, out_of_step, 2)
+
+
+def test_compute_advantages_centres_both_advantages_in_groups_but_not_the_returns():
+    buf = hand_buffer()
+    same_steps = buf.terminated.any(dim=0, keepdim=True).expand_as(buf.terminated).clone()
+    buf.terminated.copy_(same_steps)  # a group must end its episodes together
+    buf.truncated.zero_()
+    compute_advantages(buf, gamma=0.9, gae_lambda=0.8, bootstrap_mode="expected")
+    plain_adv, plain_op, plain_ret = buf.advantages.clone(), buf.op_advantages.clone(), buf.returns.clone()
+    compute_advantages(buf, gamma=0.9, gae_lambda=0.8, bootstrap_mode="expected", seed_group_size=2)
+    assert torch.allclose(buf.advantages, plain_adv - plain_adv.flip(0))
+    assert torch.allclose(buf.op_advantages, plain_op - plain_op.flip(0))
+    assert torch.equal(buf.returns, plain_ret)

@@ -119,3 +119,11 @@ def test_entropy_coefficients_reach_the_loss():
     finally:
         trainer.close()
     assert row["entropy_bonus"] == pytest.approx(2.0 * row["entropy_op"], rel=1e-5)
+
+
+def test_seed_group_size_must_divide_num_envs():
+    assert PPOConfig(num_envs=4, seed_group_size=2, minibatch_sequences=1).seed_group_size == 2
+    with pytest.raises(ValueError, match="PPOConfig.seed_group_size"):
+        PPOConfig(num_envs=4, seed_group_size=3, minibatch_sequences=1)
+    with pytest.raises(ValueError, match="PPOConfig.seed_group_size"):
+        PPOConfig(num_envs=4, seed_group_size=0, minibatch_sequences=1)

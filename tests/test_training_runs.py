@@ -119,3 +119,62 @@ def test_describe_outcome_states_winner_share_and_readouts():
     assert "seed 0: 1 distinct of 6" in text
     no_sampled = describe_outcome(_synthetic_results().query("controller != 'ppo_sampled'"), n_resamples=200)
     assert "sampling" not in no_sampled
+
+
+def test_parallel_runs_equal_the_same_runs_one_after_the_other(tmp_path):
+    """``train_morpho_policies(workers=2)`` (spawned processes) gives each seed the run it gets alone."""
+    from esper_lib.training_runs import train_morpho_policies
+
+    config = PPOConfig(**CFG)
+    one_by_one = train_morpho_policies(config, ENV, tmp_path / "seq", [3, 4], vector_env="sync", progress=False)
+    parallel = train_morpho_policies(config, ENV, tmp_path / "par", [3, 4], workers=2, vector_env="sync", progress=False)
+    assert [r.train_seed for r in parallel] == [3, 4]
+    for a, b in zip(one_by_one, parallel):
+        assert b.checkpoint == tmp_path / "par" / f"seed_{b.train_seed}" / "tamiyo_v2_ppo.pt" and b.checkpoint.exists()
+        timing = ["collect_s", "update_s", "steps_per_s"]
+        pd.testing.assert_frame_equal(a.metrics.drop(columns=timing), b.metrics.drop(columns=timing))
+        pd.testing.assert_frame_equal(a.episodes, b.episodes)
+
+
+def test_parallel_runs_reject_bad_arguments(tmp_path):
+    from esper_lib.training_runs import train_morpho_policies
+
+    with pytest.raises(ValueError, match="workers"):
+        train_morpho_policies(PPOConfig(**CFG), ENV, tmp_path, [0], workers=0)
+    with pytest.raises(ValueError, match="train_seeds"):
+        train_morpho_policies(PPOConfig(**CFG), ENV, tmp_path, [1, 1])
+    with pytest.raises(ValueError, match="train_seed"):
+        train_morpho_policies(PPOConfig(**CFG), ENV, tmp_path, [0, -1], workers=2, vector_env="sync", progress=False)
+
+
+def test_seed_groups_play_the_same_hosts_and_centre_advantages_within_the_group():
+    """seed_group_size=2 with 4 morpho envs: envs 0-1 and 2-3 share their hosts; advantages sum to 0 per group and step."""
+    from functools import partial
+
+    import torch
+
+    from esper_lib.envs.morpho import MorphoEnv
+    from esper_lib.ppo import PPOTrainer
+
+    config = PPOConfig(**{**CFG, "num_envs": 4, "minibatch_sequences": 4}, seed_group_size=2)
+    trainer = PPOTrainer(partial(MorphoEnv, **ENV), config)
+    try:
+        trainer.collect()  # 8 steps = two 4-epoch episodes; the autoreset after the last step starts a third
+        hosts = [e.unwrapped.host.host_parameters() for e in trainer.env.envs]
+        same = lambda i, j: all(torch.equal(p, q) for p, q in zip(hosts[i], hosts[j]))  # noqa: E731
+        assert same(0, 1) and same(2, 3) and not same(0, 2)
+        trainer.update()
+        sums = trainer.buffer.advantages.reshape(2, 2, -1).sum(dim=1)
+        assert torch.allclose(sums, torch.zeros_like(sums), atol=1e-6)
+    finally:
+        trainer.close()
+
+
+def test_evaluation_with_workers_gives_the_same_rows(run):
+    baselines = {"wait": AlwaysWaitController()}
+    kwargs = dict(sampled_label="ppo_sampled", progress=False)
+    one = evaluate_runs([run], baselines, ENV, [100, 101], **kwargs)
+    two = evaluate_runs([run], baselines, ENV, [100, 101], workers=2, **kwargs)
+    pd.testing.assert_frame_equal(one.drop(columns="wall_s"), two.drop(columns="wall_s"))
+    with pytest.raises(ValueError, match="workers"):
+        evaluate_runs([run], baselines, ENV, [100], workers=0)

@@ -1,8 +1,8 @@
 """Seed blueprints that fit a CNN host: small ``nn.Module`` s mapping ``[B, C, H, W] -> [B, C, H, W]``.
 
 Every blueprint's last layer starts at zero (the "zero-init" convention), so a fresh seed's raw
-output ``s`` is 0: blending it into the host changes nothing until it has learned something (the
-``SIGMOID_ADD`` style is the exception: ``sigmoid(0) = 0.5``, a constant shift the host absorbs).
+output ``s`` is 0: blending it into the host changes nothing until it has learned something, whatever the style
+(``esper_lib.envs.lifecycle``).
 
 The blueprints that do not fit a CNN slot (NOOP, LORA, LORA_LARGE, MLP_SMALL, MLP, FLEX_ATTENTION)
 have no builder here and are masked out of the blueprint head by ``blueprint_mask()``.

@@ -78,7 +78,11 @@ last epoch is the end of the task (where the terminal term is paid), so PPO must
 it. ``truncated`` is always False here; a cut of an episode whose task goes on (a ``TimeLimit``
 wrapper shorter than the run, a rollout boundary) is the wrapper's or the buffer's business.
 Reproducibility: ``reset(seed=s)`` seeds ``np_random``, from which every torch seed of the episode
-(host init, minibatch order, seed-module init) is drawn; torch runs with ``num_threads`` threads
+(host init, minibatch order, seed-module init) is drawn. It also seeds the env's stream of episode
+seeds: each later ``reset()`` without a seed (a vector env's autoreset) seeds the new episode from
+that stream, never from what the previous episode's actions consumed, so two envs reset with the
+same ``s`` play the same sequence of hosts (init, data order) whatever they do (what
+``PPOConfig.seed_group_size`` relies on); torch runs with ``num_threads`` threads
 (default 1) inside ``reset``/``step`` only and the global thread count is restored afterwards.
 """
 from __future__ import annotations
@@ -270,12 +274,22 @@ class MorphoEnv(gym.Env):
         if data_seed is not None:  # validates the sizes now, and the split is fixed for the env
             self._data = load_digits_split(self.val_size, self.train_size, int(data_seed))
         self.host: HostCNN | None = None
+        self._episode_seeds: np.random.Generator | None = None  # seeds of the unseeded resets (reset docstring)
 
     # ------------------------------------------------------------------ gymnasium API
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
-        """Fresh host and empty slots. Returns ``(obs, info)``; info has ``initial_val_accuracy``."""
+        """Fresh host and empty slots. Returns ``(obs, info)``; info has ``initial_val_accuracy``.
+
+        ``seed``: seeds this episode and the stream that seeds the later unseeded resets (module docstring).
+        """
+        if seed is not None:
+            self._episode_seeds = np.random.default_rng(seed)
+        elif self._episode_seeds is not None:
+            seed = int(self._episode_seeds.integers(_SEED_MAX))
         super().reset(seed=seed)
+        if self._episode_seeds is None:  # first reset without any seed: a random stream
+            self._episode_seeds = np.random.default_rng(self._draw_seed())
         if self.data_seed is None:
             self._data = load_digits_split(self.val_size, self.train_size, self._draw_seed())
         with torch_threads(self.num_threads), torch.random.fork_rng(devices=[]):

@@ -7,7 +7,7 @@ One concept per module: ``config`` (PPOConfig), ``buffer`` (RolloutBuffer, Seque
 ``evaluation`` (probe reports).
 """
 from esper_lib.finite import NonFiniteError
-from esper_lib.ppo.advantages import compute_advantages, explained_variance, gae, next_state_values, normalize_masked, op_head_advantages
+from esper_lib.ppo.advantages import center_advantages_in_groups, compute_advantages, explained_variance, gae, next_state_values, normalize_masked, op_head_advantages
 from esper_lib.ppo.buffer import BufferError, RolloutBuffer, SequenceBatch
 from esper_lib.ppo.collect import RolloutCollector, RolloutStats, SingleEnvAdapter, make_vector_env
 from esper_lib.ppo.config import BOOTSTRAP_MODES, OP_ADVANTAGE_MODES, VECTOR_ENV_KINDS, PPOConfig
@@ -38,6 +38,7 @@ __all__ = [
     "SequenceBatch",
     "SingleEnvAdapter",
     "action_probability",
+    "center_advantages_in_groups",
     "compute_advantages",
     "explained_variance",
     "gae",

@@ -82,8 +82,13 @@ def op_head_advantages(advantages: torch.Tensor, values: torch.Tensor, expected_
     raise ValueError(f"op_advantage must be one of {OP_ADVANTAGE_MODES}, got {op_advantage!r}")
 
 
-def compute_advantages(buffer: RolloutBuffer, *, gamma: float, gae_lambda: float, bootstrap_mode: str = "expected", op_advantage: str = "expected") -> None:
-    """Fill ``buffer.advantages``, ``buffer.op_advantages`` and ``buffer.returns`` (raw, not normalised)."""
+def compute_advantages(buffer: RolloutBuffer, *, gamma: float, gae_lambda: float, bootstrap_mode: str = "expected", op_advantage: str = "expected",
+                       seed_group_size: int = 1) -> None:
+    """Fill ``buffer.advantages``, ``buffer.op_advantages`` and ``buffer.returns`` (raw, not normalised).
+
+    ``seed_group_size > 1``: both advantages are then centred within groups of envs that share
+    their seeds (``center_advantages_in_groups``); the returns (the critic's targets) are not.
+    """
     if not buffer.finished:
         raise BufferError("compute_advantages: the rollout is not finished (call buffer.finish())")
     bootstrap = buffer.bootstrap_expected if bootstrap_mode == "expected" else buffer.bootstrap_sampled
@@ -99,10 +104,43 @@ def compute_advantages(buffer: RolloutBuffer, *, gamma: float, gae_lambda: float
         gae_lambda,
     )
     op_adv = op_head_advantages(adv, buffer.values, buffer.expected_values(), op_advantage).masked_fill(~buffer.valid, 0.0)
+    if seed_group_size > 1:
+        adv = center_advantages_in_groups(adv, buffer.valid, buffer.terminated, seed_group_size, buffer.truncated)
+        op_adv = center_advantages_in_groups(op_adv, buffer.valid, buffer.terminated, seed_group_size, buffer.truncated)
     buffer.advantages.copy_(adv)
     buffer.returns.copy_(ret)
     buffer.op_advantages.copy_(op_adv)
     buffer.advantages_ready = True
+
+
+def center_advantages_in_groups(
+    advantages: torch.Tensor, valid: torch.Tensor, terminated: torch.Tensor, group_size: int, truncated: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[N, T]`` advantages minus the mean of the other envs of their group at the same step.
+
+    Envs ``k*g .. k*g+g-1`` form group ``k`` (``g = group_size``; N must be a multiple). They share
+    their episode seeds (``PPOConfig.seed_group_size``), so they are at the same step of the same
+    episode: a group whose envs' episodes end (``terminated``, ``truncated``) or whose steps are
+    ``valid`` at different steps raises ``ValueError``. The leave-one-out mean of the others does not depend on
+    env i's action, so it is a valid baseline (the gradient's expectation is unchanged); it removes
+    what the group's episodes share. Invalid steps stay 0.
+    """
+    n, t = advantages.shape
+    if not isinstance(group_size, int) or group_size < 1 or n % group_size:
+        raise ValueError(f"group_size must be a positive int dividing the number of envs ({n}), got {group_size!r}")
+    if group_size == 1:
+        return advantages.clone()
+    checks = [("terminated", terminated), ("valid", valid)] + ([("truncated", truncated)] if truncated is not None else [])
+    for name, flags in checks:
+        grouped = flags.reshape(n // group_size, group_size, t)
+        if bool((grouped != grouped[:, :1]).any()):
+            raise ValueError(
+                f"center_advantages_in_groups: the envs of a group differ in '{name}' at some step; envs that share "
+                "their episode seeds must run episodes of the same length in step (a fixed-length env such as MorphoEnv)"
+            )
+    grouped = advantages.reshape(n // group_size, group_size, t)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others).reshape(n, t).masked_fill(~valid, 0.0)
 
 
 def normalize_masked(x: torch.Tensor, valid: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

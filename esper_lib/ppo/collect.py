@@ -241,8 +241,8 @@ class RolloutCollector:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def reset(self, seed: int | None = None) -> None:
-        """Reset every env (seeded: env i gets ``seed + i`` in a vector env) and the carried state."""
+    def reset(self, seed: int | list[int] | None = None) -> None:
+        """Reset every env (seeded: env i gets ``seed + i`` in a vector env, or ``seed[i]`` from a list) and the carried state."""
         obs, _ = self.env.reset(seed=seed)
         self._ingest(obs, where=" returned by env.reset")
         self.hidden = self.policy.initial_hidden(self.num_envs, self.device)

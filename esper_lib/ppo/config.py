@@ -38,6 +38,14 @@ class PPOConfig:
     "expected" gives the op head A + Q(s, op_t) - sum_o pi(o|s) Q(s, o), "q" gives it the same
     advantage as every other head (the plan's).
 
+    Shared env seeds (common random numbers): with ``seed_group_size = g > 1`` the envs form
+    ``num_envs / g`` groups of ``g`` consecutive envs; the envs of a group are reset with the same
+    seed, so (for an env whose unseeded resets follow its seed, as ``MorphoEnv``'s do) they play the
+    same sequence of episodes (on the morpho env: the same host init and data order), and each
+    step's advantages (every head's, the op head's too) are measured against the mean of the other
+    envs of its group at the same step (``center_advantages_in_groups``). The episode-to-episode
+    luck they share cancels; what is left is the effect of the actions. 1 = independent envs.
+
     Entropy: the bonus is ``ent_coef * sum_h entropy_coef_per_head[h] * mean relevant entropy_h``;
     ``entropy_coef_per_head`` maps head names to coefficients (missing heads keep the design's
     ``ENTROPY_COEF_PER_HEAD``; None = all the design's).
@@ -69,6 +77,7 @@ class PPOConfig:
     bootstrap_mode: str = "expected"
     op_advantage: str = "expected"
     normalize_advantages: bool = True
+    seed_group_size: int = 1
     # update
     epochs: int = 4
     seq_len: int = 16
@@ -108,6 +117,9 @@ class PPOConfig:
             _positive_int(name, getattr(self, name))
         if self.total_env_steps is not None:
             _positive_int("total_env_steps", self.total_env_steps)
+        _positive_int("seed_group_size", self.seed_group_size)
+        if self.num_envs % self.seed_group_size:
+            raise ValueError(f"PPOConfig.seed_group_size ({self.seed_group_size}) must divide num_envs ({self.num_envs}): every env belongs to one group")
         if self.num_threads is not None:
             _positive_int("num_threads", self.num_threads)
         if self.hidden_dim < 2:

@@ -161,17 +161,23 @@ class PPOTrainer:
     def collect(self) -> RolloutStats:
         """Fill the buffer with one rollout (envs are reset with ``config.seed`` the first time)."""
         if not self.collector.started:
-            self.collector.reset(seed=self.config.seed + self.update_index * self.config.num_envs)
+            self.collector.reset(seed=self._reset_seeds(self.config.seed + self.update_index * self.config.num_envs))
         self.policy.eval()
         stats = self.collector.collect(self.buffer, update=self.update_index)
         self.env_steps += stats.env_steps
         self._last_stats = stats
         return stats
 
+    def _reset_seeds(self, base: int) -> int | list[int]:
+        """``base`` (env i gets ``base + i``), or with ``seed_group_size = g`` one seed per env: ``base + i // g``."""
+        g = self.config.seed_group_size
+        return base if g == 1 else [base + i // g for i in range(self.config.num_envs)]
+
     def update(self) -> dict[str, float]:
         """Advantages and the PPO epochs on the collected rollout; returns the update's metrics."""
         cfg = self.config
-        compute_advantages(self.buffer, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, bootstrap_mode=cfg.bootstrap_mode, op_advantage=cfg.op_advantage)
+        compute_advantages(self.buffer, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, bootstrap_mode=cfg.bootstrap_mode,
+                           op_advantage=cfg.op_advantage, seed_group_size=cfg.seed_group_size)
         valid = self.buffer.valid
         pre = {
             "explained_variance": explained_variance(self.buffer.values, self.buffer.returns, valid),
