@@ -66,6 +66,7 @@ QUICK_PARAMETERS: dict[str, dict[str, Any]] = {
     "04_short_training": {
         "train_seeds": [0, 1], "num_envs": 2, "max_epochs": 4, "batches_per_epoch": 2, "updates": 2, "num_steps": 8,
         "seq_len": 4, "epochs": 1, "feature_dim": 32, "hidden_dim": 32, "heldout_episodes": 3, "show_progress": False,
+        "seed_group_size": 2,
     },
 }
 
