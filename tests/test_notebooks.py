@@ -159,3 +159,14 @@ def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     assert not figure_cells_without_an_image(nb)
     text = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "beats" in text or "loses to" in text or "is not distinguishable from" in text
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_line_of_the_parameters_cell_is_a_parameter_papermill_can_read(name: str) -> None:
+    """papermill skips (with only a log warning) an assignment it cannot parse, e.g. a comment holding a colon and quotes."""
+    import re
+
+    nb = nbformat.read(Path("notebooks") / f"{name}.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", []))
+    assigned = {m.group(1) for line in cell.source.splitlines() if (m := re.match(r"^([A-Za-z_]\w*)\s*(?::[^=]+)?=", line))}
+    assert set(notebook_parameters(name)) == assigned

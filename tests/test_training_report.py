@@ -144,3 +144,17 @@ def test_plots_draw_the_data() -> None:
     assert [p.get_height() for p in fig.axes[0].patches] == [1.0, 2.0]
     with pytest.raises(ValueError, match="final_val_accuracy_mean"):
         plot_controller_comparison(summary, "final_val_accuracy")
+
+
+def test_learning_curves_draw_each_seed_raw_and_its_trailing_mean():
+    from esper_lib.notebooks.training_report import plot_learning_curves
+
+    m = pd.DataFrame({"env_steps": [10, 20, 30, 40], "episode_return_mean": [1.0, 3.0, 2.0, 6.0]})
+    fig = plot_learning_curves({0: m, 1: m.assign(episode_return_mean=0.0)}, {"always_wait": 1.5}, window=2)
+    ax = fig.axes[0]
+    smooth = [line for line in ax.lines if line.get_label().startswith("PPO, training seed 0")]
+    assert len(smooth) == 1 and list(smooth[0].get_ydata()) == [1.0, 2.0, 2.5, 4.0]  # trailing means of 2
+    assert sum(1 for line in ax.lines if line.get_alpha() == 0.3) == 2  # one faint raw line per seed
+    assert any(line.get_label() == "always_wait (held-out mean)" for line in ax.lines)
+    with pytest.raises(ValueError, match="window"):
+        plot_learning_curves({0: m}, window=0)

@@ -187,17 +187,29 @@ def iteration_timing(metrics: pd.DataFrame, env_step_seconds: float) -> pd.DataF
 
 
 def plot_learning_curves(
-    metrics_by_seed: dict[int, pd.DataFrame], references: dict[str, float] | None = None, ax: Axes | None = None
+    metrics_by_seed: dict[int, pd.DataFrame], references: dict[str, float] | None = None, ax: Axes | None = None,
+    window: int = 8,
 ) -> Figure:
-    """Mean training-episode return per update against env steps, one line per training seed.
+    """Mean training-episode return per update against env steps, one colour per training seed.
 
-    ``references``: horizontal lines (e.g. the held-out mean return of always-WAIT, random and the
-    best fixed schedule), labelled. Training returns are those of the sampling policy (exploring),
-    the references those of held-out evaluation episodes: read the gap, not the exact level.
+    Each update's mean is a faint line with points; the solid line is its trailing mean over
+    ``window`` updates (an update's episodes come from few hosts, so single updates are noisy;
+    ``window=1``: raw only). ``references``: horizontal lines (e.g. the held-out mean return of
+    always-WAIT, random and the best fixed schedule), labelled. Training returns are those of the
+    sampling policy (exploring), the references those of held-out evaluation episodes: read the gap,
+    not the exact level.
     """
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
     ax = _ax(ax)
-    for seed, m in metrics_by_seed.items():
-        ax.plot(m["env_steps"], m["episode_return_mean"], marker="o", ms=2, lw=1.2, label=f"PPO, training seed {seed}")
+    for k, (seed, m) in enumerate(metrics_by_seed.items()):
+        color = f"C{k}"
+        if window == 1:
+            ax.plot(m["env_steps"], m["episode_return_mean"], color=color, marker="o", ms=2, lw=1.2, label=f"PPO, training seed {seed}")
+            continue
+        ax.plot(m["env_steps"], m["episode_return_mean"], color=color, marker="o", ms=2, lw=0.6, alpha=0.3)
+        smooth = m["episode_return_mean"].rolling(window, min_periods=1).mean()
+        ax.plot(m["env_steps"], smooth, color=color, lw=2.0, label=f"PPO, training seed {seed} (mean of {window} updates)")
     styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3))])
     for name, value in (references or {}).items():
         ax.axhline(value, color="grey", ls=next(styles, "--"), lw=1.2, label=f"{name} (held-out mean)")
