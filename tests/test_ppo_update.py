@@ -152,3 +152,31 @@ def test_target_kl_stops_the_update_early():
     tr2 = PPOTrainer(OpRewardProbe, PPOConfig(**base, target_kl=None))
     row2 = tr2.step()
     assert row2["early_stop"] == 0.0 and row2["epochs_completed"] == 8
+
+
+def test_entropy_floor_adds_the_shortfall_of_relevant_heads_only():
+    torch.manual_seed(3)
+    policy = FactoredRecurrentActorCritic(feature_dim=16, hidden_dim=16)
+    batch = make_batch(policy)
+    lp, ent, val = evaluate_batch(policy, batch)
+    kwargs = dict(clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)
+    base = ppo_losses(lp, ent, val, batch, **kwargs)
+    floors = torch.zeros(8)
+    floors[0] = 5.0  # the op head: far above any entropy over 6 ops (ln 6 = 1.79), so every step falls short
+    floors[2] = 0.0
+    out = ppo_losses(lp, ent, val, batch, entropy_floors=floors, entropy_floor_coef=0.5, **kwargs)
+    shortfall = sum(5.0 - float(ent[0, t, 0]) for t in range(len(OPS))) / len(OPS)  # op is relevant at every step
+    assert float(out.loss - base.loss) == pytest.approx(0.5 * shortfall, rel=1e-5)
+    low = torch.zeros(8)
+    low[0] = 1e-6  # below every entropy: no term
+    assert float(ppo_losses(lp, ent, val, batch, entropy_floors=low, entropy_floor_coef=0.5, **kwargs).loss) == pytest.approx(float(base.loss))
+
+
+def test_entropy_floor_config_is_validated():
+    assert PPOConfig(entropy_floor_per_head={"op": 0.5}).head_entropy_floors["op"] == 0.5
+    with pytest.raises(ValueError, match="entropy_floor_per_head has unknown"):
+        PPOConfig(entropy_floor_per_head={"opp": 0.5})
+    with pytest.raises(ValueError, match=r"entropy_floor_per_head\['op'\]"):
+        PPOConfig(entropy_floor_per_head={"op": -1.0})
+    with pytest.raises(ValueError, match="entropy_floor_coef"):
+        PPOConfig(entropy_floor_coef=-0.1)

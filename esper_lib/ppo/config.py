@@ -50,6 +50,12 @@ class PPOConfig:
     ``entropy_coef_per_head`` maps head names to coefficients (missing heads keep the design's
     ``ENTROPY_COEF_PER_HEAD``; None = all the design's).
 
+    Entropy floors: ``entropy_floor_per_head`` maps head names to a floor in nats; at every step where
+    such a head is relevant and its entropy is below the floor, the loss adds
+    ``entropy_floor_coef * (floor - entropy)`` (averaged like the entropy bonus). Unlike the bonus it
+    does nothing above the floor, so it keeps a head exploring without flattening it (e.g. the op
+    head, whose early collapse onto WAIT decides many runs; docs/ppo_morpho.md). None = no floor.
+
     Optional knobs: ``value_clip`` (None = unclipped value loss), ``target_kl`` (None = no early
     stop; otherwise the update stops at the first minibatch whose approximate KL, measured before
     its gradient step, exceeds it), ``num_threads`` (None = leave torch's thread count alone; else
@@ -89,6 +95,8 @@ class PPOConfig:
     value_clip: float | None = None
     ent_coef: float = 0.01
     entropy_coef_per_head: dict[str, float] | None = None
+    entropy_floor_per_head: dict[str, float] | None = None
+    entropy_floor_coef: float = 0.1
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     target_kl: float | None = 0.03
@@ -147,6 +155,15 @@ class PPOConfig:
                 raise ValueError(f"PPOConfig.entropy_coef_per_head has unknown head(s) {unknown}; heads: {list(HEAD_NAMES)}")
             for head, value in self.entropy_coef_per_head.items():
                 _nonneg_float(f"entropy_coef_per_head[{head!r}]", value)
+        if self.entropy_floor_per_head is not None:
+            if not isinstance(self.entropy_floor_per_head, dict):
+                raise ValueError(f"PPOConfig.entropy_floor_per_head must be a dict head -> floor in nats or None, got {self.entropy_floor_per_head!r}")
+            unknown = sorted(set(self.entropy_floor_per_head) - set(HEAD_NAMES))
+            if unknown:
+                raise ValueError(f"PPOConfig.entropy_floor_per_head has unknown head(s) {unknown}; heads: {list(HEAD_NAMES)}")
+            for head, value in self.entropy_floor_per_head.items():
+                _nonneg_float(f"entropy_floor_per_head[{head!r}]", value)
+        _nonneg_float("entropy_floor_coef", self.entropy_floor_coef)
         if self.bootstrap_mode not in BOOTSTRAP_MODES:
             raise ValueError(f"PPOConfig.bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {self.bootstrap_mode!r}")
         if self.op_advantage not in OP_ADVANTAGE_MODES:
@@ -177,6 +194,11 @@ class PPOConfig:
     def head_entropy_coefs(self) -> dict[str, float]:
         """The per-head entropy coefficients in effect (design defaults overridden by ``entropy_coef_per_head``)."""
         return {**ENTROPY_COEF_PER_HEAD, **(self.entropy_coef_per_head or {})}
+
+    @property
+    def head_entropy_floors(self) -> dict[str, float]:
+        """The per-head entropy floors in effect (0 = none)."""
+        return {h: float((self.entropy_floor_per_head or {}).get(h, 0.0)) for h in HEAD_NAMES}
 
     @property
     def steps_per_update(self) -> int:

@@ -75,12 +75,16 @@ def ppo_losses(
     vf_coef: float,
     value_clip: float | None = None,
     entropy_coefs: torch.Tensor | None = None,
+    entropy_floors: torch.Tensor | None = None,
+    entropy_floor_coef: float = 0.0,
 ) -> LossOutput:
     """Losses for one minibatch.
 
     ``new_log_probs`` / ``entropy`` ``[M, L, 8]`` (HEAD_NAMES order) and ``new_values`` ``[M, L]``
     come from ``evaluate_actions`` on ``batch``; ``batch.advantages`` ``[M, L, 8]`` are used as given
     (normalise before). ``entropy_coefs`` ``[8]`` defaults to ``ENTROPY_COEF_PER_HEAD``.
+    ``entropy_floors`` ``[8]`` (nats, 0 = none) adds ``entropy_floor_coef * sum_h sum_rel
+    relu(floor_h - entropy_h) / n`` to the loss.
     """
     rel = relevance_mask(batch.actions[..., 0], batch.valid)  # [M, L, 8]
     valid = batch.valid
@@ -106,6 +110,10 @@ def ppo_losses(
     value_loss = 0.5 * torch.where(valid, sq, torch.zeros_like(sq)).sum() / n
 
     loss = policy_loss - ent_coef * entropy_bonus + vf_coef * value_loss
+    if entropy_floors is not None and entropy_floor_coef > 0:
+        floors = entropy_floors.to(entropy.device, entropy.dtype)
+        shortfall = torch.where(rel, (floors - entropy).clamp(min=0.0), zeros)
+        loss = loss + entropy_floor_coef * shortfall.sum() / n
 
     with torch.no_grad():
         rel_count = rel.sum(dim=(0, 1)).to(new_values.dtype)
@@ -178,6 +186,8 @@ def ppo_update(
     params = [p for p in policy.parameters() if p.requires_grad]
     coefs = config.head_entropy_coefs
     entropy_coefs = torch.tensor([coefs[h] for h in HEAD_NAMES])
+    floors = config.head_entropy_floors
+    entropy_floors = torch.tensor([floors[h] for h in HEAD_NAMES]) if any(floors.values()) else None
     M = seqs.num_sequences
     sums: dict[str, torch.Tensor] = {}
     kl_sum, kl_count, steps, grad_norm_sum = 0.0, 0, 0, 0.0
@@ -201,6 +211,8 @@ def ppo_update(
                 clip_coef=config.clip_coef,
                 ent_coef=config.ent_coef,
                 entropy_coefs=entropy_coefs,
+                entropy_floors=entropy_floors,
+                entropy_floor_coef=config.entropy_floor_coef,
                 vf_coef=config.vf_coef,
                 value_clip=config.value_clip,
             )
