@@ -398,6 +398,7 @@ def describe_outcome(
         mean = results.groupby("controller")[metric].mean()
         room = mean[best] - mean[wait]
         share = (mean[policy] - mean[wait]) / room if room > 0 else np.nan
+        share = 0.0 if np.isfinite(share) and abs(share) < 0.005 else share  # no "-0%"
         lines.append(f"Headroom (best fixed schedule - WAIT): {room:+.3f}; the policy captures **{share:.0%}** of it "
                      f"(target: at least 50%)." if np.isfinite(share) else
                      f"Headroom (best fixed schedule - WAIT) is {room:+.3f}: no positive headroom to share.")
