@@ -170,6 +170,14 @@ def train_morpho_policy(
     return run
 
 
+def _process_pool(workers: int) -> Any:
+    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes (no fork of a process holding torch threads)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def _train_one(kwargs: dict[str, Any]) -> TrainingRun:
     """Worker of ``train_morpho_policies`` (module level so a spawned process can import it)."""
     return train_morpho_policy(**kwargs)
@@ -201,10 +209,9 @@ def train_morpho_policies(
     ``workers=1`` trains the seeds one after the other in this process (one progress bar per run).
     ``workers=n > 1`` trains up to ``n`` seeds at once, each in its own spawned process, with one
     bar over all updates (read from the runs' live ``metrics.csv``). A run's result does not depend
-    on ``workers``: every run is seeded from its training seed alone (tested). On a machine with
-    ``c`` cores, ``workers = c`` with ``vector_env="sync"`` and ``config.num_threads=1`` keeps every
-    core busy during the policy and update phases too, which one run with async envs does not
-    (figures in the README).
+    on ``workers``: every run is seeded from its training seed alone (tested). It pays where the
+    cores outnumber what one run's envs keep busy; on 2 cores three runs side by side (sync envs,
+    ``config.num_threads=1``) trained no faster than one async run at a time (README).
     """
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
@@ -219,8 +226,7 @@ def train_morpho_policies(
     ]
     if workers == 1 or len(jobs) == 1:
         return [train_morpho_policy(**job) for job in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, wait
+    from concurrent.futures import wait
 
     from esper_lib.progress import progress_bar
 
@@ -228,8 +234,7 @@ def train_morpho_policies(
     for job in jobs:
         (Path(job["out_dir"]) / "metrics.csv").unlink(missing_ok=True)  # the bar counts this run's rows only
     total = config.num_updates * len(jobs)
-    context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+    with _process_pool(min(workers, len(jobs))) as pool:
         futures = [pool.submit(_train_one, job) for job in jobs]
         with progress_bar(total=total, desc=f"train {len(jobs)} runs, {workers} at a time", unit="update", disable=not progress) as bar:
             pending = set(futures)
@@ -293,13 +298,11 @@ def evaluate_runs(
     tasks = [(name, controller, dict(env_kwargs), seeds, train_seed) for name, controller, train_seed in jobs]
     if workers == 1:
         return pd.concat([_evaluate_job(task, progress) for task in tasks], ignore_index=True)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
 
     from esper_lib.progress import progress_bar
 
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
+    with _process_pool(min(workers, len(tasks))) as pool:
         futures = [pool.submit(_evaluate_job, task, False) for task in tasks]
         for _ in progress_bar(as_completed(futures), total=len(futures), desc=f"evaluate {len(tasks)} controllers", unit="controller", disable=not progress):
             pass
