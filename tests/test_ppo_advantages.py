@@ -154,6 +154,10 @@ def test_group_centring_subtracts_the_mean_of_the_other_envs_of_the_group():
     assert torch.equal(center_advantages_in_groups(adv, valid, done, 1), adv)
     with pytest.raises(ValueError, match="group_size"):
         center_advantages_in_groups(adv, valid, done, 4)
+    with pytest.raises(ValueError, match="valid has shape"):
+        center_advantages_in_groups(adv, valid[:, :1], done, 2)
+    with pytest.raises(ValueError, match=r"must be \[N, T\]"):
+        center_advantages_in_groups(adv.unsqueeze(0), valid, done, 2)
     out_of_step = done.clone()
     out_of_step[1, 1] = False
     with pytest.raises(ValueError, match="terminated"):

@@ -125,7 +125,12 @@ def center_advantages_in_groups(
     env i's action, so it is a valid baseline (the gradient's expectation is unchanged); it removes
     what the group's episodes share. Invalid steps stay 0.
     """
+    if advantages.dim() != 2:
+        raise ValueError(f"center_advantages_in_groups: advantages must be [N, T], got shape {tuple(advantages.shape)}")
     n, t = advantages.shape
+    for name, x in (("valid", valid), ("terminated", terminated), ("truncated", truncated)):
+        if x is not None and x.shape != advantages.shape:
+            raise ValueError(f"center_advantages_in_groups: {name} has shape {tuple(x.shape)}, advantages have {(n, t)}")
     if not isinstance(group_size, int) or group_size < 1 or n % group_size:
         raise ValueError(f"group_size must be a positive int dividing the number of envs ({n}), got {group_size!r}")
     if group_size == 1:

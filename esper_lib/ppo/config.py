@@ -147,22 +147,8 @@ class PPOConfig:
         for name in ("normalize_advantages", "normalize_obs", "anneal_lr", "validate_inputs", "autocast_bf16"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PPOConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.entropy_coef_per_head is not None:
-            if not isinstance(self.entropy_coef_per_head, dict):
-                raise ValueError(f"PPOConfig.entropy_coef_per_head must be a dict head -> coefficient or None, got {self.entropy_coef_per_head!r}")
-            unknown = sorted(set(self.entropy_coef_per_head) - set(HEAD_NAMES))
-            if unknown:
-                raise ValueError(f"PPOConfig.entropy_coef_per_head has unknown head(s) {unknown}; heads: {list(HEAD_NAMES)}")
-            for head, value in self.entropy_coef_per_head.items():
-                _nonneg_float(f"entropy_coef_per_head[{head!r}]", value)
-        if self.entropy_floor_per_head is not None:
-            if not isinstance(self.entropy_floor_per_head, dict):
-                raise ValueError(f"PPOConfig.entropy_floor_per_head must be a dict head -> floor in nats or None, got {self.entropy_floor_per_head!r}")
-            unknown = sorted(set(self.entropy_floor_per_head) - set(HEAD_NAMES))
-            if unknown:
-                raise ValueError(f"PPOConfig.entropy_floor_per_head has unknown head(s) {unknown}; heads: {list(HEAD_NAMES)}")
-            for head, value in self.entropy_floor_per_head.items():
-                _nonneg_float(f"entropy_floor_per_head[{head!r}]", value)
+        _per_head("entropy_coef_per_head", self.entropy_coef_per_head, "coefficient")
+        _per_head("entropy_floor_per_head", self.entropy_floor_per_head, "floor in nats")
         _nonneg_float("entropy_floor_coef", self.entropy_floor_coef)
         if self.bootstrap_mode not in BOOTSTRAP_MODES:
             raise ValueError(f"PPOConfig.bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {self.bootstrap_mode!r}")
@@ -248,6 +234,19 @@ def _device(name: str, value: Any) -> torch.device:
     if device.type not in DEVICE_TYPES:
         raise ValueError(f"PPOConfig.{name} must be {hint} (types {DEVICE_TYPES}), got {value!r}")
     return device
+
+
+def _per_head(name: str, value: Any, what: str) -> None:
+    """None, or a dict from head names (``HEAD_NAMES``) to numbers >= 0."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ValueError(f"PPOConfig.{name} must be a dict head -> {what} or None, got {value!r}")
+    unknown = sorted(set(value) - set(HEAD_NAMES))
+    if unknown:
+        raise ValueError(f"PPOConfig.{name} has unknown head(s) {unknown}; heads: {list(HEAD_NAMES)}")
+    for head, number in value.items():
+        _nonneg_float(f"{name}[{head!r}]", number)
 
 
 def _int(name: str, value: Any) -> None:
