@@ -155,6 +155,9 @@ def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     policy, normalizer, config = load_trained(out / "tamiyo_v2_ppo.pt")
     assert policy.hidden_dim == q["hidden_dim"] and normalizer is not None
     assert config.num_envs == q["num_envs"] and config.seed == 0
+    # the defaults that hold the op head open while the argument heads learn (docs/ppo_morpho.md)
+    assert config.head_loss_denominator == "relevant_steps" and config.entropy_floor_updates == run["op_entropy_floor_updates"]
+    assert config.head_entropy_floors["op"] == run["op_entropy_floor"] > 0
     nb = nbformat.read(out / "04_short_training.ipynb", as_version=4)
     assert not figure_cells_without_an_image(nb)
     text = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)

@@ -180,3 +180,68 @@ def test_entropy_floor_config_is_validated():
         PPOConfig(entropy_floor_per_head={"op": -1.0})
     with pytest.raises(ValueError, match="entropy_floor_coef"):
         PPOConfig(entropy_floor_coef=-0.1)
+
+
+def test_per_relevant_step_averages_each_head_over_its_own_relevant_steps():
+    torch.manual_seed(4)
+    policy = FactoredRecurrentActorCritic(feature_dim=16, hidden_dim=16)
+    batch = make_batch(policy)
+    batch = batch._replace(log_probs=batch.log_probs + 0.3 * torch.randn(batch.log_probs.shape))
+    lp, ent, val = evaluate_batch(policy, batch)
+    floors = torch.full((8,), 5.0)  # above every entropy: every relevant step falls short
+    kwargs = dict(clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, entropy_floors=floors, entropy_floor_coef=0.5)
+    out = ppo_losses(lp, ent, val, batch, per_relevant_step=True, **kwargs)
+    plain = ppo_losses(lp, ent, val, batch, **kwargs)
+    lp, ent = lp.detach(), ent.detach()
+    op = batch.actions[0, :, 0]
+    pl, eb, fl = torch.zeros(8), 0.0, 0.0
+    for h, name in enumerate(HEAD_NAMES):
+        steps = [t for t in range(len(OPS)) if RELEVANCE_TABLE[op[t], h]]
+        for t in steps:  # a head relevant nowhere (e.g. alpha_curve here) adds nothing
+            r = math.exp(float(lp[0, t, h] - batch.log_probs[0, t, h]))
+            a = float(batch.advantages[0, t, h])
+            pl[h] += max(-a * r, -a * min(max(r, 0.8), 1.2)) / len(steps)
+            eb += ENTROPY_COEF_PER_HEAD[name] * float(ent[0, t, h]) / len(steps)
+            fl += (5.0 - float(ent[0, t, h])) / len(steps)
+    torch.testing.assert_close(out.policy_loss_per_head.detach(), pl, atol=1e-5, rtol=1e-5)
+    assert float(out.entropy_bonus.detach()) == pytest.approx(eb, rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(pl.sum()) - 0.01 * eb + 0.5 * float(out.value_loss) + 0.5 * fl, rel=1e-5)
+    # the op head is relevant at every step: both averagings agree on it; a rare head is scaled up
+    assert float(out.policy_loss_per_head[0]) == pytest.approx(float(plain.policy_loss_per_head[0]), rel=1e-6)
+    assert out.approx_kl == plain.approx_kl and out.value_loss == plain.value_loss
+    assert torch.isfinite(out.loss)
+
+
+def test_head_loss_denominator_is_validated_and_reaches_the_update():
+    from esper_lib.envs.probes import OpRewardProbe
+    from esper_lib.ppo import PPOTrainer
+
+    with pytest.raises(ValueError, match="head_loss_denominator"):
+        PPOConfig(head_loss_denominator="relevant")
+    base = dict(num_envs=2, num_steps=8, seq_len=4, minibatch_sequences=4, epochs=1, feature_dim=16, hidden_dim=16, num_threads=1, target_kl=None)
+    rows = [PPOTrainer(OpRewardProbe, PPOConfig(**base, head_loss_denominator=d)).step() for d in ("valid_steps", "relevant_steps")]
+    assert rows[0]["policy_loss_op"] == pytest.approx(rows[1]["policy_loss_op"])  # one minibatch; op relevant everywhere
+    assert rows[1]["entropy_bonus"] > rows[0]["entropy_bonus"]  # rarer heads no longer scaled down by their frequency
+
+
+def test_entropy_floor_updates_keeps_the_floor_for_the_first_updates_only(monkeypatch):
+    import esper_lib.ppo.update as update_module
+    from esper_lib.envs.probes import OpRewardProbe
+    from esper_lib.ppo import PPOTrainer
+
+    with pytest.raises(ValueError, match="entropy_floor_updates"):
+        PPOConfig(entropy_floor_updates=0)
+    seen: list[bool] = []
+    real = update_module.ppo_losses
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("entropy_floors") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(update_module, "ppo_losses", spy)
+    config = PPOConfig(num_envs=2, num_steps=8, seq_len=4, minibatch_sequences=4, epochs=1, feature_dim=16, hidden_dim=16,
+                       num_threads=1, target_kl=None, entropy_floor_per_head={"op": 0.5}, entropy_floor_updates=2)
+    trainer = PPOTrainer(OpRewardProbe, config)
+    for _ in range(3):
+        trainer.step()
+    assert seen == [True, True, False]  # one minibatch per update; floors in updates 0 and 1 only

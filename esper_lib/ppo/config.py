@@ -19,6 +19,7 @@ BOOTSTRAP_MODES = ("expected", "sampled")
 OP_ADVANTAGE_MODES = ("expected", "q")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # where autocast_bf16 is offered
+HEAD_LOSS_DENOMINATORS = ("valid_steps", "relevant_steps")  # what each head's loss terms are averaged over
 VECTOR_ENV_KINDS = ("sync", "async", "ray")  # where PPOTrainer runs the envs it builds from env_fn
 
 
@@ -55,6 +56,14 @@ class PPOConfig:
     ``entropy_floor_coef * (floor - entropy)`` (averaged like the entropy bonus). Unlike the bonus it
     does nothing above the floor, so it keeps a head exploring without flattening it (e.g. the op
     head, whose early collapse onto WAIT decides many runs; docs/ppo_morpho.md). None = no floor.
+    ``entropy_floor_updates`` = N keeps the floors for updates 0..N-1 only (None: every update), so a
+    head can be held open while the others learn and then let go.
+
+    Per-head averaging: ``head_loss_denominator`` "valid_steps" divides each head's surrogate,
+    entropy bonus and floor by the minibatch's valid steps (a head relevant at few steps, e.g.
+    blueprint at GERMINATE steps only, gets a gradient scaled down by how seldom it is relevant);
+    "relevant_steps" divides them by the steps where that head is relevant, so every head learns at
+    the same strength whatever its op's frequency (docs/ppo.md, "Per-head averaging").
 
     Optional knobs: ``value_clip`` (None = unclipped value loss), ``target_kl`` (None = no early
     stop; otherwise the update stops at the first minibatch whose approximate KL, measured before
@@ -97,6 +106,8 @@ class PPOConfig:
     entropy_coef_per_head: dict[str, float] | None = None
     entropy_floor_per_head: dict[str, float] | None = None
     entropy_floor_coef: float = 0.1
+    entropy_floor_updates: int | None = None
+    head_loss_denominator: str = "valid_steps"
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     target_kl: float | None = 0.03
@@ -150,8 +161,12 @@ class PPOConfig:
         _per_head("entropy_coef_per_head", self.entropy_coef_per_head, "coefficient")
         _per_head("entropy_floor_per_head", self.entropy_floor_per_head, "floor in nats")
         _nonneg_float("entropy_floor_coef", self.entropy_floor_coef)
+        if self.entropy_floor_updates is not None:
+            _positive_int("entropy_floor_updates", self.entropy_floor_updates)
         if self.bootstrap_mode not in BOOTSTRAP_MODES:
             raise ValueError(f"PPOConfig.bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {self.bootstrap_mode!r}")
+        if self.head_loss_denominator not in HEAD_LOSS_DENOMINATORS:
+            raise ValueError(f"PPOConfig.head_loss_denominator must be one of {HEAD_LOSS_DENOMINATORS}, got {self.head_loss_denominator!r}")
         if self.op_advantage not in OP_ADVANTAGE_MODES:
             raise ValueError(f"PPOConfig.op_advantage must be one of {OP_ADVANTAGE_MODES}, got {self.op_advantage!r}")
         device = _device("device", self.device)

@@ -77,6 +77,7 @@ def ppo_losses(
     entropy_coefs: torch.Tensor | None = None,
     entropy_floors: torch.Tensor | None = None,
     entropy_floor_coef: float = 0.0,
+    per_relevant_step: bool = False,
 ) -> LossOutput:
     """Losses for one minibatch.
 
@@ -84,23 +85,26 @@ def ppo_losses(
     come from ``evaluate_actions`` on ``batch``; ``batch.advantages`` ``[M, L, 8]`` are used as given
     (normalise before). ``entropy_coefs`` ``[8]`` defaults to ``ENTROPY_COEF_PER_HEAD``.
     ``entropy_floors`` ``[8]`` (nats, 0 = none) adds ``entropy_floor_coef * sum_h sum_rel
-    relu(floor_h - entropy_h) / n`` to the loss.
+    relu(floor_h - entropy_h) / n`` to the loss. ``n`` is the number of valid steps, or with
+    ``per_relevant_step`` each head's own count of relevant steps (a head relevant nowhere adds 0).
     """
     rel = relevance_mask(batch.actions[..., 0], batch.valid)  # [M, L, 8]
     valid = batch.valid
     n = valid.sum().clamp(min=1).to(new_values.dtype)
+    rel_count = rel.sum(dim=(0, 1)).to(new_values.dtype)  # [8]
+    head_n = rel_count.clamp(min=1) if per_relevant_step else n  # what each head's terms are averaged over
     zeros = torch.zeros_like(new_log_probs)
 
     log_ratio = new_log_probs - batch.log_probs
     ratio = log_ratio.exp()
     adv = batch.advantages
     surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef))
-    policy_loss_per_head = torch.where(rel, surrogate, zeros).sum(dim=(0, 1)) / n
+    policy_loss_per_head = torch.where(rel, surrogate, zeros).sum(dim=(0, 1)) / head_n
     policy_loss = policy_loss_per_head.sum()
 
     coefs = (ENTROPY_COEFS if entropy_coefs is None else entropy_coefs).to(entropy.device, entropy.dtype)
     masked_entropy = torch.where(rel, entropy, zeros)
-    entropy_bonus = (masked_entropy.sum(dim=(0, 1)) / n * coefs).sum()
+    entropy_bonus = (masked_entropy.sum(dim=(0, 1)) / head_n * coefs).sum()
 
     err = new_values - batch.returns
     sq = err.square()
@@ -113,10 +117,9 @@ def ppo_losses(
     if entropy_floors is not None and entropy_floor_coef > 0:
         floors = entropy_floors.to(entropy.device, entropy.dtype)
         shortfall = torch.where(rel, (floors - entropy).clamp(min=0.0), zeros)
-        loss = loss + entropy_floor_coef * shortfall.sum() / n
+        loss = loss + entropy_floor_coef * (shortfall.sum(dim=(0, 1)) / head_n).sum()
 
     with torch.no_grad():
-        rel_count = rel.sum(dim=(0, 1)).to(new_values.dtype)
         nan = torch.full_like(rel_count, math.nan)
         entropy_per_head = torch.where(rel_count > 0, masked_entropy.detach().sum(dim=(0, 1)) / rel_count.clamp(min=1), nan)
         clipped_flags = ((ratio.detach() - 1.0).abs() > clip_coef) & rel
@@ -170,7 +173,8 @@ def ppo_update(
 ) -> dict[str, float]:
     """Several epochs of minibatch PPO on a finished rollout with advantages; returns averaged metrics.
 
-    ``update`` (optional) only names the update in the message of a ``NonFiniteError``.
+    ``update`` (optional; 0-based) names the update in the message of a ``NonFiniteError`` and decides
+    whether ``config.entropy_floor_updates`` still keeps the entropy floors (None counts as update 0).
 
     Minibatches are ``config.minibatch_sequences`` sequences drawn without replacement (a shuffled
     order per epoch from ``generator``; the last minibatch of an epoch may be smaller). With
@@ -187,7 +191,8 @@ def ppo_update(
     coefs = config.head_entropy_coefs
     entropy_coefs = torch.tensor([coefs[h] for h in HEAD_NAMES])
     floors = config.head_entropy_floors
-    entropy_floors = torch.tensor([floors[h] for h in HEAD_NAMES]) if any(floors.values()) else None
+    floors_on = any(floors.values()) and (config.entropy_floor_updates is None or (update or 0) < config.entropy_floor_updates)
+    entropy_floors = torch.tensor([floors[h] for h in HEAD_NAMES]) if floors_on else None
     M = seqs.num_sequences
     sums: dict[str, torch.Tensor] = {}
     kl_sum, kl_count, steps, grad_norm_sum = 0.0, 0, 0, 0.0
@@ -215,6 +220,7 @@ def ppo_update(
                 entropy_floor_coef=config.entropy_floor_coef,
                 vf_coef=config.vf_coef,
                 value_clip=config.value_clip,
+                per_relevant_step=config.head_loss_denominator == "relevant_steps",
             )
             kl = float(out.approx_kl)
             kl_sum += kl

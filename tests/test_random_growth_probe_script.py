@@ -1,0 +1,46 @@
+"""scripts/random_growth_probe.py on a tiny env: every variant is reported, the good arguments are used."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from esper_lib.constants import LifecycleOp
+from esper_lib.envs.morpho import MorphoEnv
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "random_growth_probe.py"
+TINY = ["--env", "max_epochs=6", "--env", "train_size=64", "--env", "val_size=40", "--env", "batch_size=32"]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("random_growth_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prints_every_variant(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["random_growth_probe.py", *TINY, "--seeds", "2"])
+    _script().main()
+    out = capsys.readouterr().out
+    for variant in ("plain", "no_prune", "good_args", "no_prune+good_args"):
+        assert f"  {variant} " in out
+
+
+def test_variants_never_prune_and_germinate_with_the_good_arguments():
+    module = _script()
+    env = MorphoEnv(max_epochs=8, train_size=64, val_size=40, batch_size=32)
+    ctrl = module.RandomVariant(0, no_prune=True, good_args=True)
+    for seed in range(3):
+        obs, _ = env.reset(seed=seed)
+        ctrl.reset(seed=seed)
+        done = False
+        while not done:
+            action = ctrl.act(obs)
+            assert action[0] != LifecycleOp.PRUNE
+            if action[0] == LifecycleOp.GERMINATE:
+                assert [action[2], action[3], action[5]] == [module.GOOD_ARGS[k] for k in ("blueprint", "style", "alpha_target")]
+            obs, _, terminated, truncated, info = env.step(action)
+            assert info["action_valid"]
+            done = terminated or truncated
+    assert np.isfinite(ctrl.rng.random())
