@@ -7,8 +7,9 @@ appends one JSON line to ``--out`` (default ``artefacts/ppo_screening/results.js
 its training files under ``--run-root`` (default ``artefacts/ppo_screening``) ``/<name>/seed_<k>/``.
 
 Baseline: notebook 04's defaults (4 envs x 32 steps, 72 updates, seq_len 16, 4 minibatches per
-epoch, lr 3e-4, ent_coef 0.01, ``op_advantage="expected"``, ``seed_group_size=4``, MorphoEnv with
-16 epochs and 500 train images); ``--set`` overrides ``PPOConfig`` fields with JSON values,
+epoch, lr 3e-4, ent_coef 0.01, ``op_advantage="expected"``, ``seed_group_size=4``, per-head averaging
+over relevant steps, op-head entropy floor 0.8 nats for the first 48 updates, MorphoEnv with 16 epochs
+and 500 train images); the rows of earlier baselines record their full config. ``--set`` overrides ``PPOConfig`` fields with JSON values,
 ``--env`` the env's arguments. ``--workers`` trains that many seeds at once (one process each,
 envs in-process); evaluations run in parallel too.
 
@@ -33,7 +34,8 @@ from esper_lib.ppo import PPOConfig
 from esper_lib.training_runs import evaluate_runs, train_morpho_policies
 
 BASE_CONFIG = dict(num_envs=4, num_steps=32, seq_len=16, epochs=4, minibatch_sequences=2, lr=3e-4, ent_coef=0.01,
-                   op_advantage="expected", seed_group_size=4, total_updates=72, num_threads=1)
+                   op_advantage="expected", seed_group_size=4, total_updates=72, num_threads=1,
+                   head_loss_denominator="relevant_steps", entropy_floor_per_head={"op": 0.8}, entropy_floor_updates=48)
 BASE_ENV = dict(max_epochs=16, train_size=500)
 HELDOUT_SEEDS = list(range(10_000, 10_012))
 

@@ -1,4 +1,4 @@
-"""scripts/random_growth_probe.py on a tiny env: every variant is reported, the good arguments are used."""
+"""scripts/random_growth_probe.py and scripts/growth_vs_wait_probe.py on a tiny env."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -44,3 +44,13 @@ def test_variants_never_prune_and_germinate_with_the_good_arguments():
             assert info["action_valid"]
             done = terminated or truncated
     assert np.isfinite(ctrl.rng.random())
+
+
+def test_growth_vs_wait_probe_prints_the_paired_difference(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("growth_vs_wait_probe", SCRIPT.parent / "growth_vs_wait_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["growth_vs_wait_probe.py", *TINY, "--seeds", "2"])
+    module.main()
+    out = capsys.readouterr().out
+    assert "always-WAIT, return" in out and "per seed [" in out

@@ -1,0 +1,52 @@
+"""The best fixed schedule against always-WAIT under env overrides: does growth still pay, and on every seed?
+
+A quick probe, not a headroom study (that is ``scripts/headroom_study.py``): the schedule chosen for
+the env's defaults (``docs/figures/headroom_best_schedule.json``) plays ``--seeds`` env seeds from 100
+with the given ``MorphoEnv`` overrides; prints the paired return difference with always-WAIT per seed.
+Used to look for env variants where growing can hurt (issue 12, item 8; docs/ppo_morpho_reading.md).
+
+    .venv/bin/python scripts/growth_vs_wait_probe.py --env lr=0.05 --seeds 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from esper_lib.envs.morpho import MorphoEnv
+from esper_lib.evaluation.baselines import AlwaysWaitController, evaluate_controller
+from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dict
+
+
+def _assignment(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=JSON_VALUE, got {text!r}")
+    return key, json.loads(value)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--env", type=_assignment, action="append", default=[], metavar="ARG=JSON", help="MorphoEnv override")
+    ap.add_argument("--seeds", type=int, default=8, help="env seeds 100..")
+    ap.add_argument("--schedule", type=Path, default=Path("docs/figures/headroom_best_schedule.json"))
+    args = ap.parse_args()
+    if args.seeds < 2:
+        raise SystemExit("--seeds must be >= 2")
+    torch.set_num_threads(1)
+    schedule = schedule_from_dict(json.loads(args.schedule.read_text())["schedule"])
+    env_fn = partial(MorphoEnv, **dict(args.env))
+    seeds = range(100, 100 + args.seeds)
+    wait = evaluate_controller(AlwaysWaitController(), env_fn, seeds)
+    grow = evaluate_controller(ScheduleController(schedule), env_fn, seeds)
+    d = grow["return"].to_numpy() - wait["return"].to_numpy()
+    print(f"env {dict(args.env) or 'defaults'}: {schedule.name} - always-WAIT, return {d.mean():+.3f} (SE {d.std(ddof=1) / np.sqrt(len(d)):.3f}); "
+          f"per seed {np.round(d, 3).tolist()}; final accuracy {grow.final_val_accuracy.mean():.3f} vs {wait.final_val_accuracy.mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()
