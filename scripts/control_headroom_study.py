@@ -40,19 +40,12 @@ from esper_lib.evaluation.plots import plot_paired_differences  # noqa: E402
 from esper_lib.evaluation.schedules import ScheduleController, schedule_grid, select_best_schedule  # noqa: E402
 from esper_lib.evaluation.stats import compare_controllers  # noqa: E402
 from esper_lib.training_runs import evaluate_runs  # noqa: E402
+from esper_lib.notebooks.helpers import json_assignment as _assignment  # noqa: E402
 
 HELDOUT_OFFSET = 10_000  # notebook 04's held-out seeds
 TEMPOS = (TempoAction.FAST, TempoAction.STANDARD)  # the family of scripts/headroom_study.py
 
 
-def _assignment(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected NAME=JSON_VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"{key}: value {value!r} is not JSON ({err})") from err
 
 
 def main() -> None:

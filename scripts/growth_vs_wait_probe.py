@@ -20,13 +20,9 @@ import torch
 from esper_lib.envs.morpho import MorphoEnv
 from esper_lib.evaluation.baselines import AlwaysWaitController, evaluate_controller
 from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dict
+from esper_lib.notebooks.helpers import json_assignment as _assignment
 
 
-def _assignment(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected NAME=JSON_VALUE, got {text!r}")
-    return key, json.loads(value)
 
 
 def main() -> None:

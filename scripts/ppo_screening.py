@@ -32,6 +32,7 @@ import pandas as pd
 from esper_lib.evaluation.baselines import AlwaysWaitController
 from esper_lib.ppo import PPOConfig
 from esper_lib.training_runs import evaluate_runs, train_morpho_policies
+from esper_lib.notebooks.helpers import json_assignment as _assignment
 
 BASE_CONFIG = dict(num_envs=4, num_steps=32, seq_len=16, epochs=4, minibatch_sequences=2, lr=3e-4, ent_coef=0.01,
                    op_advantage="expected", seed_group_size=4, total_updates=72, num_threads=1,
@@ -40,14 +41,6 @@ BASE_ENV = dict(max_epochs=16, train_size=500)
 HELDOUT_SEEDS = list(range(10_000, 10_012))
 
 
-def _assignment(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected NAME=JSON_VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"{key}: value {value!r} is not JSON ({err})") from err
 
 
 def _commit() -> str:

@@ -18,15 +18,15 @@ loses" because of its argument heads, not because growing is bad (docs/ppo.md, "
 from __future__ import annotations
 
 import argparse
-import json
 from functools import partial
 
 import numpy as np
 import torch
 
-from esper_lib.constants import HEAD_NAMES, HEAD_RELEVANCE, AlphaTargetAction, BlueprintAction, GerminationStyle, LifecycleOp
+from esper_lib.constants import AlphaTargetAction, BlueprintAction, GerminationStyle, LifecycleOp
 from esper_lib.envs.morpho import MorphoEnv
 from esper_lib.evaluation.baselines import AlwaysWaitController, RandomMaskedController, evaluate_controller, make_action
+from esper_lib.notebooks.helpers import json_assignment as _assignment
 
 VARIANTS = ("plain", "no_prune", "good_args", "no_prune+good_args")
 GOOD_ARGS = {"blueprint": int(BlueprintAction.NORM), "style": int(GerminationStyle.LINEAR_ADD), "alpha_target": int(AlphaTargetAction.FULL)}
@@ -52,20 +52,12 @@ class RandomVariant(RandomMaskedController):
         op = LifecycleOp(self._choice(op_mask))
         if op == LifecycleOp.WAIT:
             return make_action(op)
-        heads = {"slot": self._choice(np.asarray(masks["slot_by_op"])[op])}
-        for name in HEAD_NAMES[2:]:
-            if name in HEAD_RELEVANCE[op]:
-                heads[name] = self._choice(masks[name])
+        heads = self.random_heads(op, masks)
         if self.good_args and op == LifecycleOp.GERMINATE:
             heads.update({k: v for k, v in GOOD_ARGS.items() if np.asarray(masks[k])[v]})
         return make_action(op, **heads)
 
 
-def _assignment(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected NAME=JSON_VALUE, got {text!r}")
-    return key, json.loads(value)
 
 
 def main() -> None:

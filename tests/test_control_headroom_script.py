@@ -1,20 +1,15 @@
 """scripts/control_headroom_study.py on a tiny env: the page, figure and episode table it writes."""
-import importlib.util
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from script_support import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "control_headroom_study.py"
 TINY = ["--env", "max_epochs=8", "--env", "train_size=64", "--env", "val_size=40", "--env", "batch_size=32"]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("control_headroom_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("control_headroom_study")
 
 
 def test_writes_the_page_the_figure_and_every_episode(tmp_path, monkeypatch):

@@ -1,20 +1,15 @@
 """scripts/ppo_screening.py: its argument parsing and report table (the training path is notebook 04's)."""
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from script_support import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ppo_screening.py"
 
 
 @pytest.fixture(scope="module")
 def screening():
-    spec = importlib.util.spec_from_file_location("ppo_screening", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ppo_screening")
 
 
 def test_assignments_parse_json_values(screening):

@@ -1,22 +1,17 @@
 """scripts/random_growth_probe.py and scripts/growth_vs_wait_probe.py on a tiny env."""
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from esper_lib.constants import LifecycleOp
 from esper_lib.envs.morpho import MorphoEnv
+from script_support import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "random_growth_probe.py"
 TINY = ["--env", "max_epochs=6", "--env", "train_size=64", "--env", "val_size=40", "--env", "batch_size=32"]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("random_growth_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("random_growth_probe")
 
 
 def test_prints_every_variant(monkeypatch, capsys):
@@ -47,9 +42,7 @@ def test_variants_never_prune_and_germinate_with_the_good_arguments():
 
 
 def test_growth_vs_wait_probe_prints_the_paired_difference(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("growth_vs_wait_probe", SCRIPT.parent / "growth_vs_wait_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("growth_vs_wait_probe")
     monkeypatch.setattr(sys, "argv", ["growth_vs_wait_probe.py", *TINY, "--seeds", "2"])
     module.main()
     out = capsys.readouterr().out

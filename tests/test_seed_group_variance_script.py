@@ -1,21 +1,16 @@
 """scripts/seed_group_variance.py on a tiny trained checkpoint: one rollout, the table it prints."""
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 from esper_lib.ppo import PPOConfig
 from esper_lib.training_runs import train_morpho_policy
+from script_support import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "seed_group_variance.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("seed_group_variance", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("seed_group_variance")
 
 
 def test_prints_plain_and_centred_variances(tmp_path, monkeypatch, capsys):

@@ -117,11 +117,15 @@ class RandomMaskedController:
         op = LifecycleOp(op)
         if op == LifecycleOp.WAIT:
             return make_action(op)
+        return make_action(op, **self.random_heads(op, masks))
+
+    def random_heads(self, op: LifecycleOp, masks: dict[str, Any]) -> dict[str, int]:
+        """A uniform valid slot for ``op`` and a uniform valid value of every head relevant to it."""
         heads = {"slot": self._choice(np.asarray(masks["slot_by_op"])[op])}
         for name in HEAD_NAMES[2:]:
             if name in HEAD_RELEVANCE[op]:
                 heads[name] = self._choice(masks[name])
-        return make_action(op, **heads)
+        return heads
 
 
 _IN_PROGRESS = frozenset(

@@ -16,6 +16,8 @@
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 from collections.abc import Iterable
@@ -103,3 +105,14 @@ def show_and_save(fig: Figure, path: str | os.PathLike, *, dpi: int = 110, show:
 
 
 __all__ = ["repo_root", "resolve_path", "display_path", "show_and_save", "is_headless", "progress_bar", "HEADLESS_ENV"]
+
+
+def json_assignment(text: str) -> tuple[str, Any]:
+    """``"NAME=JSON"`` -> ``(NAME, value)``: the ``--set`` / ``--env`` overrides of the scripts (argparse ``type``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=JSON_VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{key}: value {value!r} is not JSON ({err})") from err
