@@ -1,12 +1,15 @@
 """Throughput of the morphogenetic env on this machine's CPU (one env step = one host epoch).
 
-    python benchmarks/bench_env.py [--steps N] [--num-envs K] [--controller random|wait|both] [--no-vector]
+    python benchmarks/bench_env.py [--steps N] [--num-envs K] [--controller random|wait|schedule|both|all] [--no-vector]
 
 Times ``--steps`` steps (after one warm-up step, resets excluded) of a single ``MorphoEnv`` at the
 env's defaults, of a ``SyncVectorEnv`` and of an ``AsyncVectorEnv`` of ``--num-envs`` copies, and
 prints env-steps/s (= host epochs/s) and ms per epoch. ``--controller random`` drives every env
 with the masked random controller (seeds germinate, train, blend and get pruned, so the cost
-includes seeds and counterfactuals); ``wait`` trains the bare host. Each env runs torch with one
+includes seeds and counterfactuals); ``wait`` trains the bare host; ``schedule`` plays the best fixed
+schedule of ``docs/figures/headroom_best_schedule.json`` (a NORM seed in every slot, blended and
+fossilized: the cost of a policy that grows, as notebook 04's trained policies do);
+``both`` = wait and random, ``all`` = the three. Each env runs torch with one
 thread. For the single env it also prints where a step's time goes: host training (the epoch of
 minibatch Adam), validation (the forward pass on the validation split) and counterfactuals (the
 ablated passes), measured by timing the env's own methods, so the same script measures older
@@ -16,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -27,6 +32,7 @@ import torch
 
 from esper_lib.envs.morpho import make_morpho_env
 from esper_lib.evaluation.baselines import AlwaysWaitController, RandomMaskedController
+from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dict
 
 
 def _split(obs: dict, i: int) -> dict:
@@ -34,7 +40,13 @@ def _split(obs: dict, i: int) -> dict:
     return {k: _split(v, i) if isinstance(v, dict) else v[i] for k, v in obs.items()}
 
 
+BEST_SCHEDULE_FILE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "headroom_best_schedule.json"
+
+
 def _controllers(kind: str, n: int) -> list:
+    if kind == "schedule":
+        schedule = schedule_from_dict(json.loads(BEST_SCHEDULE_FILE.read_text())["schedule"])
+        return [ScheduleController(schedule) for _ in range(n)]
     if kind == "random":
         return [RandomMaskedController(seed=i, wait_prob=0.5) for i in range(n)]
     return [AlwaysWaitController() for _ in range(n)]
@@ -119,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=32, help="timed steps per configuration")
     parser.add_argument("--num-envs", type=int, default=2, help="sub-envs of the vector envs")
-    parser.add_argument("--controller", choices=("random", "wait", "both"), default="both")
+    parser.add_argument("--controller", choices=("random", "wait", "schedule", "both", "all"), default="both")
     parser.add_argument("--no-vector", action="store_true", help="only the single env")
     args = parser.parse_args()
     if args.steps < 1 or args.num_envs < 1:
@@ -133,7 +145,7 @@ def main() -> None:
         f"train_size={probe.train_size}, val_size={probe.val_size}, batch_size={probe.batch_size}), "
         f"{args.steps} timed steps"
     )
-    kinds = ("wait", "random") if args.controller == "both" else (args.controller,)
+    kinds = {"both": ("wait", "random"), "all": ("wait", "random", "schedule")}.get(args.controller, (args.controller,))
     print(
         f"{'controller':<11}{'configuration':<20}{'env-steps/s':>12}{'ms/step':>9}"
         f"{'train':>8}{'valid':>8}{'counterf':>9}{'rest':>7}  (ms per step)"

@@ -54,6 +54,7 @@ from esper_lib.constants import (
     TempoAction,
 )
 from esper_lib.envs.blueprints import ChannelGate, parameter_count
+from esper_lib.envs.fused_adam import FusedAdam
 
 MIN_EPOCHS_GERMINATED = 1
 MIN_EPOCHS_TRAINING = 2
@@ -178,7 +179,7 @@ class SeedSlot(nn.Module):
     def _clear(self) -> None:
         self.seed = None
         self.gate = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: FusedAdam | None = None  # the seed's own Adam while it learns (set by the env)
         self.stage = SeedStage.DORMANT
         self.blueprint: BlueprintAction | None = None
         self.style: GerminationStyle | None = None

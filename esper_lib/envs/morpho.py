@@ -10,9 +10,10 @@ rules, gates and durations are in ``esper_lib.envs.lifecycle``; the blueprints i
 Epoch. A full pass over the train split in shuffled minibatches of ``batch_size`` (or, with
 ``batches_per_epoch=k``, the first ``k`` minibatches of a fresh shuffle: a cheaper "epoch" for
 quick runs), Adam on the host (``lr``) and one Adam per seed (``seed_lr``), gradients clipped at
-norm 5. Then one validation pass (the whole validation split in one batch). The Adams use the fused
-CPU kernel and the statistics of the epoch (loss, accuracy, gradient norms) stay tensors until it
-ends: at this host's size a step's cost is per-op overhead, not arithmetic.
+norm 5. Then one validation pass (the whole validation split in one batch). The Adams call the fused
+CPU kernel directly (``esper_lib.envs.fused_adam``) and the statistics of the epoch (loss, accuracy,
+gradient norms) stay tensors until it ends: at this host's size a step's cost is per-op overhead,
+not arithmetic.
 
 Counterfactuals. For every slot whose seed is in the host stream with alpha > 0 (BLENDING,
 HOLDING, PRUNING, FOSSILIZED), the validation accuracy with that slot's alpha forced to 0 is
@@ -116,6 +117,7 @@ from esper_lib.constants import (
     state_dim_for,
 )
 from esper_lib.envs.blueprints import ChannelGate, blueprint_mask, build_blueprint
+from esper_lib.envs.fused_adam import FusedAdam
 from esper_lib.envs.host import DigitsSplit, HostCNN, load_digits_split
 from esper_lib.envs.lifecycle import SeedSlot
 from esper_lib.envs.spaces import action_space, action_to_dict, observation_space
@@ -447,10 +449,8 @@ class MorphoEnv(gym.Env):
             self._prunes += 1
         elif op == LifecycleOp.FOSSILIZE:
             params = slot.seed_parameters()
-            self._opt.add_param_group({"params": params})
-            for p in params:  # keep the seed's Adam moments: the host optimizer takes over smoothly
-                if p in slot.optimizer.state:
-                    self._opt.state[p] = slot.optimizer.state[p]
+            # keep the seed's Adam moments and step counts: the host optimizer takes over smoothly
+            self._opt.adopt(params, slot.optimizer)
             self._host_params = [*self._host_params, *params]
             slot.optimizer = None
             slot.fossilize()
@@ -484,7 +484,7 @@ class MorphoEnv(gym.Env):
         host_params = self._host_params
         seed_params = {s.index: s.seed_parameters() for s in learning + fossils}
         # every parameter of a learning seed's optimizer (its gate too, even while the style ignores it)
-        seed_opt_params = {s.index: [p for g in s.optimizer.param_groups for p in g["params"]] for s in learning}
+        seed_opt_params = {s.index: s.optimizer.params for s in learning}
         seed_norms: dict[int, list[torch.Tensor]] = {i: [] for i in seed_params}
         host_norms: list[torch.Tensor] = []
         losses: list[torch.Tensor] = []
@@ -668,10 +668,10 @@ def _clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch
     return total
 
 
-def _adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
-    """Adam with the fused CPU kernel: one call updates every parameter (the per-tensor loop costs
-    ~10 small ops per parameter and step, a large share of a minibatch of this tiny host)."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+def _adam(params: list[torch.nn.Parameter], lr: float) -> FusedAdam:
+    """Adam with the fused CPU kernel, called directly (``esper_lib.envs.fused_adam``): the same updates
+    as ``torch.optim.Adam(fused=True)`` without its per-step overhead, a large share of a minibatch here."""
+    return FusedAdam(params, lr)
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
