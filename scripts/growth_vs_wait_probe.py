@@ -4,8 +4,12 @@ A quick probe, not a headroom study (that is ``scripts/headroom_study.py``): the
 the env's defaults (``docs/figures/headroom_best_schedule.json``) plays ``--seeds`` env seeds from 100
 with the given ``MorphoEnv`` overrides; prints the paired return difference with always-WAIT per seed.
 Used to look for env variants where growing can hurt (issue 12, item 8; docs/ppo_morpho_reading.md).
+``--family`` plays every member of the family that germinates at epoch 0 (each slot x each CNN
+blueprint, and each blueprint in every slot; tempo STANDARD: 28 members) instead, and prints them
+ranked by the paired difference: does any growth pay under the override, and which?
 
     .venv/bin/python scripts/growth_vs_wait_probe.py --env lr=0.05 --seeds 8
+    .venv/bin/python scripts/growth_vs_wait_probe.py --env lr=0.05 --seeds 5 --family
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 
 from esper_lib.envs.morpho import MorphoEnv
 from esper_lib.evaluation.baselines import AlwaysWaitController, evaluate_controller
-from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dict
+from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dict, schedule_grid
 from esper_lib.notebooks.helpers import json_assignment as _assignment
 
 
@@ -30,14 +34,28 @@ def main() -> None:
     ap.add_argument("--env", type=_assignment, action="append", default=[], metavar="ARG=JSON", help="MorphoEnv override")
     ap.add_argument("--seeds", type=int, default=8, help="env seeds 100..")
     ap.add_argument("--schedule", type=Path, default=Path("docs/figures/headroom_best_schedule.json"))
+    ap.add_argument("--family", action="store_true", help="rank the germinate-at-epoch-0 family instead of one schedule")
     args = ap.parse_args()
     if args.seeds < 2:
         raise SystemExit("--seeds must be >= 2")
     torch.set_num_threads(1)
-    schedule = schedule_from_dict(json.loads(args.schedule.read_text())["schedule"])
     env_fn = partial(MorphoEnv, **dict(args.env))
     seeds = range(100, 100 + args.seeds)
     wait = evaluate_controller(AlwaysWaitController(), env_fn, seeds)
+    if args.family:
+        env = env_fn()
+        num_slots, max_epochs = env.num_slots, env.max_epochs
+        env.close()
+        rows = []
+        for member in schedule_grid(num_slots, max_epochs=max_epochs, germinate_at=(0,), every_slot=True):
+            d = evaluate_controller(ScheduleController(member, num_slots), env_fn, seeds)["return"].to_numpy() - wait["return"].to_numpy()
+            rows.append((float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))), member.name))
+        print(f"env {dict(args.env) or 'defaults'}: always-WAIT return {wait['return'].mean():.3f}; "
+              f"each member - always-WAIT (mean, SE over {len(wait)} seeds), best first:")
+        for mean, se, name in sorted(rows, key=lambda r: -r[0]):
+            print(f"  {mean:+.3f} ({se:.3f})  {name}")
+        return
+    schedule = schedule_from_dict(json.loads(args.schedule.read_text())["schedule"])
     grow = evaluate_controller(ScheduleController(schedule), env_fn, seeds)
     d = grow["return"].to_numpy() - wait["return"].to_numpy()
     print(f"env {dict(args.env) or 'defaults'}: {schedule.name} - always-WAIT, return {d.mean():+.3f} (SE {d.std(ddof=1) / np.sqrt(len(d)):.3f}); "

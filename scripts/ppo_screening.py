@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from esper_lib.constants import HEAD_NAMES
 from esper_lib.evaluation.baselines import AlwaysWaitController
 from esper_lib.ppo import PPOConfig
 from esper_lib.training_runs import evaluate_runs, train_morpho_policies
@@ -36,7 +37,8 @@ from esper_lib.notebooks.helpers import json_assignment as _assignment
 
 BASE_CONFIG = dict(num_envs=4, num_steps=32, seq_len=16, epochs=4, minibatch_sequences=2, lr=3e-4, ent_coef=0.01,
                    op_advantage="expected", seed_group_size=4, total_updates=72, num_threads=1,
-                   head_loss_denominator="relevant_steps", entropy_floor_per_head={"op": 0.8}, entropy_floor_updates=48)
+                   head_loss_denominator="relevant_steps", entropy_floor_per_head={"op": 0.8}, entropy_floor_updates=48,
+                   entropy_coef_per_head=dict.fromkeys(HEAD_NAMES[1:], 0.0))
 BASE_ENV = dict(max_epochs=16, train_size=500)
 HELDOUT_SEEDS = list(range(10_000, 10_012))
 

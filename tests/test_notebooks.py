@@ -6,6 +6,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from esper_lib.constants import HEAD_NAMES
 from esper_lib.notebooks.runner import NOTEBOOKS, QUICK_PARAMETERS, check_parameters, notebook_parameters, run_notebook
 
 # Files each notebook must leave in its output folder (besides the executed copy).
@@ -158,6 +159,9 @@ def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     # the defaults that hold the op head open while the argument heads learn (docs/ppo_morpho.md)
     assert config.head_loss_denominator == "relevant_steps" and config.entropy_floor_updates == run["op_entropy_floor_updates"]
     assert config.head_entropy_floors["op"] == run["op_entropy_floor"] > 0
+    coefs = config.head_entropy_coefs  # the argument heads may commit (argument_entropy_coef, default 0)
+    assert coefs["op"] == 1.0 and {h: c for h, c in coefs.items() if h != "op"} == dict.fromkeys(HEAD_NAMES[1:], run["argument_entropy_coef"])
+    assert run["argument_entropy_coef"] == 0.0
     nb = nbformat.read(out / "04_short_training.ipynb", as_version=4)
     assert not figure_cells_without_an_image(nb)
     text = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)

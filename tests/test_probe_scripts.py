@@ -47,3 +47,14 @@ def test_growth_vs_wait_probe_prints_the_paired_difference(monkeypatch, capsys):
     module.main()
     out = capsys.readouterr().out
     assert "always-WAIT, return" in out and "per seed [" in out
+
+
+def test_growth_vs_wait_probe_ranks_the_family(monkeypatch, capsys):
+    module = load_script("growth_vs_wait_probe")
+    monkeypatch.setattr(sys, "argv", ["growth_vs_wait_probe.py", *TINY, "--env", "num_slots=1", "--env", "host_channels=[4]",
+                                      "--seeds", "2", "--family"])
+    module.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(lines) == 7  # one slot x the 7 CNN blueprints (no every-slot members with one slot)
+    means = [float(line.split()[0]) for line in lines]
+    assert means == sorted(means, reverse=True) and all("@0" in line for line in lines)
