@@ -110,6 +110,8 @@ def write_page(args, defaults, best, training, summary, seconds) -> None:
         "A controller can only show learning where growing seeds changes the outcome. The **headroom** is how much",
         "the best member of a documented family of fixed (open-loop) schedules gains over always-WAIT on held-out",
         "env seeds; PPO's result is read against it (notebook 04 reports the share of the headroom it captures).",
+        "Whether reacting to the state pays beyond the best fixed schedule (a second headroom) is measured in",
+        "[`control_headroom.md`](control_headroom.md).",
         "",
         "## The env (MorphoEnv defaults)",
         "",
