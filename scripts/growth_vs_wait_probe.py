@@ -13,35 +13,24 @@ ranked by the paired difference: does any growth pay under the override, and whi
 """
 from __future__ import annotations
 
-import argparse
 import json
-from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from esper_lib.envs.morpho import MorphoEnv
-from esper_lib.evaluation.baselines import AlwaysWaitController, evaluate_controller
+from esper_lib.evaluation.baselines import evaluate_controller
 from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dict, schedule_grid
-from esper_lib.notebooks.helpers import json_assignment as _assignment
+from esper_lib.notebooks.helpers import mean_and_se, probe_parser, probe_wait_baseline
 
-
+FIRST_SEED = 100
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--env", type=_assignment, action="append", default=[], metavar="ARG=JSON", help="MorphoEnv override")
-    ap.add_argument("--seeds", type=int, default=8, help="env seeds 100..")
+    ap = probe_parser(__doc__, seeds=8, first_seed=FIRST_SEED)
     ap.add_argument("--schedule", type=Path, default=Path("docs/figures/headroom_best_schedule.json"))
     ap.add_argument("--family", action="store_true", help="rank the germinate-at-epoch-0 family instead of one schedule")
     args = ap.parse_args()
-    if args.seeds < 2:
-        raise SystemExit("--seeds must be >= 2")
-    torch.set_num_threads(1)
-    env_fn = partial(MorphoEnv, **dict(args.env))
-    seeds = range(100, 100 + args.seeds)
-    wait = evaluate_controller(AlwaysWaitController(), env_fn, seeds)
+    env_fn, seeds, wait = probe_wait_baseline(args, FIRST_SEED)
     if args.family:
         env = env_fn()
         num_slots, max_epochs = env.num_slots, env.max_epochs
@@ -49,16 +38,16 @@ def main() -> None:
         rows = []
         for member in schedule_grid(num_slots, max_epochs=max_epochs, germinate_at=(0,), every_slot=True):
             d = evaluate_controller(ScheduleController(member, num_slots), env_fn, seeds)["return"].to_numpy() - wait["return"].to_numpy()
-            rows.append((float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))), member.name))
+            rows.append((float(d.mean()), mean_and_se(d), member.name))
         print(f"env {dict(args.env) or 'defaults'}: always-WAIT return {wait['return'].mean():.3f}; "
               f"each member - always-WAIT (mean, SE over {len(wait)} seeds), best first:")
-        for mean, se, name in sorted(rows, key=lambda r: -r[0]):
-            print(f"  {mean:+.3f} ({se:.3f})  {name}")
+        for _, text, name in sorted(rows, key=lambda r: -r[0]):
+            print(f"  {text}  {name}")
         return
     schedule = schedule_from_dict(json.loads(args.schedule.read_text())["schedule"])
     grow = evaluate_controller(ScheduleController(schedule), env_fn, seeds)
     d = grow["return"].to_numpy() - wait["return"].to_numpy()
-    print(f"env {dict(args.env) or 'defaults'}: {schedule.name} - always-WAIT, return {d.mean():+.3f} (SE {d.std(ddof=1) / np.sqrt(len(d)):.3f}); "
+    print(f"env {dict(args.env) or 'defaults'}: {schedule.name} - always-WAIT, return {mean_and_se(d)}; "
           f"per seed {np.round(d, 3).tolist()}; final accuracy {grow.final_val_accuracy.mean():.3f} vs {wait.final_val_accuracy.mean():.3f}")
 
 

@@ -17,16 +17,13 @@ loses" because of its argument heads, not because growing is bad (docs/ppo.md, "
 """
 from __future__ import annotations
 
-import argparse
-from functools import partial
-
 import numpy as np
-import torch
 
 from esper_lib.constants import AlphaTargetAction, BlueprintAction, GerminationStyle, LifecycleOp
-from esper_lib.envs.morpho import MorphoEnv
-from esper_lib.evaluation.baselines import AlwaysWaitController, RandomMaskedController, evaluate_controller, make_action
-from esper_lib.notebooks.helpers import json_assignment as _assignment
+from esper_lib.evaluation.baselines import RandomMaskedController, evaluate_controller, make_action
+from esper_lib.notebooks.helpers import mean_and_se, probe_parser, probe_wait_baseline
+
+FIRST_SEED = 300
 
 VARIANTS = ("plain", "no_prune", "good_args", "no_prune+good_args")
 GOOD_ARGS = {"blueprint": int(BlueprintAction.NORM), "style": int(GerminationStyle.LINEAR_ADD), "alpha_target": int(AlphaTargetAction.FULL)}
@@ -61,23 +58,16 @@ class RandomVariant(RandomMaskedController):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--env", type=_assignment, action="append", default=[], metavar="ARG=JSON", help="MorphoEnv override")
-    ap.add_argument("--seeds", type=int, default=16, help="env seeds 300.. (paired with always-WAIT)")
+    ap = probe_parser(__doc__, seeds=16, first_seed=FIRST_SEED)
     ap.add_argument("--policy-seed", type=int, default=5)
     args = ap.parse_args()
-    if args.seeds < 2:
-        raise SystemExit("--seeds must be >= 2")
-    torch.set_num_threads(1)
-    env_fn = partial(MorphoEnv, **dict(args.env))
-    seeds = range(300, 300 + args.seeds)
-    wait = evaluate_controller(AlwaysWaitController(), env_fn, seeds)["return"].to_numpy()
+    env_fn, seeds, wait = probe_wait_baseline(args, FIRST_SEED)
     print(f"env {dict(args.env) or 'defaults'}, {args.seeds} env seeds; return difference with always-WAIT (mean, SE over seeds)")
     for variant in VARIANTS:
         flags = {flag: True for flag in variant.split("+") if flag != "plain"}
         res = evaluate_controller(RandomVariant(args.policy_seed, **flags), env_fn, seeds)
-        d = res["return"].to_numpy() - wait
-        print(f"  {variant:20s} {d.mean():+.3f} (SE {d.std(ddof=1) / np.sqrt(len(d)):.3f})  "
+        d = res["return"].to_numpy() - wait["return"].to_numpy()
+        print(f"  {variant:20s} {mean_and_se(d)}  "
               f"germinations {res.germinations.mean():.1f}, fossilizations {res.fossilizations.mean():.1f} per episode")
 
 

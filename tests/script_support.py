@@ -1,14 +1,15 @@
-"""Load a file of ``scripts/`` as a module, so tests can call its ``main()`` and helpers."""
+"""Load a file of ``scripts/`` (or ``benchmarks/``) as a module, so tests can call its ``main()`` and helpers."""
 import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
 
 
-def load_script(name: str) -> ModuleType:
-    """``scripts/<name>.py`` imported under the module name ``name``."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+def load_script(name: str, folder: str = "scripts") -> ModuleType:
+    """``<folder>/<name>.py`` imported under the module name ``name``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

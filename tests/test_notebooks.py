@@ -122,6 +122,14 @@ def test_notebook_failure_surfaces(tmp_path: Path) -> None:
 
 
 @pytest.mark.notebook
+def test_notebook_04_names_a_bad_argument_entropy_coef(tmp_path: Path) -> None:
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match="parameter argument_entropy_coef must be a number in"):
+        run_notebook("04_short_training", parameters={"argument_entropy_coef": -1.0}, quick=True, out_root=tmp_path)
+
+
+@pytest.mark.notebook
 def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     import json
 

@@ -58,3 +58,22 @@ def test_growth_vs_wait_probe_ranks_the_family(monkeypatch, capsys):
     assert len(lines) == 7  # one slot x the 7 CNN blueprints (no every-slot members with one slot)
     means = [float(line.split()[0]) for line in lines]
     assert means == sorted(means, reverse=True) and all("@0" in line for line in lines)
+
+
+def test_probe_helpers_by_hand():
+    import argparse
+
+    import pytest
+
+    from esper_lib.notebooks.helpers import mean_and_se, probe_parser, probe_wait_baseline
+
+    # d = [1, 2, 3, 6]: mean 3, sample std sqrt(14/3), SE sqrt(14/3) / 2 = 1.080
+    assert mean_and_se([1.0, 2.0, 3.0, 6.0]) == "+3.000 (SE 1.080)"
+    args = probe_parser("probe", seeds=8, first_seed=100).parse_args(["--env", "max_epochs=3", "--seeds", "1"])
+    assert args.env == [("max_epochs", 3)] and args.seeds == 1
+    with pytest.raises(SystemExit, match="--seeds must be >= 2"):
+        probe_wait_baseline(args, 100)
+    with pytest.raises(SystemExit):  # argparse names the bad override and exits
+        probe_parser("probe", seeds=8, first_seed=100).parse_args(["--env", "max_epochs"])
+    env_fn, seeds, wait = probe_wait_baseline(argparse.Namespace(env=[("max_epochs", 2), ("train_size", 32), ("val_size", 20)], seeds=2), 7)
+    assert list(seeds) == [7, 8] and list(wait.seed) == [7, 8] and env_fn().max_epochs == 2

@@ -116,3 +116,39 @@ def json_assignment(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"{key}: value {value!r} is not JSON ({err})") from err
+
+
+def probe_parser(description: str, seeds: int, first_seed: int) -> argparse.ArgumentParser:
+    """The arguments the env probe scripts share: repeatable ``--env ARG=JSON`` (``MorphoEnv`` overrides)
+    and ``--seeds`` (how many env seeds, from ``first_seed``, each played by every controller)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", type=json_assignment, action="append", default=[], metavar="ARG=JSON", help="MorphoEnv override")
+    parser.add_argument("--seeds", type=int, default=seeds, help=f"env seeds {first_seed}.. (paired with always-WAIT)")
+    return parser
+
+
+def probe_wait_baseline(args: argparse.Namespace, first_seed: int) -> tuple[Any, range, Any]:
+    """``(env_fn, seeds, wait)`` for a probe script: the ``MorphoEnv`` factory with ``args.env``, the seeds
+    ``first_seed..first_seed + args.seeds - 1`` and always-WAIT's results on them (``evaluate_controller``'s
+    frame), torch on one thread. Exits with a message when ``args.seeds < 2`` (no standard error)."""
+    from functools import partial
+
+    import torch
+
+    from esper_lib.envs.morpho import MorphoEnv
+    from esper_lib.evaluation.baselines import AlwaysWaitController, evaluate_controller
+
+    if args.seeds < 2:
+        raise SystemExit("--seeds must be >= 2")
+    torch.set_num_threads(1)
+    env_fn = partial(MorphoEnv, **dict(args.env))
+    seeds = range(first_seed, first_seed + args.seeds)
+    return env_fn, seeds, evaluate_controller(AlwaysWaitController(), env_fn, seeds)
+
+
+def mean_and_se(d: Iterable[float]) -> str:
+    """``"+0.123 (SE 0.045)"``: the mean of paired differences ``d`` and its standard error (n - 1)."""
+    import numpy as np
+
+    x = np.asarray(list(d), dtype=float)
+    return f"{x.mean():+.3f} (SE {x.std(ddof=1) / np.sqrt(len(x)):.3f})"

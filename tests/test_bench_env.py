@@ -1,0 +1,32 @@
+"""benchmarks/bench_env.py: the controllers it times (the `schedule` one plays the best fixed schedule)."""
+import numpy as np
+
+from esper_lib.constants import LifecycleOp
+from esper_lib.envs.morpho import MorphoEnv
+from esper_lib.evaluation.schedules import ScheduleController
+from script_support import load_script
+
+
+def test_schedule_controllers_play_the_best_fixed_schedule_within_the_masks():
+    bench = load_script("bench_env", folder="benchmarks")
+    ctrls = bench._controllers("schedule", 2)
+    assert len(ctrls) == 2 and all(isinstance(c, ScheduleController) for c in ctrls)
+    assert ctrls[0].schedule.name == "s0-norm@0+s1-norm@0+s2-norm@0-standard"  # docs/figures/headroom_best_schedule.json
+    env = MorphoEnv(max_epochs=8, train_size=64, val_size=40, batch_size=32)
+    obs, _ = env.reset(seed=0)
+    ops, done = [], False
+    while not done:
+        obs, _, done, _, info = env.step(ctrls[0].act(obs))
+        assert info["action_valid"]
+        ops.append(info["op"])
+    assert ops[:3] == [LifecycleOp.GERMINATE, LifecycleOp.ADVANCE, LifecycleOp.GERMINATE]
+    assert np.count_nonzero(env._stages()) == 3  # a seed in every slot
+
+
+def test_kind_all_times_the_three_controllers(monkeypatch, capsys):
+    bench = load_script("bench_env", folder="benchmarks")
+    timed = []
+    monkeypatch.setattr(bench, "bench_single", lambda env_fn, kind, steps: (timed.append(kind) or 10.0, dict.fromkeys(("train", "evaluate", "counterfactuals", "rest"), 1.0)))
+    monkeypatch.setattr("sys.argv", ["bench_env.py", "--steps", "1", "--controller", "all", "--no-vector"])
+    bench.main()
+    assert timed == ["wait", "random", "schedule"] and "schedule   MorphoEnv x1" in capsys.readouterr().out
