@@ -122,11 +122,12 @@ def test_notebook_failure_surfaces(tmp_path: Path) -> None:
 
 
 @pytest.mark.notebook
-def test_notebook_04_names_a_bad_argument_entropy_coef(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name, value", [("argument_entropy_coef", -1.0), ("gae_lambda", 1.5)])
+def test_notebook_04_names_a_bad_learning_parameter(tmp_path: Path, name: str, value: float) -> None:
     import papermill
 
-    with pytest.raises(papermill.PapermillExecutionError, match="parameter argument_entropy_coef must be a number in"):
-        run_notebook("04_short_training", parameters={"argument_entropy_coef": -1.0}, quick=True, out_root=tmp_path)
+    with pytest.raises(papermill.PapermillExecutionError, match=f"parameter {name} must be a number in"):
+        run_notebook("04_short_training", parameters={name: value}, quick=True, out_root=tmp_path)
 
 
 @pytest.mark.notebook
@@ -157,7 +158,7 @@ def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     assert (episodes.groupby(["controller", "train_seed"], dropna=False).seed.nunique() == q["heldout_episodes"]).all()
     run = json.loads((out / "run_summary.json").read_text())
     assert 0 < run["peak_rss_gib"] <= run["peak_total_gib_upper_bound"] < 3.0, "a quick run of notebook 04 must stay under 3 GiB"
-    assert run["vector_env"] == "async" and run["workers"] == 1 and run["eval_workers"] == 2  # the defaults
+    assert run["vector_env"] == "sync" and run["workers"] == 3 and run["eval_workers"] == 2  # the defaults
     assert run["seed_group_size"] == 2
     training = pd.read_csv(out / "seed_0" / "training_episodes.csv")
     assert len(training) > 0 and {"reward_accuracy_delta", "reward_rent", "reward_terminal"} <= set(training.columns)
@@ -170,6 +171,7 @@ def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     coefs = config.head_entropy_coefs  # the argument heads may commit (argument_entropy_coef, default 0)
     assert coefs["op"] == 1.0 and {h: c for h, c in coefs.items() if h != "op"} == dict.fromkeys(HEAD_NAMES[1:], run["argument_entropy_coef"])
     assert run["argument_entropy_coef"] == 0.0
+    assert config.gae_lambda == run["gae_lambda"]
     nb = nbformat.read(out / "04_short_training.ipynb", as_version=4)
     assert not figure_cells_without_an_image(nb)
     text = "".join(o.get("data", {}).get("text/markdown", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
