@@ -210,7 +210,7 @@ def train_morpho_policies(
     ``workers=n > 1`` trains up to ``n`` seeds at once, each in its own spawned process, with one
     bar over all updates (read from the runs' live ``metrics.csv``). A run's result does not depend
     on ``workers``: every run is seeded from its training seed alone (tested). On 2 cores three runs
-    side by side (sync envs, ``config.num_threads=1``) train 3 seeds in 13% less wall time than one
+    side by side (sync envs, ``config.num_threads=1``) train 3 seeds in 7-13% less wall time than one
     async run at a time: one run's PPO update overlaps the others' env steps (README, notebook 04's
     default).
     """

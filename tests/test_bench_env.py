@@ -1,5 +1,7 @@
-"""benchmarks/bench_env.py: the controllers it times (the `schedule` one plays the best fixed schedule)."""
+"""benchmarks/bench_env.py: the controllers it times (the `schedule` one plays the best fixed schedule);
+benchmarks/bench_training_layout.py: both training layouts, same updates."""
 import numpy as np
+import pytest
 
 from esper_lib.constants import LifecycleOp
 from esper_lib.envs.morpho import MorphoEnv
@@ -30,3 +32,21 @@ def test_kind_all_times_the_three_controllers(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["bench_env.py", "--steps", "1", "--controller", "all", "--no-vector"])
     bench.main()
     assert timed == ["wait", "random", "schedule"] and "schedule   MorphoEnv x1" in capsys.readouterr().out
+
+
+def test_training_layout_bench_times_both_layouts_with_the_same_updates(tmp_path):
+    import dataclasses
+
+    import pandas as pd
+
+    bench = load_script("bench_training_layout", folder="benchmarks")
+    config = dataclasses.replace(bench.notebook_config(1), num_steps=4, seq_len=4, seed_group_size=2, num_envs=2, feature_dim=16, hidden_dim=16)
+    env = {"max_epochs": 4, "batches_per_epoch": 1, "train_size": 64, "val_size": 40, "batch_size": 32}
+    seconds = {layout: bench.time_layout(layout, config, [0, 1], tmp_path, env) for layout in ("async-1", "sync-N")}
+    assert all(s > 0 for s in seconds.values())
+    for seed in (0, 1):  # the layouts differ in time only
+        a = pd.read_csv(tmp_path / "async-1" / f"seed_{seed}" / "metrics.csv").drop(columns=["collect_s", "update_s", "steps_per_s"])
+        s = pd.read_csv(tmp_path / "sync-N" / f"seed_{seed}" / "metrics.csv").drop(columns=["collect_s", "update_s", "steps_per_s"])
+        pd.testing.assert_frame_equal(a, s)
+    with pytest.raises(ValueError, match="layout must be"):
+        bench.time_layout("threads", config, [0], tmp_path, env)

@@ -131,6 +131,15 @@ def test_notebook_04_names_a_bad_learning_parameter(tmp_path: Path, name: str, v
 
 
 @pytest.mark.notebook
+def test_notebook_04_trains_with_the_gae_lambda_it_is_given(tmp_path: Path) -> None:
+    from esper_lib.ppo import load_trained
+
+    run_notebook("04_short_training", parameters={"gae_lambda": 1.0, "train_seeds": [0]}, quick=True, out_root=tmp_path)
+    _, _, config = load_trained(tmp_path / "04_short_training" / "tamiyo_v2_ppo.pt")
+    assert config.gae_lambda == 1.0  # the default is 0.95
+
+
+@pytest.mark.notebook
 def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     import json
 
