@@ -245,3 +245,56 @@ def test_entropy_floor_updates_keeps_the_floor_for_the_first_updates_only(monkey
     for _ in range(3):
         trainer.step()
     assert seen == [True, True, False]  # one minibatch per update; floors in updates 0 and 1 only
+
+
+def test_entropy_floor_as_a_fraction_of_the_masked_maximum_is_met_at_every_step():
+    """``floor_as_max_fraction``: the floor at a step is ``f * ln(valid ops)``, by hand; a fraction of 1 equals ln k."""
+    torch.manual_seed(5)
+    policy = FactoredRecurrentActorCritic(feature_dim=16, hidden_dim=16)
+    batch = make_batch(policy)
+    valid_ops = torch.tensor([2, 6, 1, 3, 6, 2][: len(OPS)] + [6] * max(0, len(OPS) - 6))
+    op_mask = torch.zeros(1, len(OPS), 6, dtype=torch.bool)
+    for t, k in enumerate(valid_ops.tolist()):
+        chosen = int(batch.actions[0, t, 0])
+        others = [o for o in range(6) if o != chosen][: k - 1]
+        op_mask[0, t, [chosen, *others]] = True
+    batch = batch._replace(masks={**batch.masks, "op": op_mask})
+    lp, ent, val = evaluate_batch(policy, batch)
+    kwargs = dict(clip_coef=0.2, ent_coef=0.01, vf_coef=0.5)
+    base = ppo_losses(lp, ent, val, batch, **kwargs)
+    floors = torch.zeros(8)
+    floors[0] = 0.9
+    out = ppo_losses(lp, ent, val, batch, entropy_floors=floors, entropy_floor_coef=0.5, floor_as_max_fraction=True, **kwargs)
+    shortfall = sum(max(0.0, 0.9 * math.log(int(k)) - float(ent[0, t, 0])) for t, k in enumerate(valid_ops.tolist())) / len(OPS)
+    assert float(out.loss - base.loss) == pytest.approx(0.5 * shortfall, rel=1e-5)
+    # with a fraction of 1 the floor is ln k: never below the entropy, and a one-choice step adds nothing
+    full = floors.clone()
+    full[0] = 1.0
+    out_full = ppo_losses(lp, ent, val, batch, entropy_floors=full, entropy_floor_coef=0.5, floor_as_max_fraction=True, **kwargs)
+    by_hand = sum(math.log(int(k)) - float(ent[0, t, 0]) for t, k in enumerate(valid_ops.tolist())) / len(OPS)
+    assert by_hand > 0
+    assert float(out_full.loss - base.loss) == pytest.approx(0.5 * by_hand, rel=1e-5, abs=1e-6)
+
+
+def test_entropy_floor_unit_is_validated_and_reaches_the_update(monkeypatch):
+    from esper_lib.envs.probes import OpRewardProbe
+    from esper_lib.ppo import PPOTrainer
+    import esper_lib.ppo.update as update
+
+    with pytest.raises(ValueError, match="entropy_floor_unit"):
+        PPOConfig(entropy_floor_unit="fraction")
+    with pytest.raises(ValueError, match="fractions in \\[0, 1\\]"):
+        PPOConfig(entropy_floor_unit="max_fraction", entropy_floor_per_head={"op": 1.5})
+    seen = []
+    real = update.ppo_losses
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("floor_as_max_fraction"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(update, "ppo_losses", spy)
+    base = dict(num_envs=2, num_steps=8, seq_len=4, minibatch_sequences=4, epochs=1, feature_dim=16, hidden_dim=16,
+                num_threads=1, target_kl=None, entropy_floor_per_head={"op": 0.5})
+    PPOTrainer(OpRewardProbe, PPOConfig(**base, entropy_floor_unit="max_fraction")).step()
+    PPOTrainer(OpRewardProbe, PPOConfig(**base)).step()
+    assert seen and seen[0] is True and seen[-1] is False

@@ -20,6 +20,7 @@ OP_ADVANTAGE_MODES = ("expected", "q")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # where autocast_bf16 is offered
 HEAD_LOSS_DENOMINATORS = ("valid_steps", "relevant_steps")  # what each head's loss terms are averaged over
+ENTROPY_FLOOR_UNITS = ("nats", "max_fraction")  # a floor in nats, or a fraction of ln(valid choices) at each step
 VECTOR_ENV_KINDS = ("sync", "async", "ray")  # where PPOTrainer runs the envs it builds from env_fn
 
 
@@ -57,7 +58,12 @@ class PPOConfig:
     does nothing above the floor, so it keeps a head exploring without flattening it (e.g. the op
     head, whose early collapse onto WAIT decides many runs; docs/ppo_morpho.md). None = no floor.
     ``entropy_floor_updates`` = N keeps the floors for updates 0..N-1 only (None: every update), so a
-    head can be held open while the others learn and then let go.
+    head can be held open while the others learn and then let go. ``entropy_floor_unit`` "nats" reads
+    the floors in nats; "max_fraction" reads them as a fraction (0-1) of the most entropy the step's
+    mask allows, ``ln(valid choices)``. A floor in nats above ``ln k`` can never be met at a step with
+    ``k`` valid choices (on the morpho env: 0.8 nats where only WAIT and GERMINATE are valid, max
+    ln 2 = 0.69), so it pulls such a step towards uniform however the other choices compare; a
+    fraction is met at every step and keeps each valid choice at a minimum probability instead.
 
     Per-head averaging: ``head_loss_denominator`` "valid_steps" divides each head's surrogate,
     entropy bonus and floor by the minibatch's valid steps (a head relevant at few steps, e.g.
@@ -107,6 +113,7 @@ class PPOConfig:
     entropy_floor_per_head: dict[str, float] | None = None
     entropy_floor_coef: float = 0.1
     entropy_floor_updates: int | None = None
+    entropy_floor_unit: str = "nats"
     head_loss_denominator: str = "valid_steps"
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
@@ -165,6 +172,12 @@ class PPOConfig:
             _positive_int("entropy_floor_updates", self.entropy_floor_updates)
         if self.bootstrap_mode not in BOOTSTRAP_MODES:
             raise ValueError(f"PPOConfig.bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {self.bootstrap_mode!r}")
+        if self.entropy_floor_unit not in ENTROPY_FLOOR_UNITS:
+            raise ValueError(f"PPOConfig.entropy_floor_unit must be one of {ENTROPY_FLOOR_UNITS}, got {self.entropy_floor_unit!r}")
+        if self.entropy_floor_unit == "max_fraction":
+            over = {h: f for h, f in (self.entropy_floor_per_head or {}).items() if isinstance(f, (int, float)) and f > 1}
+            if over:
+                raise ValueError(f"PPOConfig.entropy_floor_per_head must be fractions in [0, 1] with entropy_floor_unit='max_fraction', got {over}")
         if self.head_loss_denominator not in HEAD_LOSS_DENOMINATORS:
             raise ValueError(f"PPOConfig.head_loss_denominator must be one of {HEAD_LOSS_DENOMINATORS}, got {self.head_loss_denominator!r}")
         if self.op_advantage not in OP_ADVANTAGE_MODES:

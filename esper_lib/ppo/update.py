@@ -64,6 +64,11 @@ def relevance_mask(op: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return RELEVANCE_TABLE.to(op.device)[op] & valid.unsqueeze(-1)
 
 
+def max_entropy(masks: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """``[M, L, 8]`` the most entropy each head can have at each step: ``ln(valid choices)`` of its mask (0 for one)."""
+    return torch.stack([masks[h].sum(-1).clamp(min=1).to(like.dtype).log() for h in HEAD_NAMES], dim=-1)
+
+
 def ppo_losses(
     new_log_probs: torch.Tensor,
     entropy: torch.Tensor,
@@ -78,6 +83,7 @@ def ppo_losses(
     entropy_floors: torch.Tensor | None = None,
     entropy_floor_coef: float = 0.0,
     per_relevant_step: bool = False,
+    floor_as_max_fraction: bool = False,
 ) -> LossOutput:
     """Losses for one minibatch.
 
@@ -87,6 +93,8 @@ def ppo_losses(
     ``entropy_floors`` ``[8]`` (nats, 0 = none) adds ``entropy_floor_coef * sum_h sum_rel
     relu(floor_h - entropy_h) / n`` to the loss. ``n`` is the number of valid steps, or with
     ``per_relevant_step`` each head's own count of relevant steps (a head relevant nowhere adds 0).
+    With ``floor_as_max_fraction`` a floor is the fraction ``floor_h`` of ``ln(valid choices)`` of
+    that head at that step (``batch.masks``), so it can be met at every step.
     """
     rel = relevance_mask(batch.actions[..., 0], batch.valid)  # [M, L, 8]
     valid = batch.valid
@@ -116,6 +124,8 @@ def ppo_losses(
     loss = policy_loss - ent_coef * entropy_bonus + vf_coef * value_loss
     if entropy_floors is not None and entropy_floor_coef > 0:
         floors = entropy_floors.to(entropy.device, entropy.dtype)
+        if floor_as_max_fraction:
+            floors = floors * max_entropy(batch.masks, entropy)  # [M, L, 8]
         shortfall = torch.where(rel, (floors - entropy).clamp(min=0.0), zeros)
         loss = loss + entropy_floor_coef * (shortfall.sum(dim=(0, 1)) / head_n).sum()
 
@@ -221,6 +231,7 @@ def ppo_update(
                 vf_coef=config.vf_coef,
                 value_clip=config.value_clip,
                 per_relevant_step=config.head_loss_denominator == "relevant_steps",
+                floor_as_max_fraction=config.entropy_floor_unit == "max_fraction",
             )
             kl = float(out.approx_kl)
             kl_sum += kl
