@@ -31,6 +31,7 @@ from esper_lib.evaluation.baselines import evaluate_controller
 from esper_lib.run_recorders import EpisodeRecorder, OpUsage, StepTimer, episodes_frame
 from esper_lib.ppo import VECTOR_ENV_KINDS, PolicyController, PPOConfig, PPOTrainer, load_trained, make_vector_env
 from esper_lib.ppo.calibration import CalibrationRecorder
+from esper_lib.processes import spawn_process_pool
 
 TRAIN_SEED_STRIDE = 1000
 
@@ -170,14 +171,6 @@ def train_morpho_policy(
     return run
 
 
-def _process_pool(workers: int) -> Any:
-    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes (no fork of a process holding torch threads)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-
-
 def _train_one(kwargs: dict[str, Any]) -> TrainingRun:
     """Worker of ``train_morpho_policies`` (module level so a spawned process can import it)."""
     return train_morpho_policy(**kwargs)
@@ -235,7 +228,7 @@ def train_morpho_policies(
     for job in jobs:
         (Path(job["out_dir"]) / "metrics.csv").unlink(missing_ok=True)  # the bar counts this run's rows only
     total = config.num_updates * len(jobs)
-    with _process_pool(min(workers, len(jobs))) as pool:
+    with spawn_process_pool(min(workers, len(jobs))) as pool:
         futures = [pool.submit(_train_one, job) for job in jobs]
         with progress_bar(total=total, desc=f"train {len(jobs)} runs, {workers} at a time", unit="update", disable=not progress) as bar:
             pending = set(futures)
@@ -256,6 +249,47 @@ def sampling_controller(checkpoint: str | Path, seed: int) -> PolicyController:
     """The saved policy sampling its actions (the policy PPO optimises), from a generator seeded with ``seed``."""
     policy, normalizer, _ = load_trained(checkpoint)
     return PolicyController(policy, normalizer, deterministic=False, seed=seed)
+
+
+def op_probabilities_along_episode(controller: PolicyController, env_kwargs: Mapping[str, Any], seed: int) -> pd.DataFrame:
+    """pi(op | s) at every epoch of one episode the controller plays (env seed ``seed``).
+
+    One row per epoch: ``epoch``, ``op`` (the op it chose), ``p_<OP>`` for every op (0 where masked).
+    Read on a greedy controller it shows why a run does or does not grow: argmax never germinates
+    where p(GERMINATE) stays below p(WAIT), however close it comes.
+    """
+    from esper_lib.constants import OP_NAMES
+
+    env = MorphoEnv(**dict(env_kwargs))
+    rows = []
+    try:
+        obs, _ = env.reset(seed=int(seed))
+        controller.reset()
+        done, epoch = False, 0
+        while not done:
+            action = controller.act(obs)
+            probs = controller.last.op_probs[0].detach().cpu().numpy()
+            rows.append({"epoch": epoch, "op": OP_NAMES[int(action[0])], **{f"p_{name}": float(p) for name, p in zip(OP_NAMES, probs)}})
+            obs, _, terminated, truncated, _ = env.step(action)
+            done, epoch = terminated or truncated, epoch + 1
+    finally:
+        env.close()
+    return pd.DataFrame(rows)
+
+
+def describe_germination(profiles: Mapping[int, pd.DataFrame]) -> str:
+    """One sentence per training seed from ``op_probabilities_along_episode`` frames (greedy episodes)."""
+    parts = []
+    for seed, df in profiles.items():
+        germ = df.index[df["op"] == "GERMINATE"]
+        if len(germ):
+            first = df.loc[germ[0]]
+            parts.append(f"seed {seed} germinates first at epoch {int(first.epoch)} (p(GERMINATE) {first.p_GERMINATE:.2f})")
+        else:
+            peak = df.loc[df["p_GERMINATE"].idxmax()]
+            parts.append(f"seed {seed} never germinates: p(GERMINATE) on its path starts at {df.p_GERMINATE.iloc[0]:.2f} and peaks at "
+                         f"{peak.p_GERMINATE:.2f} (epoch {int(peak.epoch)}), below p(WAIT) {peak.p_WAIT:.2f} there")
+    return "Greedy episode on the first held-out seed: " + "; ".join(parts) + "."
 
 
 def evaluate_runs(
@@ -303,7 +337,7 @@ def evaluate_runs(
 
     from esper_lib.progress import progress_bar
 
-    with _process_pool(min(workers, len(tasks))) as pool:
+    with spawn_process_pool(min(workers, len(tasks))) as pool:
         futures = [pool.submit(_evaluate_job, task, False) for task in tasks]
         for _ in progress_bar(as_completed(futures), total=len(futures), desc=f"evaluate {len(tasks)} controllers", unit="controller", disable=not progress):
             pass

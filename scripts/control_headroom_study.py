@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from esper_lib.constants import TempoAction  # noqa: E402
+from esper_lib.constants import GerminationStyle, TempoAction  # noqa: E402
 from esper_lib.envs.morpho import MorphoEnv  # noqa: E402
 from esper_lib.evaluation.baselines import AlwaysWaitController  # noqa: E402
 from esper_lib.evaluation.control import ContributionGatedController, hindsight_best  # noqa: E402
@@ -44,6 +44,7 @@ from esper_lib.notebooks.helpers import json_assignment as _assignment  # noqa: 
 
 HELDOUT_OFFSET = 10_000  # notebook 04's held-out seeds
 TEMPOS = (TempoAction.FAST, TempoAction.STANDARD)  # the family of scripts/headroom_study.py
+STYLES = tuple(GerminationStyle)
 
 
 
@@ -65,10 +66,10 @@ def main() -> None:
     env = MorphoEnv(**env_kwargs)  # validates the overrides now
     num_slots, max_epochs = env.num_slots, env.max_epochs
     env.close()
-    grid = {s.name: s for s in schedule_grid(num_slots=num_slots, max_epochs=max_epochs, tempos=TEMPOS, every_slot=True)}
+    grid = {s.name: s for s in schedule_grid(num_slots=num_slots, max_epochs=max_epochs, tempos=TEMPOS, styles=STYLES, every_slot=True)}
     t0 = time.perf_counter()
     if args.rank_train_seeds:
-        _, ranking = select_best_schedule(partial(MorphoEnv, **env_kwargs), list(grid.values()), range(args.rank_train_seeds))
+        _, ranking = select_best_schedule(partial(MorphoEnv, **env_kwargs), list(grid.values()), range(args.rank_train_seeds), workers=args.workers)
         ranking_source = f"ranked here on training seeds 0..{args.rank_train_seeds - 1}"
     else:
         if env_kwargs:

@@ -4,7 +4,7 @@ Writes docs/headroom.md, docs/figures/headroom.png, docs/figures/headroom_traini
 schedule's mean on the training seeds), docs/figures/headroom_heldout.csv (every held-out episode)
 and docs/figures/headroom_best_schedule.json (the best member, read by notebook 04).
 
-    .venv/bin/python scripts/headroom_study.py                      # 98 schedules x 5 training seeds, 30 held-out seeds (~10 min, 2 cores)
+    .venv/bin/python scripts/headroom_study.py                      # 392 schedules x 5 training seeds, 30 held-out seeds (~15 min, 2 cores)
     .venv/bin/python scripts/headroom_study.py --train-seeds 2 --heldout 6 --out /tmp/headroom   # quick look
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from esper_lib.constants import TempoAction  # noqa: E402
+from esper_lib.constants import GerminationStyle, TempoAction  # noqa: E402
 from esper_lib.envs.morpho import MorphoEnv  # noqa: E402
 from esper_lib.evaluation.baselines import HeuristicController, evaluate_controller  # noqa: E402
 from esper_lib.evaluation.plots import plot_paired_differences  # noqa: E402
@@ -32,6 +32,7 @@ from esper_lib.evaluation.stats import compare_controllers  # noqa: E402
 
 HELDOUT_OFFSET = 10_000  # the held-out seeds notebook 04 evaluates on
 TEMPOS = (TempoAction.FAST, TempoAction.STANDARD)  # blend over 3 or 5 epochs (SLOW, 8, is too long for 16-epoch runs)
+STYLES = tuple(GerminationStyle)  # every way a seed joins the host stream (LINEAR_MULTIPLY beats LINEAR_ADD here)
 
 
 def env_defaults() -> dict:
@@ -46,9 +47,10 @@ def main() -> None:
     ap.add_argument("--train-seeds", type=int, default=5, help="env seeds 0..n-1 on which the best schedule is chosen")
     ap.add_argument("--heldout", type=int, default=30, help=f"held-out env seeds {HELDOUT_OFFSET}.. (never used for the choice)")
     ap.add_argument("--out", type=Path, default=Path("docs"), help="folder for headroom.md (figures go to <out>/figures)")
+    ap.add_argument("--workers", type=int, default=2, help="schedules evaluated at once, one process each (one per core)")
     args = ap.parse_args()
-    if args.train_seeds < 1 or args.heldout < 2:
-        raise SystemExit("--train-seeds must be >= 1 and --heldout >= 2")
+    if args.train_seeds < 1 or args.heldout < 2 or args.workers < 1:
+        raise SystemExit("--train-seeds and --workers must be >= 1 and --heldout >= 2")
     torch.set_num_threads(1)
     figures = args.out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -56,8 +58,8 @@ def main() -> None:
     defaults = env_defaults()
     t0 = time.perf_counter()
 
-    grid = schedule_grid(num_slots=defaults["num_slots"], max_epochs=defaults["max_epochs"], tempos=TEMPOS, every_slot=True)
-    best, training = select_best_schedule(env_fn, grid, range(args.train_seeds), progress=True)
+    grid = schedule_grid(num_slots=defaults["num_slots"], max_epochs=defaults["max_epochs"], tempos=TEMPOS, styles=STYLES, every_slot=True)
+    best, training = select_best_schedule(env_fn, grid, range(args.train_seeds), progress=True, workers=args.workers)
     training.to_csv(figures / "headroom_training.csv", index=False)
 
     heldout = list(range(HELDOUT_OFFSET, HELDOUT_OFFSET + args.heldout))
@@ -128,8 +130,9 @@ def write_page(args, defaults, best, training, summary, seconds) -> None:
         "## The family and the choice",
         "",
         f"`schedule_grid` ({len(training)} members): every slot x every CNN blueprint x germination at epoch 0 or",
-        "`max_epochs // 4` x tempo FAST or STANDARD, plus one member per blueprint and tempo that seeds every slot",
-        "from epoch 0; LINEAR_ADD style, alpha target 1.0; ADVANCE as soon as allowed,",
+        "`max_epochs // 4` x tempo FAST or STANDARD x every germination style (LINEAR_ADD, LINEAR_MULTIPLY,",
+        "SIGMOID_ADD, GATED_GATE), plus one member per blueprint, tempo and style that seeds every slot",
+        "from epoch 0; alpha target 1.0; ADVANCE as soon as allowed,",
         "FOSSILIZE as soon as HOLDING (`esper_lib/evaluation/schedules.py`). The best member is chosen by mean return on",
         f"training seeds 0..{args.train_seeds - 1} only. Top 10:",
         "",

@@ -23,6 +23,8 @@ EXPECTED_ARTEFACTS: dict[str, tuple[str, ...]] = {
         "evaluation_summary.csv",
         "calibration_summary.csv",
         "op_sequences.csv",
+        "greedy_op_probabilities.csv",
+        "greedy_op_probabilities.png",
         "iteration_timing.csv",
         "run_summary.json",
         "controller_comparison.png",

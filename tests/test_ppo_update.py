@@ -298,3 +298,48 @@ def test_entropy_floor_unit_is_validated_and_reaches_the_update(monkeypatch):
     PPOTrainer(OpRewardProbe, PPOConfig(**base, entropy_floor_unit="max_fraction")).step()
     PPOTrainer(OpRewardProbe, PPOConfig(**base)).step()
     assert seen and seen[0] is True and seen[-1] is False
+
+
+def test_a_head_left_out_of_learning_adds_nothing_to_the_loss_and_gets_no_gradient():
+    torch.manual_seed(6)
+    policy = FactoredRecurrentActorCritic(feature_dim=16, hidden_dim=16)
+    batch = make_batch(policy)
+    batch = batch._replace(log_probs=batch.log_probs + 0.3 * torch.randn(batch.log_probs.shape))
+    floors = torch.full((8,), 5.0)
+    kwargs = dict(clip_coef=0.2, ent_coef=0.01, vf_coef=0.5, entropy_floors=floors, entropy_floor_coef=0.5, per_relevant_step=True)
+    lp, ent, val = evaluate_batch(policy, batch)
+    full = ppo_losses(lp, ent, val, batch, **kwargs)
+    no_op = ppo_losses(lp, ent, val, batch, heads_learning=torch.tensor([h != "op" for h in HEAD_NAMES]), **kwargs)
+    op_steps = len(OPS)  # the op head is relevant at every step
+    op_terms = (float(full.policy_loss_per_head[0]) - 0.01 * ENTROPY_COEF_PER_HEAD["op"] * float(ent[0, :, 0].mean())
+                + 0.5 * sum(5.0 - float(ent[0, t, 0]) for t in range(op_steps)) / op_steps)
+    assert float(full.loss - no_op.loss) == pytest.approx(op_terms, rel=1e-5)
+    torch.testing.assert_close(no_op.policy_loss_per_head, full.policy_loss_per_head)  # still reported
+    policy.zero_grad()
+    no_op.loss.backward()
+    op_head = dict(policy.named_parameters())
+    op_grads = [p.grad for n, p in op_head.items() if n.startswith("heads.op.")]
+    assert op_grads and all(g is None or float(g.abs().max()) == 0.0 for g in op_grads)
+
+
+def test_op_warmup_updates_leaves_the_op_head_out_for_the_first_updates(monkeypatch):
+    from esper_lib.envs.probes import OpRewardProbe
+    from esper_lib.ppo import PPOTrainer
+    import esper_lib.ppo.update as update
+
+    with pytest.raises(ValueError, match="op_warmup_updates"):
+        PPOConfig(op_warmup_updates=-1)
+    seen = []
+    real = update.ppo_losses
+
+    def spy(*args, **kwargs):
+        h = kwargs.get("heads_learning")
+        seen.append(None if h is None else bool(h[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(update, "ppo_losses", spy)
+    base = dict(num_envs=2, num_steps=8, seq_len=4, minibatch_sequences=4, epochs=1, feature_dim=16, hidden_dim=16, num_threads=1, target_kl=None)
+    tr = PPOTrainer(OpRewardProbe, PPOConfig(**base, op_warmup_updates=2))
+    for _ in range(3):
+        tr.step()
+    assert seen == [False, False, None]

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esper_lib.constants import BlueprintAction, LifecycleOp, SeedStage, TempoAction
+from esper_lib.constants import BlueprintAction, GerminationStyle, LifecycleOp, SeedStage, TempoAction
 from esper_lib.envs.blueprints import CNN_BLUEPRINTS
 from esper_lib.envs.morpho import MorphoEnv
 from esper_lib.evaluation import schedules as sched
@@ -92,6 +92,26 @@ def test_grid_has_the_documented_size_and_unique_names():
     assert small[0].name == "s0-conv_small@0-fast"
 
 
+def test_grid_spans_the_styles_it_is_given_with_distinct_names():
+    styles = (GerminationStyle.LINEAR_ADD, GerminationStyle.LINEAR_MULTIPLY)
+    grid = schedule_grid(num_slots=3, max_epochs=16, blueprints=[BlueprintAction.NORM], germinate_at=[0], styles=styles, every_slot=True)
+    assert len(grid) == 3 * 2 + 2  # slot x style, then one every-slot member per style
+    assert [s.style for s in grid[:2]] == list(styles) and grid[0].slot == grid[1].slot == 0
+    assert len({s.name for s in grid}) == len(grid)
+    assert grid[-1].name == "s0-norm@0+s1-norm@0+s2-norm@0-standard-linear_multiply"
+    assert grid[-1].style == GerminationStyle.LINEAR_MULTIPLY and len(grid[-1].seedings) == 3
+    assert len(schedule_grid(num_slots=3, max_epochs=16, styles=tuple(GerminationStyle))) == 4 * len(schedule_grid(num_slots=3, max_epochs=16))
+
+
+def test_select_best_gives_the_same_table_with_worker_processes():
+    grid = schedule_grid(num_slots=3, max_epochs=4, blueprints=[BlueprintAction.NORM, BlueprintAction.CONV_LIGHT], germinate_at=[0])[:4]
+    env_fn = functools.partial(MorphoEnv, max_epochs=4, train_size=60, val_size=40, batches_per_epoch=1)
+    best1, table1 = select_best_schedule(env_fn, grid, train_seeds=[0, 1], progress=False)
+    best2, table2 = select_best_schedule(env_fn, grid, train_seeds=[0, 1], progress=False, workers=2)
+    assert best1 == best2
+    pd.testing.assert_frame_equal(table1, table2)
+
+
 def _fake_env_fn():
     class Fake:
         num_slots = 3
@@ -158,6 +178,12 @@ def test_bad_grid_and_controller_arguments_raise_naming_the_argument():
         schedule_grid(max_epochs=10, germinate_at=[10])
     with pytest.raises(ValueError, match="tempos"):
         schedule_grid(tempos=[])
+    with pytest.raises(ValueError, match="styles"):
+        schedule_grid(styles=[])
+    with pytest.raises(ValueError, match="styles"):
+        schedule_grid(styles=["PLAIN"])
+    with pytest.raises(ValueError, match="workers"):
+        select_best_schedule(_fake_env_fn, schedule_grid(max_epochs=4)[:2], train_seeds=[0], progress=False, workers=0)
     with pytest.raises(ValueError, match="num_slots"):
         ScheduleController(FixedSchedule(2, 1, 0), num_slots=2)
     with pytest.raises(ValueError, match="schedule"):

@@ -8,9 +8,12 @@ from esper_lib.ppo import PPOConfig
 from esper_lib.training_runs import (
     LiveMetrics,
     calibration_summary,
+    describe_germination,
     describe_outcome,
     distinct_op_sequences,
     evaluate_runs,
+    greedy_controller,
+    op_probabilities_along_episode,
     train_morpho_policy,
 )
 
@@ -178,3 +181,25 @@ def test_evaluation_with_workers_gives_the_same_rows(run):
     pd.testing.assert_frame_equal(one.drop(columns="wall_s"), two.drop(columns="wall_s"))
     with pytest.raises(ValueError, match="workers"):
         evaluate_runs([run], baselines, ENV, [100], workers=0)
+
+
+def test_op_probabilities_follow_the_greedy_episode_the_evaluation_plays(run):
+    profile = op_probabilities_along_episode(greedy_controller(run.checkpoint), ENV, 100)
+    assert list(profile.epoch) == [0, 1, 2, 3]
+    probs = profile.filter(like="p_").to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5) and (probs >= 0).all()
+    assert (profile.loc[0, ["p_PRUNE", "p_FOSSILIZE", "p_ADVANCE", "p_SET_ALPHA_TARGET"]] == 0).all()  # masked: no seed yet
+    # greedy: the op taken is the most probable one, and the ops are those the evaluation records
+    assert (profile.op == profile.filter(like="p_").idxmax(axis=1).str[2:]).all()
+    from esper_lib.constants import OP_NAMES
+
+    played = evaluate_runs([run], {}, ENV, [100], progress=False).ops.iloc[0]
+    assert ",".join(str(OP_NAMES.index(op)) for op in profile.op) == played
+
+
+def test_describe_germination_names_the_first_germination_or_its_absence():
+    late = pd.DataFrame({"epoch": [0, 1, 2], "op": ["WAIT", "WAIT", "GERMINATE"], "p_WAIT": [0.9, 0.7, 0.4], "p_GERMINATE": [0.1, 0.3, 0.6]})
+    never = pd.DataFrame({"epoch": [0, 1, 2], "op": ["WAIT"] * 3, "p_WAIT": [0.95, 0.7, 0.6], "p_GERMINATE": [0.05, 0.3, 0.4]})
+    text = describe_germination({0: late, 1: never})
+    assert "seed 0 germinates first at epoch 2 (p(GERMINATE) 0.60)" in text
+    assert "seed 1 never germinates: p(GERMINATE) on its path starts at 0.05 and peaks at 0.40 (epoch 2), below p(WAIT) 0.60" in text

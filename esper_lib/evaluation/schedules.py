@@ -242,22 +242,22 @@ def schedule_grid(
     blueprints: Sequence[BlueprintAction] | None = None,
     germinate_at: Sequence[int] | None = None,
     tempos: Sequence[TempoAction] = (TempoAction.STANDARD,),
-    style: GerminationStyle = GerminationStyle.LINEAR_ADD,
+    styles: Sequence[GerminationStyle] = (GerminationStyle.LINEAR_ADD,),
     alpha_target: AlphaTargetAction = AlphaTargetAction.FULL,
     fossilize_at: int | None = 0,
     every_slot: bool = False,
 ) -> list[FixedSchedule]:
-    """The documented family of one-seed schedules: slot x blueprint x germination epoch x tempo.
+    """The documented family of one-seed schedules: slot x blueprint x germination epoch x tempo x style.
 
-    With ``every_slot=True`` the family also has, per blueprint and tempo, a member that seeds
+    With ``every_slot=True`` the family also has, per blueprint, tempo and style, a member that seeds
     every slot with that blueprint from epoch 0 (one germination per epoch, slot order): the
     reference for controllers that grow more than one seed.
 
     Every member germinates one seed, advances it as soon as allowed and fossilizes it as soon as
     it is HOLDING (with the default ``fossilize_at=0``). Defaults: every slot, every CNN blueprint
     (``CNN_BLUEPRINTS``, 7), ``germinate_at = default_germinate_epochs(max_epochs)`` (epoch 0 and
-    ``max_epochs // 4``), tempo STANDARD: 3 x 7 x 2 x 1 = 42 members for 3 slots.
-    Order: slot, then blueprint, then germination epoch, then tempo (itertools.product).
+    ``max_epochs // 4``), tempo STANDARD, style LINEAR_ADD: 3 x 7 x 2 x 1 x 1 = 42 members for 3 slots.
+    Order: slot, then blueprint, then germination epoch, then tempo, then style (itertools.product).
     """
     if not _is_int(num_slots) or num_slots < 1:
         raise ValueError(f"num_slots must be a positive int, got {num_slots!r}")
@@ -275,17 +275,20 @@ def schedule_grid(
     tempos = tuple(_enum("tempos", TempoAction, t) for t in tempos)
     if not tempos:
         raise ValueError("tempos must not be empty")
-    if len(set(bps)) != len(bps) or len(set(epochs)) != len(epochs) or len(set(tempos)) != len(tempos):
-        raise ValueError("blueprints, germinate_at and tempos must not repeat a value")
+    styles = tuple(_enum("styles", GerminationStyle, s) for s in styles)
+    if not styles:
+        raise ValueError("styles must not be empty")
+    if any(len(set(v)) != len(v) for v in (bps, epochs, tempos, styles)):
+        raise ValueError("blueprints, germinate_at, tempos and styles must not repeat a value")
     grid = [
         FixedSchedule(slot, bp, int(at), tempo=tempo, style=style, alpha_target=alpha_target, fossilize_at=fossilize_at)
-        for slot, bp, at, tempo in itertools.product(range(num_slots), bps, epochs, tempos)
+        for slot, bp, at, tempo, style in itertools.product(range(num_slots), bps, epochs, tempos, styles)
     ]
     if every_slot and num_slots > 1:
         grid += [
             FixedSchedule(0, bp, 0, tempo=tempo, style=style, alpha_target=alpha_target, fossilize_at=fossilize_at,
                           extra_seedings=tuple((slot, bp, 0) for slot in range(1, num_slots)))
-            for bp, tempo in itertools.product(bps, tempos)
+            for bp, tempo, style in itertools.product(bps, tempos, styles)
         ]
     return grid
 
@@ -307,12 +310,15 @@ def select_best_schedule(
     train_seeds: Iterable[int],
     metric: str = "return",
     progress: bool = True,
+    workers: int = 1,
 ) -> tuple[FixedSchedule, pd.DataFrame]:
     """Evaluate every schedule on ``train_seeds`` and return the one with the highest mean ``metric``.
 
     Returns ``(best, table)``; ``table`` has one row per schedule (``schedule``, ``n``,
     ``<metric>_mean``, ``<metric>_std``, ``rank``), sorted best first; ties go to the earlier
     schedule in ``schedules``. Seeds used here must not be reused for the held-out comparison.
+    ``workers > 1`` evaluates that many schedules at once, each in a spawned process (``env_fn``
+    must then be picklable, e.g. ``functools.partial(MorphoEnv, ...)``); the table is the same.
     """
     schedules = list(schedules)
     if not schedules or not all(isinstance(s, FixedSchedule) for s in schedules):
@@ -323,26 +329,36 @@ def select_best_schedule(
     train_seeds = [int(s) for s in train_seeds]
     if not train_seeds:
         raise ValueError("train_seeds must not be empty")
+    if not _is_int(workers) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     num_slots = _num_slots(env_fn)
-    iterator: Iterable[FixedSchedule] = schedules
-    if progress:
-        from esper_lib.progress import progress_bar
+    from esper_lib.progress import progress_bar
 
-        iterator = progress_bar(schedules, desc="schedules")
-    rows = []
-    for schedule in iterator:
-        res = evaluate_controller(ScheduleController(schedule, num_slots), env_fn, train_seeds, name=schedule.name)
-        if metric not in res.columns:
-            raise ValueError(f"metric {metric!r} is not a column of the evaluation results: {list(res.columns)}")
-        x = res[metric].astype(float).to_numpy()
-        rows.append({"schedule": schedule.name, "n": len(x), f"{metric}_mean": float(np.mean(x)),
-                     f"{metric}_std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0})
+    tasks = [(schedule, num_slots, env_fn, train_seeds, metric) for schedule in schedules]
+    if workers == 1:
+        rows = [_schedule_row(task) for task in progress_bar(tasks, desc="schedules", disable=not progress)]
+    else:
+        from esper_lib.processes import spawn_process_pool
+
+        with spawn_process_pool(min(workers, len(tasks))) as pool:
+            rows = list(progress_bar(pool.map(_schedule_row, tasks, chunksize=4), total=len(tasks), desc="schedules", disable=not progress))
     table = pd.DataFrame(rows)
     order = np.argsort(-table[f"{metric}_mean"].to_numpy(), kind="stable")
     table = table.iloc[order].reset_index(drop=True)
     table["rank"] = np.arange(1, len(table) + 1)
     best = schedules[names.index(table["schedule"].iloc[0])]
     return best, table
+
+
+def _schedule_row(task: tuple[FixedSchedule, int, Callable[[], Any], list[int], str]) -> dict[str, Any]:
+    """One schedule's row of ``select_best_schedule`` (module level so a spawned process can run it)."""
+    schedule, num_slots, env_fn, train_seeds, metric = task
+    res = evaluate_controller(ScheduleController(schedule, num_slots), env_fn, train_seeds, name=schedule.name)
+    if metric not in res.columns:
+        raise ValueError(f"metric {metric!r} is not a column of the evaluation results: {list(res.columns)}")
+    x = res[metric].astype(float).to_numpy()
+    return {"schedule": schedule.name, "n": len(x), f"{metric}_mean": float(np.mean(x)),
+            f"{metric}_std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0}
 
 
 class _RandomPerEpisode(RandomMaskedController):

@@ -242,3 +242,29 @@ def plot_critic_calibration(calibration_by_seed: dict[int, pd.DataFrame], ax: Ax
     ax.legend(fontsize=7, ncol=2)
     ax.figure.tight_layout()
     return ax.figure
+
+
+def plot_op_probabilities(profiles: dict[int, pd.DataFrame], axes: Sequence[Axes] | None = None) -> Figure:
+    """One panel per training seed: pi(op | s) over one greedy episode (``op_probabilities_along_episode``), chosen ops marked."""
+    if not profiles:
+        raise ValueError("profiles must not be empty")
+    if axes is None:
+        _, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.4), sharey=True, squeeze=False)
+        axes = axes[0]
+    for ax, (seed, df) in zip(axes, profiles.items()):
+        for name in OP_NAMES:
+            col = f"p_{name}"
+            if df[col].max() > 0.02:
+                line = ax.plot(df["epoch"], df[col], marker=".", label=name)[0]
+                chosen = df["op"] == name
+                ax.scatter(df.loc[chosen, "epoch"], df.loc[chosen, col], s=60, facecolors="none", edgecolors=line.get_color())
+        ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        ax.set_title(f"training seed {seed}")
+        ax.set_xlabel("epoch of the episode")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("pi(op | s), greedy episode")
+    axes[-1].legend(fontsize=7, loc="center right")
+    fig = axes[0].figure
+    fig.suptitle("Op probabilities along one greedy held-out episode (circles: the op taken)", fontsize=10)
+    fig.tight_layout()
+    return fig

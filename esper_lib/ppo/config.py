@@ -65,6 +65,12 @@ class PPOConfig:
     ln 2 = 0.69), so it pulls such a step towards uniform however the other choices compare; a
     fraction is met at every step and keeps each valid choice at a minimum probability instead.
 
+    Op-head warm-up: for updates ``0..op_warmup_updates - 1`` the op head's surrogate, entropy bonus
+    and floor are left out of the loss (its metrics are still reported). The op policy then stays near
+    its initial, near-uniform distribution (only the shared trunk moves it) while the argument heads
+    and the critic learn from seeds germinated at every epoch; then the op head learns with them.
+    0 = off (the design's loss from the first update).
+
     Per-head averaging: ``head_loss_denominator`` "valid_steps" divides each head's surrogate,
     entropy bonus and floor by the minibatch's valid steps (a head relevant at few steps, e.g.
     blueprint at GERMINATE steps only, gets a gradient scaled down by how seldom it is relevant);
@@ -114,6 +120,7 @@ class PPOConfig:
     entropy_floor_coef: float = 0.1
     entropy_floor_updates: int | None = None
     entropy_floor_unit: str = "nats"
+    op_warmup_updates: int = 0
     head_loss_denominator: str = "valid_steps"
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
@@ -172,6 +179,8 @@ class PPOConfig:
             _positive_int("entropy_floor_updates", self.entropy_floor_updates)
         if self.bootstrap_mode not in BOOTSTRAP_MODES:
             raise ValueError(f"PPOConfig.bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {self.bootstrap_mode!r}")
+        if isinstance(self.op_warmup_updates, bool) or not isinstance(self.op_warmup_updates, int) or self.op_warmup_updates < 0:
+            raise ValueError(f"PPOConfig.op_warmup_updates must be an int >= 0 (0 = off), got {self.op_warmup_updates!r}")
         if self.entropy_floor_unit not in ENTROPY_FLOOR_UNITS:
             raise ValueError(f"PPOConfig.entropy_floor_unit must be one of {ENTROPY_FLOOR_UNITS}, got {self.entropy_floor_unit!r}")
         if self.entropy_floor_unit == "max_fraction":

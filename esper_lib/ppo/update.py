@@ -84,6 +84,7 @@ def ppo_losses(
     entropy_floor_coef: float = 0.0,
     per_relevant_step: bool = False,
     floor_as_max_fraction: bool = False,
+    heads_learning: torch.Tensor | None = None,
 ) -> LossOutput:
     """Losses for one minibatch.
 
@@ -94,7 +95,9 @@ def ppo_losses(
     relu(floor_h - entropy_h) / n`` to the loss. ``n`` is the number of valid steps, or with
     ``per_relevant_step`` each head's own count of relevant steps (a head relevant nowhere adds 0).
     With ``floor_as_max_fraction`` a floor is the fraction ``floor_h`` of ``ln(valid choices)`` of
-    that head at that step (``batch.masks``), so it can be met at every step.
+    that head at that step (``batch.masks``), so it can be met at every step. ``heads_learning``
+    ``[8]`` bool (default all): a head marked False adds no surrogate, bonus or floor to the loss (its
+    metrics are still computed), e.g. the op head during ``PPOConfig.op_warmup_updates``.
     """
     rel = relevance_mask(batch.actions[..., 0], batch.valid)  # [M, L, 8]
     valid = batch.valid
@@ -108,9 +111,11 @@ def ppo_losses(
     adv = batch.advantages
     surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef))
     policy_loss_per_head = torch.where(rel, surrogate, zeros).sum(dim=(0, 1)) / head_n
-    policy_loss = policy_loss_per_head.sum()
+    learning = torch.ones(NUM_HEADS, dtype=torch.bool, device=rel.device) if heads_learning is None else heads_learning.to(rel.device)
+    policy_loss = torch.where(learning, policy_loss_per_head, torch.zeros_like(policy_loss_per_head)).sum()
 
     coefs = (ENTROPY_COEFS if entropy_coefs is None else entropy_coefs).to(entropy.device, entropy.dtype)
+    coefs = torch.where(learning, coefs, torch.zeros_like(coefs))
     masked_entropy = torch.where(rel, entropy, zeros)
     entropy_bonus = (masked_entropy.sum(dim=(0, 1)) / head_n * coefs).sum()
 
@@ -126,7 +131,7 @@ def ppo_losses(
         floors = entropy_floors.to(entropy.device, entropy.dtype)
         if floor_as_max_fraction:
             floors = floors * max_entropy(batch.masks, entropy)  # [M, L, 8]
-        shortfall = torch.where(rel, (floors - entropy).clamp(min=0.0), zeros)
+        shortfall = torch.where(rel & learning, (floors - entropy).clamp(min=0.0), zeros)
         loss = loss + entropy_floor_coef * (shortfall.sum(dim=(0, 1)) / head_n).sum()
 
     with torch.no_grad():
@@ -203,6 +208,9 @@ def ppo_update(
     floors = config.head_entropy_floors
     floors_on = any(floors.values()) and (config.entropy_floor_updates is None or (update or 0) < config.entropy_floor_updates)
     entropy_floors = torch.tensor([floors[h] for h in HEAD_NAMES]) if floors_on else None
+    heads_learning = None
+    if (update or 0) < config.op_warmup_updates:
+        heads_learning = torch.tensor([h != "op" for h in HEAD_NAMES])
     M = seqs.num_sequences
     sums: dict[str, torch.Tensor] = {}
     kl_sum, kl_count, steps, grad_norm_sum = 0.0, 0, 0, 0.0
@@ -232,6 +240,7 @@ def ppo_update(
                 value_clip=config.value_clip,
                 per_relevant_step=config.head_loss_denominator == "relevant_steps",
                 floor_as_max_fraction=config.entropy_floor_unit == "max_fraction",
+                heads_learning=heads_learning,
             )
             kl = float(out.approx_kl)
             kl_sum += kl
