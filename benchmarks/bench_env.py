@@ -7,8 +7,8 @@ env's defaults, of a ``SyncVectorEnv`` and of an ``AsyncVectorEnv`` of ``--num-e
 prints env-steps/s (= host epochs/s) and ms per epoch. ``--controller random`` drives every env
 with the masked random controller (seeds germinate, train, blend and get pruned, so the cost
 includes seeds and counterfactuals); ``wait`` trains the bare host; ``schedule`` plays the best fixed
-schedule of ``docs/figures/headroom_best_schedule.json`` (a NORM seed in every slot, blended and
-fossilized: the cost of a policy that grows, as notebook 04's trained policies do);
+schedule of ``docs/figures/headroom_best_schedule.json`` (seeds blended and fossilized, a NORM seed in
+every slot until the family spanned the styles, now one CONV_HEAVY seed: the cost of a policy that grows);
 ``both`` = wait and random, ``all`` = the three. Each env runs torch with one
 thread. For the single env it also prints where a step's time goes: host training (the epoch of
 minibatch Adam), validation (the forward pass on the validation split) and counterfactuals (the

@@ -6,6 +6,9 @@
   training process (host training and validation of all envs, in parallel for an
   ``AsyncVectorEnv``), so a run's wall time can be split into host work and policy work.
 - ``OpUsage``: a ``PPOTrainer.run`` callback that records the op distribution of each rollout.
+- ``FirstEpochChoices``: a ``PPOTrainer.run`` callback that records, after every update, what the
+  policy would do at the first epoch of a few probe hosts (p(op), and the blueprint and style a
+  germination there would take): when a run gives up on germinating early, and on what.
 
 ``esper_lib.training_runs`` wires them into a run; ``esper_lib.notebooks.training_report`` plots
 what they record.
@@ -20,7 +23,9 @@ import numpy as np
 import pandas as pd
 from gymnasium.vector import VectorEnv, VectorWrapper
 
-from esper_lib.constants import NUM_OPS, OP_NAMES
+from esper_lib.constants import NUM_OPS, OP_NAMES, BlueprintAction, GerminationStyle
+
+PROBE_SEEDS = (900_001, 900_002)  # env seeds of the probe hosts: used neither by training nor by the held-out evaluation
 
 
 class EpisodeRecorder(gym.Wrapper):
@@ -114,3 +119,64 @@ class OpUsage:
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=["update", "env_steps", *OP_NAMES])
+
+
+class FirstEpochChoices:
+    """``PPOTrainer.run`` callback: the policy's choices at the first epoch of probe hosts, after every update.
+
+    Per update (``frame()``): ``p_<OP>`` = pi(op | s0) averaged over the probe hosts (env seeds
+    ``PROBE_SEEDS``, empty host: only WAIT and GERMINATE valid), and ``blueprint`` / ``style`` with
+    ``p_blueprint`` / ``p_style``: the most probable valid choice of those heads at s0 of the first
+    probe host (what a germination there would take). The global torch and numpy random states are
+    restored after each probe, so a run is the same bit for bit with or without it.
+    """
+
+    def __init__(self, env_fn: Any, seeds: tuple[int, ...] = PROBE_SEEDS) -> None:
+        self.env_fn, self.seeds = env_fn, tuple(int(s) for s in seeds)
+        self.env: Any = None
+        self.rows: list[dict[str, Any]] = []
+
+    def __call__(self, trainer: Any, row: dict[str, float]) -> None:
+        import torch
+
+        from esper_lib.ppo.controller import PolicyController
+
+        rng = (torch.get_rng_state(), np.random.get_state())
+        was_training = trainer.policy.training
+        try:
+            if self.env is None:
+                self.env = self.env_fn()
+            controller = PolicyController(trainer.policy, trainer.normalizer or False, deterministic=True)
+            op_probs, first = [], None
+            for seed in self.seeds:
+                obs, _ = self.env.reset(seed=seed)
+                state, bp, masks = controller.observation_tensors(obs)
+                with torch.no_grad():
+                    out = trainer.policy(state.unsqueeze(1), bp.unsqueeze(1), action_mask={"op": masks["op"].unsqueeze(1)})
+                op_probs.append(_masked_softmax(out.op_logits[0, 0], masks["op"][0]))
+                if first is None:
+                    first = (_masked_softmax(out.blueprint_logits[0, 0], masks["blueprint"][0]), _masked_softmax(out.style_logits[0, 0], masks["style"][0]))
+        finally:
+            trainer.policy.train(was_training)
+            torch.set_rng_state(rng[0])
+            np.random.set_state(rng[1])
+        p_op = np.mean(op_probs, axis=0)
+        bp, style = first
+        self.rows.append({"update": row["update"], **{f"p_{name}": float(p) for name, p in zip(OP_NAMES, p_op)},
+                          "blueprint": BlueprintAction(int(bp.argmax())).name, "p_blueprint": float(bp.max()),
+                          "style": GerminationStyle(int(style.argmax())).name, "p_style": float(style.max())})
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["update", *(f"p_{n}" for n in OP_NAMES), "blueprint", "p_blueprint", "style", "p_style"])
+
+
+def _masked_softmax(logits: Any, mask: Any) -> np.ndarray:
+    """Probabilities ``[k]`` (numpy) over the valid entries of ``mask``, 0 elsewhere."""
+    import torch
+
+    return torch.softmax(logits.float().masked_fill(~mask, float("-inf")), dim=-1).cpu().numpy()

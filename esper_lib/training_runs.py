@@ -28,7 +28,7 @@ import pandas as pd
 
 from esper_lib.envs.morpho import MorphoEnv
 from esper_lib.evaluation.baselines import evaluate_controller
-from esper_lib.run_recorders import EpisodeRecorder, OpUsage, StepTimer, episodes_frame
+from esper_lib.run_recorders import EpisodeRecorder, FirstEpochChoices, OpUsage, StepTimer, episodes_frame
 from esper_lib.ppo import VECTOR_ENV_KINDS, PolicyController, PPOConfig, PPOTrainer, load_trained, make_vector_env
 from esper_lib.ppo.calibration import CalibrationRecorder
 from esper_lib.processes import spawn_process_pool
@@ -100,6 +100,7 @@ class TrainingRun:
     checkpoint: Path
     train_seconds: float
     env_step_seconds: float  # wall time inside the vector env's step (host training of all envs)
+    first_epoch: pd.DataFrame | None = None  # per update: the policy's choices at the first epoch of probe hosts (FirstEpochChoices)
 
 
 def train_morpho_policy(
@@ -113,6 +114,7 @@ def train_morpho_policy(
     tensorboard: bool = False,
     progress: bool = True,
     callbacks: Sequence[Callable[[PPOTrainer, dict[str, float]], Any]] = (),
+    first_epoch_probe: bool = True,
 ) -> TrainingRun:
     """Train one PPO policy on ``MorphoEnv(**env_kwargs)``; files go to ``out_dir``.
 
@@ -120,7 +122,9 @@ def train_morpho_policy(
     and report it as the training seed). Writes ``metrics.csv`` (row by row), ``tamiyo_v2_ppo.pt`` (final; with ``checkpoint_every=k``
     also after every k-th update, overwriting), ``op_usage.csv``, ``training_episodes.csv`` and
     ``calibration.csv``; with ``tensorboard=True`` also TensorBoard scalars under ``tensorboard/``
-    (``TensorBoardMetrics``, the ``tensorboard`` extra).
+    (``TensorBoardMetrics``, the ``tensorboard`` extra); with ``first_epoch_probe`` (default) also
+    ``first_epoch.csv`` (``FirstEpochChoices``: the policy's choices at the first epoch of two probe
+    hosts after every update; the run's updates are the same with or without it).
     """
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
@@ -137,9 +141,10 @@ def train_morpho_policy(
     board = TensorBoardMetrics(out / "tensorboard") if tensorboard else None  # before the envs: a missing extra leaks nothing
     envs = make_training_envs(env_kwargs, config.num_envs, vector_env)
     op_usage, calibration, live = OpUsage(), CalibrationRecorder(config.gamma), LiveMetrics(out / "metrics.csv")
+    first_epoch = FirstEpochChoices(partial(MorphoEnv, **env_kwargs)) if first_epoch_probe else None
 
     def on_update(trainer: PPOTrainer, row: dict[str, float]) -> None:
-        for cb in (op_usage, calibration, live, *([board] if board else []), *callbacks):
+        for cb in (op_usage, calibration, live, *([board] if board else []), *([first_epoch] if first_epoch else []), *callbacks):
             cb(trainer, row)
         if checkpoint_every and (trainer.update_index % checkpoint_every == 0):
             trainer.save(checkpoint)
@@ -155,6 +160,8 @@ def train_morpho_policy(
         trainer.close()
         if board is not None:
             board.close()
+        if first_epoch is not None:
+            first_epoch.close()
     run = TrainingRun(
         train_seed=config.seed if train_seed is None else train_seed,
         metrics=metrics,
@@ -164,8 +171,11 @@ def train_morpho_policy(
         checkpoint=checkpoint,
         train_seconds=train_seconds,
         env_step_seconds=envs.step_seconds,
+        first_epoch=first_epoch.frame() if first_epoch is not None else None,
     )
     run.op_usage.to_csv(out / "op_usage.csv", index=False)
+    if run.first_epoch is not None:
+        run.first_epoch.to_csv(out / "first_epoch.csv", index=False)
     run.episodes.to_csv(out / "training_episodes.csv", index=False)
     run.calibration.to_csv(out / "calibration.csv", index=False)
     return run
@@ -290,6 +300,17 @@ def describe_germination(profiles: Mapping[int, pd.DataFrame]) -> str:
             parts.append(f"seed {seed} never germinates: p(GERMINATE) on its path starts at {df.p_GERMINATE.iloc[0]:.2f} and peaks at "
                          f"{peak.p_GERMINATE:.2f} (epoch {int(peak.epoch)}), below p(WAIT) {peak.p_WAIT:.2f} there")
     return "Greedy episode on the first held-out seed: " + "; ".join(parts) + "."
+
+
+def describe_first_epoch(traces: Mapping[int, pd.DataFrame]) -> str:
+    """One sentence per training seed from ``FirstEpochChoices`` frames: p(GERMINATE) at epoch 0 over training."""
+    parts = []
+    for seed, df in traces.items():
+        p = df["p_GERMINATE"].to_numpy()
+        last = df.iloc[-1]
+        text = f"seed {seed}: {p[0]:.2f} at update {int(df['update'].iloc[0])}, {p.min():.2f} at its lowest (update {int(df['update'].iloc[p.argmin()])}), {p[-1]:.2f} at the end"
+        parts.append(text + f", taking {last.blueprint}/{last['style']} there")
+    return "p(GERMINATE) at the first epoch of the probe hosts over training: " + "; ".join(parts) + "."
 
 
 def evaluate_runs(

@@ -25,6 +25,8 @@ EXPECTED_ARTEFACTS: dict[str, tuple[str, ...]] = {
         "op_sequences.csv",
         "greedy_op_probabilities.csv",
         "greedy_op_probabilities.png",
+        "first_epoch_choices.png",
+        "seed_0/first_epoch.csv",
         "iteration_timing.csv",
         "run_summary.json",
         "controller_comparison.png",

@@ -8,6 +8,7 @@ from esper_lib.ppo import PPOConfig
 from esper_lib.training_runs import (
     LiveMetrics,
     calibration_summary,
+    describe_first_epoch,
     describe_germination,
     describe_outcome,
     distinct_op_sequences,
@@ -203,3 +204,23 @@ def test_describe_germination_names_the_first_germination_or_its_absence():
     text = describe_germination({0: late, 1: never})
     assert "seed 0 germinates first at epoch 2 (p(GERMINATE) 0.60)" in text
     assert "seed 1 never germinates: p(GERMINATE) on its path starts at 0.05 and peaks at 0.40 (epoch 2), below p(WAIT) 0.60" in text
+
+
+def test_first_epoch_probe_records_every_update_and_changes_nothing(run, tmp_path):
+    trace = pd.read_csv(run.checkpoint.parent / "first_epoch.csv")
+    assert list(trace["update"]) == list(run.metrics["update"]) and run.first_epoch is not None
+    p = trace.filter(like="p_").drop(columns=["p_blueprint", "p_style"])
+    assert np.allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert (p.drop(columns=["p_WAIT", "p_GERMINATE"]) == 0).all().all()  # an empty host: only WAIT and GERMINATE are valid
+    assert trace.blueprint.isin(["CONV_LIGHT", "ATTENTION", "NORM", "DEPTHWISE", "BOTTLENECK", "CONV_SMALL", "CONV_HEAVY"]).all()
+    assert ((trace.p_blueprint > 0) & (trace.p_blueprint <= 1)).all() and trace["style"].notna().all()
+    plain = train_morpho_policy(PPOConfig(**CFG, seed=5), ENV, tmp_path / "plain", vector_env="sync", progress=False, first_epoch_probe=False)
+    pd.testing.assert_frame_equal(plain.metrics.drop(columns=["collect_s", "update_s", "steps_per_s"]),
+                                  run.metrics.drop(columns=["collect_s", "update_s", "steps_per_s"]))
+    assert plain.first_epoch is None and not (tmp_path / "plain" / "first_epoch.csv").exists()
+
+
+def test_describe_first_epoch_gives_start_lowest_and_end():
+    df = pd.DataFrame({"update": [0, 1, 2, 3], "p_GERMINATE": [0.5, 0.1, 0.05, 0.2], "blueprint": ["NORM"] * 4, "style": ["LINEAR_ADD"] * 3 + ["LINEAR_MULTIPLY"]})
+    text = describe_first_epoch({7: df})
+    assert "seed 7: 0.50 at update 0, 0.05 at its lowest (update 2), 0.20 at the end, taking NORM/LINEAR_MULTIPLY there" in text

@@ -268,3 +268,28 @@ def plot_op_probabilities(profiles: dict[int, pd.DataFrame], axes: Sequence[Axes
     fig.suptitle("Op probabilities along one greedy held-out episode (circles: the op taken)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_first_epoch_choices(traces: dict[int, pd.DataFrame], ax: Axes | None = None) -> Figure:
+    """p(GERMINATE) at the first epoch of the probe hosts after every update, one line per training seed.
+
+    ``traces``: training seed -> ``FirstEpochChoices.frame()`` (``seed_<k>/first_epoch.csv``). The
+    blueprint and style a germination there would take are written where they change.
+    """
+    if not traces:
+        raise ValueError("traces must not be empty")
+    ax = _ax(ax, (9, 4))
+    for seed, df in traces.items():
+        line = ax.plot(df["update"], df["p_GERMINATE"], label=f"training seed {seed}")[0]
+        choice = df["blueprint"] + "/" + df["style"]
+        changes = df.index[choice.ne(choice.shift())]
+        for i in changes[:: max(1, len(changes) // 6)]:  # at most about 6 labels per line
+            ax.annotate(choice[i].lower(), (df.loc[i, "update"], df.loc[i, "p_GERMINATE"]), fontsize=6, color=line.get_color(),
+                        xytext=(2, 4), textcoords="offset points")
+    ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("update")
+    ax.set_ylabel("p(GERMINATE) at epoch 0")
+    ax.set_title("At the first epoch of two probe hosts: germinate? (labels: blueprint/style it would take)", fontsize=10)
+    ax.legend(fontsize=8)
+    return ax.figure
