@@ -5,19 +5,24 @@ the env's defaults (``docs/figures/headroom_best_schedule.json``) plays ``--seed
 with the given ``MorphoEnv`` overrides; prints the paired return difference with always-WAIT per seed.
 Used to look for env variants where growing can hurt (issue 12, item 8; docs/ppo_morpho_reading.md).
 ``--family`` plays every member of the family that germinates at epoch 0 (each slot x each CNN
-blueprint, and each blueprint in every slot; tempo STANDARD: 28 members) instead, and prints them
-ranked by the paired difference: does any growth pay under the override, and which?
+blueprint, and each blueprint in every slot; tempo STANDARD, LINEAR_ADD: 28 members) instead, and prints them
+ranked by the paired difference: does any growth pay under the override, and which? With
+``--all-styles`` the family spans the four germination styles (112 members); ``--germinate-at E``
+germinates at epoch E instead of 0 (how much does waiting cost?).
 
     .venv/bin/python scripts/growth_vs_wait_probe.py --env lr=0.05 --seeds 8
     .venv/bin/python scripts/growth_vs_wait_probe.py --env lr=0.05 --seeds 5 --family
+    .venv/bin/python scripts/growth_vs_wait_probe.py --seeds 6 --family --all-styles --germinate-at 8
 """
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from esper_lib.constants import GerminationStyle
 from esper_lib.evaluation.baselines import evaluate_controller
 from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dict, schedule_grid
 from esper_lib.notebooks.helpers import mean_and_se, probe_parser, probe_wait_baseline
@@ -29,6 +34,8 @@ def main() -> None:
     ap = probe_parser(__doc__, seeds=8, first_seed=FIRST_SEED)
     ap.add_argument("--schedule", type=Path, default=Path("docs/figures/headroom_best_schedule.json"))
     ap.add_argument("--family", action="store_true", help="rank the germinate-at-epoch-0 family instead of one schedule")
+    ap.add_argument("--all-styles", action="store_true", help="with --family: every germination style, not LINEAR_ADD only")
+    ap.add_argument("--germinate-at", type=int, default=0, help="with --family: the epoch every member germinates at")
     args = ap.parse_args()
     env_fn, seeds, wait = probe_wait_baseline(args, FIRST_SEED)
     if args.family:
@@ -36,7 +43,13 @@ def main() -> None:
         num_slots, max_epochs = env.num_slots, env.max_epochs
         env.close()
         rows = []
-        for member in schedule_grid(num_slots, max_epochs=max_epochs, germinate_at=(0,), every_slot=True):
+        styles = tuple(GerminationStyle) if args.all_styles else (GerminationStyle.LINEAR_ADD,)
+        family = schedule_grid(num_slots, max_epochs=max_epochs, germinate_at=(args.germinate_at,), styles=styles, every_slot=True)
+        if args.germinate_at:  # the every-slot members germinate at epoch 0 by construction: move them too
+            family = [m if not m.extra_seedings else replace(m, germinate_at=args.germinate_at, name="",
+                                                               extra_seedings=tuple((s, b, args.germinate_at) for s, b, _ in m.extra_seedings))
+                      for m in family]
+        for member in family:
             d = evaluate_controller(ScheduleController(member, num_slots), env_fn, seeds)["return"].to_numpy() - wait["return"].to_numpy()
             rows.append((float(d.mean()), mean_and_se(d), member.name))
         print(f"env {dict(args.env) or 'defaults'}: always-WAIT return {wait['return'].mean():.3f}; "

@@ -21,7 +21,8 @@ import pandas as pd  # noqa: E402
 
 from esper_lib.evaluation.plots import plot_paired_differences  # noqa: E402
 from esper_lib.evaluation.stats import compare_controllers  # noqa: E402
-from esper_lib.training_runs import describe_outcome  # noqa: E402
+from esper_lib.notebooks.training_report import plot_first_epoch_choices  # noqa: E402
+from esper_lib.training_runs import describe_first_epoch, describe_outcome  # noqa: E402
 
 
 def _row(table: pd.DataFrame, controller: str, train_seed: str = "all") -> pd.Series:
@@ -74,6 +75,13 @@ def section(label: str, folder: Path, figures: Path) -> list[str]:
     target = figures / f"ppo_morpho_{tag}_learning_curve_and_calibration.png"
     shutil.copyfile(folder / "learning_curve_and_calibration.png", target)
     lines += [f"![learning curves and critic calibration](figures/{target.name})", ""]
+    traces = {int(k): pd.read_csv(folder / f"seed_{k}" / "first_epoch.csv") for k in seeds if (folder / f"seed_{k}" / "first_epoch.csv").exists()}
+    if traces:  # runs of this round on record p(GERMINATE) at the first epoch of two probe hosts after every update
+        fig = plot_first_epoch_choices(traces)
+        target = figures / f"ppo_morpho_{tag}_first_epoch_choices.png"
+        fig.savefig(target, dpi=110)
+        plt.close(fig)
+        lines += [describe_first_epoch(traces), "", f"![first-epoch choices over training](figures/{target.name})", ""]
     return lines
 
 

@@ -77,3 +77,12 @@ def test_probe_helpers_by_hand():
         probe_parser("probe", seeds=8, first_seed=100).parse_args(["--env", "max_epochs"])
     env_fn, seeds, wait = probe_wait_baseline(argparse.Namespace(env=[("max_epochs", 2), ("train_size", 32), ("val_size", 20)], seeds=2), 7)
     assert list(seeds) == [7, 8] and list(wait.seed) == [7, 8] and env_fn().max_epochs == 2
+
+
+def test_growth_vs_wait_family_spans_styles_and_the_germination_epoch(monkeypatch, capsys):
+    module = load_script("growth_vs_wait_probe")
+    monkeypatch.setattr(sys, "argv", ["growth_vs_wait_probe.py", *TINY, "--seeds", "2", "--family", "--all-styles", "--germinate-at", "2"])
+    module.main()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(lines) == 7 * 3 * 4 + 7 * 4  # slot x blueprint x style, and every slot per blueprint and style
+    assert any("linear_multiply" in line for line in lines) and all("@2" in line and "@0" not in line for line in lines)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gymnasium as gym
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -158,3 +159,24 @@ def test_learning_curves_draw_each_seed_raw_and_its_trailing_mean():
     assert any(line.get_label() == "always_wait (held-out mean)" for line in ax.lines)
     with pytest.raises(ValueError, match="window"):
         plot_learning_curves({0: m}, window=0)
+
+
+def test_first_epoch_and_op_probability_plots_draw_every_seed():
+    from esper_lib.notebooks.training_report import plot_first_epoch_choices, plot_op_probabilities
+
+    trace = pd.DataFrame({"update": range(10), "p_GERMINATE": np.linspace(0.5, 0.1, 10),
+                          "blueprint": ["NORM"] * 5 + ["CONV_LIGHT"] * 5, "style": ["LINEAR_ADD"] * 9 + ["GATED_GATE"]})
+    fig = plot_first_epoch_choices({0: trace, 1: trace.assign(p_GERMINATE=0.9)})
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 3  # two seeds and the 0.5 line
+    labels = sorted(t.get_text() for t in ax.texts)
+    assert labels == ["conv_light/linear_add"] * 2 + ["norm/linear_add"] * 2  # a choice held for fewer than 4 updates is not labelled
+    profile = pd.DataFrame({"epoch": range(4), "op": ["WAIT", "GERMINATE", "ADVANCE", "WAIT"],
+                            **{f"p_{n}": [0.0] * 4 for n in OP_NAMES}})
+    profile[["p_WAIT", "p_GERMINATE", "p_ADVANCE"]] = [[0.6, 0.4, 0.0], [0.3, 0.7, 0.0], [0.2, 0.0, 0.8], [0.9, 0.1, 0.0]]
+    fig = plot_op_probabilities({0: profile, 2: profile})
+    assert len(fig.axes) == 2 and fig.axes[1].get_title() == "training seed 2"
+    assert len(fig.axes[0].get_lines()) == 4  # the three ops ever above 0.02, and the 0.5 line
+    with pytest.raises(ValueError, match="traces"):
+        plot_first_epoch_choices({})
+    plt.close("all")

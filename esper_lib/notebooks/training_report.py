@@ -274,17 +274,19 @@ def plot_first_epoch_choices(traces: dict[int, pd.DataFrame], ax: Axes | None = 
     """p(GERMINATE) at the first epoch of the probe hosts after every update, one line per training seed.
 
     ``traces``: training seed -> ``FirstEpochChoices.frame()`` (``seed_<k>/first_epoch.csv``). The
-    blueprint and style a germination there would take are written where they change.
+    blueprint and style a germination there would take are written where a choice starts that then
+    holds for at least 4 updates.
     """
     if not traces:
         raise ValueError("traces must not be empty")
     ax = _ax(ax, (9, 4))
     for seed, df in traces.items():
         line = ax.plot(df["update"], df["p_GERMINATE"], label=f"training seed {seed}")[0]
-        choice = df["blueprint"] + "/" + df["style"]
-        changes = df.index[choice.ne(choice.shift())]
-        for i in changes[:: max(1, len(changes) // 6)]:  # at most about 6 labels per line
-            ax.annotate(choice[i].lower(), (df.loc[i, "update"], df.loc[i, "p_GERMINATE"]), fontsize=6, color=line.get_color(),
+        choice = (df["blueprint"] + "/" + df["style"]).reset_index(drop=True)
+        run_id = choice.ne(choice.shift()).cumsum()
+        lasting = run_id.map(run_id.value_counts()) >= 4  # label a choice where it starts and then holds 4+ updates
+        for i in choice.index[lasting & run_id.ne(run_id.shift())]:
+            ax.annotate(choice[i].lower(), (df["update"].iloc[i], df["p_GERMINATE"].iloc[i]), fontsize=6, color=line.get_color(),
                         xytext=(2, 4), textcoords="offset points")
     ax.axhline(0.5, color="grey", lw=0.6, ls=":")
     ax.set_ylim(-0.02, 1.02)
