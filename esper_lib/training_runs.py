@@ -270,6 +270,8 @@ def op_probabilities_along_episode(controller: PolicyController, env_kwargs: Map
     """
     from esper_lib.constants import OP_NAMES
 
+    if not isinstance(controller, PolicyController):
+        raise TypeError(f"controller must be a PolicyController (it reports pi(op | s)), got {type(controller).__name__}")
     env = MorphoEnv(**dict(env_kwargs))
     rows = []
     try:
@@ -289,6 +291,8 @@ def op_probabilities_along_episode(controller: PolicyController, env_kwargs: Map
 
 def describe_germination(profiles: Mapping[int, pd.DataFrame]) -> str:
     """One sentence per training seed from ``op_probabilities_along_episode`` frames (greedy episodes)."""
+    if not profiles:
+        raise ValueError("profiles must not be empty")
     parts = []
     for seed, df in profiles.items():
         germ = df.index[df["op"] == "GERMINATE"]
@@ -304,6 +308,8 @@ def describe_germination(profiles: Mapping[int, pd.DataFrame]) -> str:
 
 def describe_first_epoch(traces: Mapping[int, pd.DataFrame]) -> str:
     """One sentence per training seed from ``FirstEpochChoices`` frames: p(GERMINATE) at epoch 0 over training."""
+    if not traces:
+        raise ValueError("traces must not be empty")
     parts = []
     for seed, df in traces.items():
         p = df["p_GERMINATE"].to_numpy()

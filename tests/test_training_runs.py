@@ -204,6 +204,12 @@ def test_describe_germination_names_the_first_germination_or_its_absence():
     text = describe_germination({0: late, 1: never})
     assert "seed 0 germinates first at epoch 2 (p(GERMINATE) 0.60)" in text
     assert "seed 1 never germinates: p(GERMINATE) on its path starts at 0.05 and peaks at 0.40 (epoch 2), below p(WAIT) 0.60" in text
+    with pytest.raises(ValueError, match="profiles"):
+        describe_germination({})
+    with pytest.raises(ValueError, match="traces"):
+        describe_first_epoch({})
+    with pytest.raises(TypeError, match="controller must be a PolicyController"):
+        op_probabilities_along_episode(AlwaysWaitController(), ENV, 0)
 
 
 def test_first_epoch_probe_records_every_update_and_changes_nothing(run, tmp_path):
