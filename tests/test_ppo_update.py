@@ -343,3 +343,37 @@ def test_op_warmup_updates_leaves_the_op_head_out_for_the_first_updates(monkeypa
     for _ in range(3):
         tr.step()
     assert seen == [False, False, None]
+
+
+def test_heads_learning_at_leaves_out_the_heads_in_their_warm_up():
+    from esper_lib.ppo.update import heads_learning_at
+
+    with pytest.raises(ValueError, match="argument_warmup_updates"):
+        PPOConfig(argument_warmup_updates=1.5)
+    cfg = PPOConfig(op_warmup_updates=2, argument_warmup_updates=4)
+    op_only = torch.tensor([h == "op" for h in HEAD_NAMES])
+    assert torch.equal(heads_learning_at(cfg, 0), torch.zeros(len(HEAD_NAMES), dtype=torch.bool))
+    assert torch.equal(heads_learning_at(cfg, 2), op_only)
+    assert torch.equal(heads_learning_at(cfg, 3), op_only)
+    assert heads_learning_at(cfg, 4) is None
+    assert heads_learning_at(PPOConfig(), 0) is None
+    assert torch.equal(heads_learning_at(PPOConfig(op_warmup_updates=1), 0), ~op_only)
+
+
+def test_argument_warmup_keeps_the_argument_heads_still_while_the_op_head_learns():
+    from esper_lib.envs.probes import OpRewardProbe
+    from esper_lib.ppo import PPOTrainer
+
+    base = dict(num_envs=2, num_steps=8, seq_len=4, minibatch_sequences=4, epochs=1, feature_dim=16, hidden_dim=16, num_threads=1,
+                target_kl=None, argument_warmup_updates=2)
+    tr = PPOTrainer(OpRewardProbe, PPOConfig(**base))
+    named = dict(tr.policy.named_parameters())
+    argument_heads = {n: p.detach().clone() for n, p in named.items() if n.startswith("heads.") and not n.startswith("heads.op.")}
+    op_head = {n: p.detach().clone() for n, p in named.items() if n.startswith("heads.op.")}
+    assert argument_heads and op_head
+    for _ in range(2):
+        tr.step()
+    assert all(torch.equal(named[n], p) for n, p in argument_heads.items())
+    assert any(not torch.equal(named[n], p) for n, p in op_head.items())
+    tr.step()
+    assert any(not torch.equal(named[n], p) for n, p in argument_heads.items())

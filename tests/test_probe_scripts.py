@@ -2,6 +2,7 @@
 import sys
 
 import numpy as np
+import pytest
 
 from esper_lib.constants import LifecycleOp
 from esper_lib.envs.morpho import MorphoEnv
@@ -86,3 +87,41 @@ def test_growth_vs_wait_family_spans_styles_and_the_germination_epoch(monkeypatc
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert len(lines) == 7 * 3 * 4 + 7 * 4  # slot x blueprint x style, and every slot per blueprint and style
     assert any("linear_multiply" in line for line in lines) and all("@2" in line and "@0" not in line for line in lines)
+
+
+def test_follow_through_probe_prints_every_opening_under_every_follow_up(monkeypatch, capsys):
+    module = load_script("follow_through_probe")
+    monkeypatch.setattr(sys, "argv", ["follow_through_probe.py", *TINY, "--seeds", "2", "--germinate", "CONV_LIGHT:LINEAR_ADD",
+                                      "--follow-ups", "random", "advance_or_fossilize"])
+    module.main()
+    out = capsys.readouterr().out
+    assert "follow-up random (never -)" in out and "follow-up advance_or_fossilize (never WAIT, GERMINATE" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    assert [r[0] for r in rows] == ["wait", "random_args", "best", "conv_light:linear_add"] * 2
+    assert all("opening effect" in " ".join(r) for r in rows if r[0] != "wait")
+
+
+def test_follow_through_opening_then_only_the_allowed_ops():
+    module = load_script("follow_through_probe")
+    env = MorphoEnv(max_epochs=8, train_size=64, val_size=40, batch_size=32)
+    opening = module.make_action(LifecycleOp.GERMINATE, slot=0, blueprint=1, style=1, tempo=0, alpha_target=2)
+    excluded = module.FOLLOW_UPS["no_prune_no_set_alpha"]
+    ctrl = module.OpeningThenRandom(3, opening, excluded)
+    for seed in range(3):
+        obs, _ = env.reset(seed=seed)
+        ctrl.reset(seed=seed)
+        actions, done = [], False
+        while not done:
+            actions.append(ctrl.act(obs))
+            obs, _, terminated, truncated, info = env.step(actions[-1])
+            assert info["action_valid"]
+            done = terminated or truncated
+        assert np.array_equal(actions[0], opening)
+        assert all(a[0] not in excluded for a in actions[1:])
+        assert any(a[0] != LifecycleOp.WAIT for a in actions[1:])
+    random_opening = module.OpeningThenRandom(3, module.RANDOM_ARGS)
+    obs, _ = env.reset(seed=0)
+    random_opening.reset(seed=0)
+    assert random_opening.act(obs)[0] == LifecycleOp.GERMINATE
+    with pytest.raises(SystemExit, match="BLUEPRINT:STYLE"):
+        module.germination(module.FixedSchedule(slot=0, blueprint=module.BlueprintAction.NORM, germinate_at=0), "NOPE", "LINEAR_ADD")

@@ -71,6 +71,13 @@ class PPOConfig:
     and the critic learn from seeds germinated at every epoch; then the op head learns with them.
     0 = off (the design's loss from the first update).
 
+    Argument-head warm-up: for updates ``0..argument_warmup_updates - 1`` the seven argument heads'
+    surrogates, entropy bonuses and floors are left out of the loss instead, so the op head (and the
+    critic) learn first. On the morpho env an untrained policy follows a germination with random ops
+    (SET_ALPHA_TARGET restyles the seed, PRUNE removes it), and under such follow-ups the arguments
+    that pay most with a good follow-up (LINEAR_MULTIPLY) pay least (``scripts/follow_through_probe.py``):
+    arguments learned in the first updates learn the wrong lesson. 0 = off.
+
     Per-head averaging: ``head_loss_denominator`` "valid_steps" divides each head's surrogate,
     entropy bonus and floor by the minibatch's valid steps (a head relevant at few steps, e.g.
     blueprint at GERMINATE steps only, gets a gradient scaled down by how seldom it is relevant);
@@ -121,6 +128,7 @@ class PPOConfig:
     entropy_floor_updates: int | None = None
     entropy_floor_unit: str = "nats"
     op_warmup_updates: int = 0
+    argument_warmup_updates: int = 0
     head_loss_denominator: str = "valid_steps"
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
@@ -179,8 +187,10 @@ class PPOConfig:
             _positive_int("entropy_floor_updates", self.entropy_floor_updates)
         if self.bootstrap_mode not in BOOTSTRAP_MODES:
             raise ValueError(f"PPOConfig.bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {self.bootstrap_mode!r}")
-        if isinstance(self.op_warmup_updates, bool) or not isinstance(self.op_warmup_updates, int) or self.op_warmup_updates < 0:
-            raise ValueError(f"PPOConfig.op_warmup_updates must be an int >= 0 (0 = off), got {self.op_warmup_updates!r}")
+        for name in ("op_warmup_updates", "argument_warmup_updates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"PPOConfig.{name} must be an int >= 0 (0 = off), got {value!r}")
         if self.entropy_floor_unit not in ENTROPY_FLOOR_UNITS:
             raise ValueError(f"PPOConfig.entropy_floor_unit must be one of {ENTROPY_FLOOR_UNITS}, got {self.entropy_floor_unit!r}")
         if self.entropy_floor_unit == "max_fraction":

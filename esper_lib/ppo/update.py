@@ -177,6 +177,18 @@ def normalized_sequences(seqs: SequenceBatch) -> SequenceBatch:
     return seqs._replace(advantages=torch.cat([op.unsqueeze(-1), rest.unsqueeze(-1).expand(*rest.shape, NUM_HEADS - 1)], dim=-1))
 
 
+
+def heads_learning_at(config: PPOConfig, update: int) -> torch.Tensor | None:
+    """``[NUM_HEADS]`` bool: which heads' policy terms are in the loss at ``update`` (None: all of them).
+
+    The op head sits out its warm-up (``config.op_warmup_updates``), the argument heads theirs
+    (``config.argument_warmup_updates``).
+    """
+    op_out, args_out = update < config.op_warmup_updates, update < config.argument_warmup_updates
+    if not (op_out or args_out):
+        return None
+    return torch.tensor([not (op_out if h == "op" else args_out) for h in HEAD_NAMES])
+
 def ppo_update(
     policy: FactoredRecurrentActorCritic,
     optimizer: torch.optim.Optimizer,
@@ -208,9 +220,7 @@ def ppo_update(
     floors = config.head_entropy_floors
     floors_on = any(floors.values()) and (config.entropy_floor_updates is None or (update or 0) < config.entropy_floor_updates)
     entropy_floors = torch.tensor([floors[h] for h in HEAD_NAMES]) if floors_on else None
-    heads_learning = None
-    if (update or 0) < config.op_warmup_updates:
-        heads_learning = torch.tensor([h != "op" for h in HEAD_NAMES])
+    heads_learning = heads_learning_at(config, update or 0)
     M = seqs.num_sequences
     sums: dict[str, torch.Tensor] = {}
     kl_sum, kl_count, steps, grad_norm_sum = 0.0, 0, 0, 0.0
