@@ -20,6 +20,13 @@ expected mode, V'_t = V^pi(s_{t+1}):
         A = [0.446, -0.2, 2.4022, 1.51]
  env 1: d = [.5 + .63 - .4, 1 + 1.8 - .6, 0 + 0 - .1, -1.2] = [0.73, 2.2, -0.1, -1.2]
         A = [2.314, 2.2, -0.964, -1.2]
+greedy mode, V'_t = max over valid ops of Q(s_{t+1}, o); the buffer's Q(s, o) are Q for op 1, 2V - Q for
+op 0 and 0 for the other ops, so max = env 0 [0.7, 0.2, 1.0, 0.4], env 1 [0.6, 0.8, 0.5, 0.2];
+truncation bootstrap 4.0, value after t=3 [1.1, 9.0]:
+ env 0: d = [1 + .18 - .5, -0.2, 2 + .36 - 1, 1 + .99 - .3] = [0.68, -0.2, 1.36, 1.69]
+        A = [0.536, -0.2, 2.5768, 1.69]
+ env 1: d = [.5 + .72 - .4, 1 + 3.6 - .6, 0 + .18 - .1, -1.2] = [0.82, 4.0, 0.08, -1.2]
+        A = [3.7, 4.0, -0.784, -1.2]
 op head, op_advantage="expected": A_op = A + Q - V^pi, with Q - V^pi = env 0 [-0.1, 0.1, 0.2, -0.05],
 env 1 [-0.1, -0.1, -0.2, 0.2].
 """
@@ -39,10 +46,11 @@ STARTS = [[True, False, True, False], [True, False, True, False]]
 
 A_SAMPLED = [[0.536, -0.2, 2.2276, 1.33], [2.872, 3.1, -0.784, -1.2]]
 A_EXPECTED = [[0.446, -0.2, 2.4022, 1.51], [2.314, 2.2, -0.964, -1.2]]
+A_GREEDY = [[0.536, -0.2, 2.5768, 1.69], [3.7, 4.0, -0.784, -1.2]]
 Q_MINUS_V = [[-0.1, 0.1, 0.2, -0.05], [-0.1, -0.1, -0.2, 0.2]]
 
 
-def hand_buffer(valid=None) -> RolloutBuffer:
+def hand_buffer(valid=None, greedy: bool = True) -> RolloutBuffer:
     n, t_len = 2, 4
     buf = RolloutBuffer(n, t_len, 2, 121, 3, 4)
     sizes = head_sizes(3)
@@ -72,12 +80,14 @@ def hand_buffer(valid=None) -> RolloutBuffer:
             hidden=(torch.zeros(1, n, 4), torch.zeros(1, n, 4)),
         )
         if t == 1:
-            buf.set_bootstrap(1, torch.tensor([1]), sampled=torch.tensor([3.0]), expected=torch.tensor([2.0]))
-    buf.finish(final_value_sampled=torch.tensor([0.7, 9.0]), final_value_expected=torch.tensor([0.9, 9.0]))
+            buf.set_bootstrap(1, torch.tensor([1]), sampled=torch.tensor([3.0]), expected=torch.tensor([2.0]),
+                              greedy=torch.tensor([4.0]) if greedy else None)
+    buf.finish(final_value_sampled=torch.tensor([0.7, 9.0]), final_value_expected=torch.tensor([0.9, 9.0]),
+               final_value_greedy=torch.tensor([1.1, 9.0]) if greedy else None)
     return buf
 
 
-@pytest.mark.parametrize("mode, want", [("sampled", A_SAMPLED), ("expected", A_EXPECTED)])
+@pytest.mark.parametrize("mode, want", [("sampled", A_SAMPLED), ("expected", A_EXPECTED), ("greedy", A_GREEDY)])
 def test_gae_hand_example(mode, want):
     buf = hand_buffer()
     compute_advantages(buf, gamma=GAMMA, gae_lambda=LAM, bootstrap_mode=mode, op_advantage="q")
@@ -175,3 +185,47 @@ def test_compute_advantages_centres_both_advantages_in_groups_but_not_the_return
     assert torch.allclose(buf.advantages, plain_adv - plain_adv.flip(0))
     assert torch.allclose(buf.op_advantages, plain_op - plain_op.flip(0))
     assert torch.equal(buf.returns, plain_ret)
+
+
+def test_greedy_bootstrap_takes_the_best_valid_op_only():
+    from esper_lib.ppo.buffer import greedy_value
+
+    q_all = torch.tensor([[0.1, 5.0, 0.3, -1.0, 0.2, 0.0], [0.4, -2.0, 0.3, 0.0, 0.1, 0.2]])
+    mask = torch.tensor([[True, False, True, True, False, False], [True, True, False, False, False, False]])
+    torch.testing.assert_close(greedy_value(q_all, mask), torch.tensor([0.3, 0.4]))
+    buf = hand_buffer()
+    buf.masks["op"][0, 1, 0] = False  # env 0, t=1: op 0 (Q 0.0) invalid, the max stays op 1's 0.2
+    buf.masks["op"][1, 1, 0] = False  # env 1, t=1: op 0 (Q 0.8) invalid: the max falls to op 1's 0.6
+    compute_advantages(buf, gamma=GAMMA, gae_lambda=LAM, bootstrap_mode="greedy", op_advantage="q")
+    want = torch.tensor(A_GREEDY)
+    want[1, 0] = 0.5 + 0.9 * 0.6 - 0.4 + 0.72 * 4.0
+    torch.testing.assert_close(buf.advantages, want, atol=1e-5, rtol=0)
+
+
+def test_greedy_bootstrap_needs_the_greedy_values():
+    from esper_lib.ppo import BufferError
+
+    buf = hand_buffer(greedy=False)
+    compute_advantages(buf, gamma=GAMMA, gae_lambda=LAM, bootstrap_mode="expected")  # the other modes do not need them
+    with pytest.raises(BufferError, match="greedy"):
+        compute_advantages(buf, gamma=GAMMA, gae_lambda=LAM, bootstrap_mode="greedy")
+
+
+def test_collected_greedy_bootstraps_are_the_best_valid_q():
+    """On the truncation probe every op is valid and the rollout truncates: the collector stores, for the
+    cut and for the rollout's end, max_o Q(s', o) >= sum_o pi(o | s') Q(s', o); a greedy run trains."""
+    from esper_lib.envs.probes import TruncationProbe
+    from esper_lib.ppo import PPOConfig, PPOTrainer
+
+    cfg = PPOConfig(num_envs=2, num_steps=8, seq_len=4, minibatch_sequences=4, epochs=1, feature_dim=16, hidden_dim=16,
+                    num_threads=1, bootstrap_mode="greedy", total_updates=2)
+    tr = PPOTrainer(TruncationProbe, cfg)
+    for _ in range(2):
+        tr.step()
+    buf = tr.buffer
+    cut = buf.truncated
+    assert bool(cut.any())
+    assert torch.isfinite(buf.bootstrap_greedy[cut]).all() and torch.isfinite(buf.final_value_greedy).all()
+    assert bool((buf.bootstrap_greedy[cut] >= buf.bootstrap_expected[cut] - 1e-6).all())
+    assert bool((buf.final_value_greedy >= buf.final_value_expected - 1e-6).all())
+    torch.testing.assert_close(buf.greedy_values(), buf.q_all.max(-1).values)  # every op valid on the probe

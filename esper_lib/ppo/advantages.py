@@ -4,7 +4,11 @@ Notation per env and step t: ``Q_t = Q(s_t, op_t)`` (stored at collection), ``V^
 pi(o | s) Q(s, o)``. The value of the next state depends on ``bootstrap_mode``:
 
 - ``"expected"`` (default): ``V'_t = V^pi(s_{t+1})``;
-- ``"sampled"`` (the plan's): ``V'_t = Q(s_{t+1}, op_{t+1})``, the op actually sampled there.
+- ``"sampled"`` (the plan's): ``V'_t = Q(s_{t+1}, op_{t+1})``, the op actually sampled there;
+- ``"greedy"``: ``V'_t = max_o Q(s_{t+1}, o)`` over the ops valid there: every bootstrap assumes the
+  best op from then on (a Peng's Q(lambda)-style optimistic target; with lambda < 1 a share 1 - lambda of
+  each step's return is that optimistic value). Where the policy's later ops are still random, the
+  value of an earlier action is then judged as if they were not (``scripts/follow_through_probe.py``).
 
 At a truncation ``V'_t`` is the bootstrap computed from the post-step (final) observation with the
 carried LSTM state (same mode); at a termination it is 0; after the last stored step it is the
@@ -34,6 +38,8 @@ def next_state_values(buffer: RolloutBuffer, bootstrap_mode: str) -> torch.Tenso
         per_step, final = buffer.expected_values(), buffer.final_value_expected
     elif bootstrap_mode == "sampled":
         per_step, final = buffer.values, buffer.final_value_sampled
+    elif bootstrap_mode == "greedy":
+        per_step, final = buffer.greedy_values(), buffer.final_value_greedy
     else:
         raise ValueError(f"bootstrap_mode must be one of {BOOTSTRAP_MODES}, got {bootstrap_mode!r}")
     return torch.cat([per_step[:, 1:], final.unsqueeze(1)], dim=1)
@@ -91,11 +97,14 @@ def compute_advantages(buffer: RolloutBuffer, *, gamma: float, gae_lambda: float
     """
     if not buffer.finished:
         raise BufferError("compute_advantages: the rollout is not finished (call buffer.finish())")
-    bootstrap = buffer.bootstrap_expected if bootstrap_mode == "expected" else buffer.bootstrap_sampled
+    next_values = next_state_values(buffer, bootstrap_mode)
+    bootstrap = {"expected": buffer.bootstrap_expected, "sampled": buffer.bootstrap_sampled, "greedy": buffer.bootstrap_greedy}[bootstrap_mode]
+    if bootstrap_mode == "greedy" and bool(torch.isnan(torch.where(buffer.truncated, bootstrap, 0.0)).any() | torch.isnan(next_values[:, -1]).any()):
+        raise BufferError("compute_advantages: bootstrap_mode='greedy' needs the greedy values (set_bootstrap(..., greedy) and finish(..., final_value_greedy))")
     adv, ret = gae(
         buffer.rewards,
         buffer.values,
-        next_state_values(buffer, bootstrap_mode),
+        next_values,
         bootstrap,
         buffer.terminated,
         buffer.truncated,

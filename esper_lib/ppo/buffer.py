@@ -10,8 +10,9 @@ actually used (canonicalised; the slot mask is already the op's row of ``slot_by
 log-probs, Q(s, op), Q(s, o) for all ops and pi(o | s) (for the expected baseline and bootstrap),
 reward, ``terminated``, ``truncated``, ``valid`` (False for the ignored step of a NEXT_STEP
 autoreset), ``episode_starts``, and where truncated the bootstrap value from the post-step
-observation in both modes (``bootstrap_sampled`` = Q(s', sampled op), ``bootstrap_expected`` =
-sum_o pi(o | s') Q(s', o)).
+observation in each mode (``bootstrap_sampled`` = Q(s', sampled op), ``bootstrap_expected`` =
+sum_o pi(o | s') Q(s', o), ``bootstrap_greedy`` = max over valid o of Q(s', o); NaN where a caller did
+not compute it).
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ import torch
 from esper_lib.constants import HEAD_NAMES, NUM_HEADS, NUM_OPS, head_sizes
 
 Hidden = tuple[torch.Tensor, torch.Tensor]
+
+
+def greedy_value(q_all: torch.Tensor, op_mask: torch.Tensor) -> torch.Tensor:
+    """``[...]`` max over valid ops of ``q_all`` ``[..., NUM_OPS]`` (``op_mask`` bool, same shape; WAIT is always valid)."""
+    return q_all.masked_fill(~op_mask, float("-inf")).amax(-1)
 
 
 class BufferError(ValueError):
@@ -125,8 +131,10 @@ class RolloutBuffer:
         self.episode_starts = zeros(N, T, dtype=torch.bool)
         self.bootstrap_sampled = zeros(N, T)
         self.bootstrap_expected = zeros(N, T)
+        self.bootstrap_greedy = zeros(N, T)
         self.final_value_sampled = zeros(N)
         self.final_value_expected = zeros(N)
+        self.final_value_greedy = zeros(N)
         self.h0 = zeros(N, self.num_chunks, hidden_dim)
         self.c0 = zeros(N, self.num_chunks, hidden_dim)
         # filled by esper_lib.ppo.advantages
@@ -150,6 +158,7 @@ class RolloutBuffer:
         self.advantages_ready = False
         self.bootstrap_sampled.zero_()
         self.bootstrap_expected.zero_()
+        self.bootstrap_greedy.zero_()
 
     def add(
         self,
@@ -218,29 +227,39 @@ class RolloutBuffer:
         self.pos += 1
         return t
 
-    def set_bootstrap(self, t: int, env_index: torch.Tensor, sampled: torch.Tensor, expected: torch.Tensor) -> None:
-        """Bootstrap values of envs ``env_index`` ``[m]`` truncated at step ``t`` (``sampled`` / ``expected`` ``[m]``)."""
+    def set_bootstrap(self, t: int, env_index: torch.Tensor, sampled: torch.Tensor, expected: torch.Tensor,
+                      greedy: torch.Tensor | None = None) -> None:
+        """Bootstrap values of envs ``env_index`` ``[m]`` truncated at step ``t`` (``sampled`` / ``expected`` /
+        ``greedy`` ``[m]``; ``greedy`` None stores NaN, which ``bootstrap_mode="greedy"`` refuses)."""
         if not 0 <= t < self.pos:
             raise BufferError(f"RolloutBuffer.set_bootstrap: step {t} has not been stored (stored steps: 0..{self.pos - 1})")
+        if greedy is None:
+            greedy = torch.full_like(expected, float("nan"))
         if self.validate:
             m = env_index.shape[0]
-            for name, x in (("sampled", sampled), ("expected", expected)):
+            for name, x in (("sampled", sampled), ("expected", expected), ("greedy", greedy)):
                 if tuple(x.shape) != (m,):
                     raise BufferError(f"RolloutBuffer.set_bootstrap: {name} must have shape ({m},), got {tuple(x.shape)}")
             if not bool(self.truncated[env_index, t].all()):
                 raise BufferError(f"RolloutBuffer.set_bootstrap: step {t} is not truncated for every env in env_index")
         self.bootstrap_sampled[env_index, t] = sampled
         self.bootstrap_expected[env_index, t] = expected
+        self.bootstrap_greedy[env_index, t] = greedy
 
-    def finish(self, final_value_sampled: torch.Tensor, final_value_expected: torch.Tensor) -> None:
-        """Close a full rollout with the values of the observation after its last step (``[N]`` each)."""
+    def finish(self, final_value_sampled: torch.Tensor, final_value_expected: torch.Tensor, final_value_greedy: torch.Tensor | None = None) -> None:
+        """Close a full rollout with the values of the observation after its last step (``[N]`` each;
+        ``final_value_greedy`` None stores NaN, which ``bootstrap_mode="greedy"`` refuses)."""
         if self.pos != self.num_steps:
             raise BufferError(f"RolloutBuffer.finish: only {self.pos} of {self.num_steps} steps are stored")
-        for name, x in (("final_value_sampled", final_value_sampled), ("final_value_expected", final_value_expected)):
+        if final_value_greedy is None:
+            final_value_greedy = torch.full_like(final_value_expected, float("nan"))
+        for name, x in (("final_value_sampled", final_value_sampled), ("final_value_expected", final_value_expected),
+                        ("final_value_greedy", final_value_greedy)):
             if tuple(x.shape) != (self.num_envs,):
                 raise BufferError(f"RolloutBuffer.finish: {name} must have shape ({self.num_envs},), got {tuple(x.shape)}")
         self.final_value_sampled.copy_(final_value_sampled)
         self.final_value_expected.copy_(final_value_expected)
+        self.final_value_greedy.copy_(final_value_greedy)
         self.finished = True
 
     # --- reading ------------------------------------------------------------------------------
@@ -274,6 +293,10 @@ class RolloutBuffer:
     def expected_values(self) -> torch.Tensor:
         """``[N, T]`` sum_o pi(o | s_t) Q(s_t, o) under the behaviour policy."""
         return (self.q_all * self.op_probs).sum(-1)
+
+    def greedy_values(self) -> torch.Tensor:
+        """``[N, T]`` max over the ops valid at s_t (``masks["op"]``) of Q(s_t, o)."""
+        return greedy_value(self.q_all, self.masks["op"])
 
     # --- validation ---------------------------------------------------------------------------
 

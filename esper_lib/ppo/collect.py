@@ -40,7 +40,7 @@ from esper_lib.constants import HEAD_NAMES
 from esper_lib.envs.spaces import actions_to_array
 from esper_lib.finite import check_finite
 from esper_lib.network import FactoredRecurrentActorCritic
-from esper_lib.ppo.buffer import RolloutBuffer
+from esper_lib.ppo.buffer import RolloutBuffer, greedy_value
 from esper_lib.ppo.config import VECTOR_ENV_KINDS
 from esper_lib.ppo.normalization import RunningObsNormalizer
 
@@ -255,8 +255,9 @@ class RolloutCollector:
     @torch.no_grad()
     def _bootstrap(
         self, hidden: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, final_obs: list[dict], where: str = ""
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q(s', sampled op), sum_o pi(o | s') Q(s', o)) for the final observations of envs ``idx``."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Q(s', sampled op), sum_o pi(o | s') Q(s', o), max over valid o of Q(s', o)) for the final
+        observations of envs ``idx``."""
         states = np.stack([np.asarray(o["state"], dtype=np.float32) for o in final_obs])
         for env, row in zip(idx.tolist(), states) if not np.isfinite(states).all() else ():
             check_finite("final observation state", torch.from_numpy(row), axes=("feature",), where=f" of env {env}{where}")
@@ -266,7 +267,7 @@ class RolloutCollector:
             {k: np.stack([o["action_mask"][k] for o in final_obs]) for k in MASK_KEYS},
         )
         res = self.policy.get_action(state, bp, (hidden[0][:, idx], hidden[1][:, idx]), masks, return_q_all=True, generator=self.generator)
-        return res.value, (res.q_all * res.op_probs).sum(-1)
+        return res.value, (res.q_all * res.op_probs).sum(-1), greedy_value(res.q_all, res.masks["op"])
 
     @torch.no_grad()
     def collect(self, buffer: RolloutBuffer, *, update: int | None = None) -> RolloutStats:
@@ -324,8 +325,8 @@ class RolloutCollector:
                 else:
                     final = [_row(obs, i) for i in idx_np.tolist()]
                 idx = torch.from_numpy(idx_np).to(self.device)
-                sampled, expected = self._bootstrap(res.hidden, idx, final, where=where)
-                buffer.set_bootstrap(t, idx, sampled, expected)
+                sampled, expected, greedy = self._bootstrap(res.hidden, idx, final, where=where)
+                buffer.set_bootstrap(t, idx, sampled, expected, greedy)
             # episode bookkeeping (numpy, vectorised)
             self._ep_return += np.asarray(reward, dtype=np.float64) * valid
             self._ep_len += valid
@@ -343,7 +344,7 @@ class RolloutCollector:
             self.hidden = (res.hidden[0] * keep, res.hidden[1] * keep)
             self._episode_start = flags[4].bool()
         res = policy.get_action(self._state, self._bp, self.hidden, self._masks, return_q_all=True, generator=gen)
-        buffer.finish(res.value, (res.q_all * res.op_probs).sum(-1))
+        buffer.finish(res.value, (res.q_all * res.op_probs).sum(-1), greedy_value(res.q_all, res.masks["op"]))
         return RolloutStats(returns, lengths, valid_steps, time.perf_counter() - t0)
 
     # --- checkpointing ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 
 from esper_lib.constants import ENTROPY_COEF_PER_HEAD, FEATURE_DIM, HEAD_NAMES, LSTM_HIDDEN_DIM
 
-BOOTSTRAP_MODES = ("expected", "sampled")
+BOOTSTRAP_MODES = ("expected", "sampled", "greedy")
 OP_ADVANTAGE_MODES = ("expected", "q")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # where autocast_bf16 is offered
@@ -36,7 +36,8 @@ class PPOConfig:
     (``num_steps`` must be a multiple of ``seq_len``), ``minibatch_sequences`` chunks per minibatch.
 
     Estimators (design section 4): ``bootstrap_mode`` "expected" bootstraps with
-    sum_o pi(o|s') Q(s', o), "sampled" with Q(s', sampled op) (the plan's); ``op_advantage``
+    sum_o pi(o|s') Q(s', o), "sampled" with Q(s', sampled op) (the plan's), "greedy" with the max over
+    valid ops of Q(s', o) (optimistic: the value of s' if the best op were taken there); ``op_advantage``
     "expected" gives the op head A + Q(s, op_t) - sum_o pi(o|s) Q(s, o), "q" gives it the same
     advantage as every other head (the plan's).
 
