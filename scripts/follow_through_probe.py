@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from esper_lib.constants import BlueprintAction, GerminationStyle, LifecycleOp
-from esper_lib.evaluation.baselines import RandomMaskedController, evaluate_controller, make_action
+from esper_lib.evaluation.baselines import EpisodeSeededRandomController, evaluate_controller, make_action
 from esper_lib.evaluation.schedules import FixedSchedule, schedule_from_dict
 from esper_lib.notebooks.helpers import mean_and_se, probe_parser, probe_wait_baseline
 
@@ -43,7 +43,7 @@ FOLLOW_UPS: dict[str, tuple[LifecycleOp, ...]] = {  # name -> ops the random fol
 }
 
 
-class OpeningThenRandom(RandomMaskedController):
+class OpeningThenRandom(EpisodeSeededRandomController):
     """``opening`` (an action, None for WAIT, or ``RANDOM_ARGS``: GERMINATE with uniform random valid
     arguments) at the episode's first step, then uniform random valid ops
     other than ``exclude`` (WAIT when no other op is valid) with uniform random arguments. The random
@@ -52,13 +52,12 @@ class OpeningThenRandom(RandomMaskedController):
 
     def __init__(self, seed: int, opening: np.ndarray | str | None, exclude: tuple[LifecycleOp, ...] = ()):
         super().__init__(seed=seed)
-        self.base_seed, self.opening, self.exclude = int(seed), opening, tuple(exclude)
+        self.opening, self.exclude = opening, tuple(exclude)
         self._step = 0
 
     def reset(self, seed: int | None = None) -> None:
         self._step = 0
-        if seed is not None:
-            self.rng = np.random.default_rng([self.base_seed, int(seed)])
+        super().reset(seed)
 
     def act(self, obs: dict) -> np.ndarray:
         first, self._step = self._step == 0, self._step + 1

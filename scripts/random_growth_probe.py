@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from esper_lib.constants import AlphaTargetAction, BlueprintAction, GerminationStyle, LifecycleOp
-from esper_lib.evaluation.baselines import RandomMaskedController, evaluate_controller, make_action
+from esper_lib.evaluation.baselines import EpisodeSeededRandomController, evaluate_controller, make_action
 from esper_lib.notebooks.helpers import mean_and_se, probe_parser, probe_wait_baseline
 
 FIRST_SEED = 300
@@ -29,17 +29,13 @@ VARIANTS = ("plain", "no_prune", "good_args", "no_prune+good_args")
 GOOD_ARGS = {"blueprint": int(BlueprintAction.NORM), "style": int(GerminationStyle.LINEAR_ADD), "alpha_target": int(AlphaTargetAction.FULL)}
 
 
-class RandomVariant(RandomMaskedController):
+class RandomVariant(EpisodeSeededRandomController):
     """Random masked policy (seeded per episode with ``[seed, episode seed]``), optionally without PRUNE
     and/or with the good arguments at GERMINATE."""
 
     def __init__(self, seed: int, no_prune: bool = False, good_args: bool = False):
         super().__init__(seed=seed)
-        self.base_seed, self.no_prune, self.good_args = int(seed), no_prune, good_args
-
-    def reset(self, seed: int | None = None) -> None:
-        if seed is not None:
-            self.rng = np.random.default_rng([self.base_seed, int(seed)])
+        self.no_prune, self.good_args = no_prune, good_args
 
     def act(self, obs: dict) -> np.ndarray:
         masks = obs["action_mask"]

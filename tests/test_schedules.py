@@ -213,10 +213,16 @@ def test_headroom_table_pairs_the_three_controllers_on_the_heldout_seeds():
 
 
 def test_random_seed_changes_the_random_policy_but_not_the_pairing():
-    a = sched._RandomPerEpisode(0)
-    b = sched._RandomPerEpisode(1)
+    from esper_lib.evaluation.baselines import EpisodeSeededRandomController
+
+    a = EpisodeSeededRandomController(0)
+    b = EpisodeSeededRandomController(1)
     a.reset(seed=5), b.reset(seed=5)
     assert a.rng.integers(1 << 30) != b.rng.integers(1 << 30)
+    c = EpisodeSeededRandomController(0)
+    c.reset(seed=7), c.rng.random(), c.reset(seed=5)  # the stream of episode 5 does not depend on what came before
+    a.reset(seed=5)
+    assert a.rng.integers(1 << 30) == c.rng.integers(1 << 30)
 
 
 def test_schedule_round_trips_through_json():

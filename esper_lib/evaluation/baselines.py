@@ -133,6 +133,20 @@ _IN_PROGRESS = frozenset(
 )
 
 
+class EpisodeSeededRandomController(RandomMaskedController):
+    """``RandomMaskedController`` whose stream for each episode is seeded with ``[seed, episode seed]``
+    (``reset(seed)``), so an episode's draws depend on the episode and not on the episodes played before
+    it: controllers built with the same ``seed`` draw alike on the same episode (paired comparisons)."""
+
+    def __init__(self, seed: int, wait_prob: float | None = None):
+        super().__init__(seed=seed, wait_prob=wait_prob)
+        self.base_seed = int(seed)
+
+    def reset(self, seed: int | None = None) -> None:
+        if seed is not None:
+            self.rng = np.random.default_rng([self.base_seed, int(seed)])
+
+
 class HeuristicController:
     """Rule-based Tamiyo, reading the observation by feature name (see ``esper_lib.observation``).
 

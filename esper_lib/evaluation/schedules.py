@@ -50,7 +50,7 @@ from esper_lib.constants import (
 from esper_lib.envs.blueprints import CNN_BLUEPRINTS
 from esper_lib.evaluation.baselines import (
     AlwaysWaitController,
-    RandomMaskedController,
+    EpisodeSeededRandomController,
     evaluate_controller,
     make_action,
 )
@@ -361,18 +361,6 @@ def _schedule_row(task: tuple[FixedSchedule, int, Callable[[], Any], list[int], 
             f"{metric}_std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0}
 
 
-class _RandomPerEpisode(RandomMaskedController):
-    """Random masked policy whose episode stream depends on both its own seed and the episode seed."""
-
-    def __init__(self, seed: int):
-        super().__init__(seed=seed)
-        self.base_seed = int(seed)
-
-    def reset(self, seed: int | None = None) -> None:
-        if seed is not None:
-            self.rng = np.random.default_rng([self.base_seed, int(seed)])
-
-
 class Headroom(NamedTuple):
     """Result of ``headroom_table``."""
 
@@ -406,7 +394,7 @@ def headroom_table(
     controllers = {
         "best_schedule": ScheduleController(best, num_slots),
         "always_wait": AlwaysWaitController(),
-        "random_masked": _RandomPerEpisode(random_seed),
+        "random_masked": EpisodeSeededRandomController(random_seed),
     }
     frames = [evaluate_controller(c, env_fn, seeds, name=label, progress=progress) for label, c in controllers.items()]
     episodes = pd.concat(frames, ignore_index=True)
