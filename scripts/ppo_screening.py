@@ -6,10 +6,12 @@ notebook-04 run (3 training seeds, 20 held-out seeds, paired bootstrap CIs). Eac
 appends one JSON line to ``--out`` (default ``artefacts/ppo_screening/results.jsonl``) and keeps
 its training files under ``--run-root`` (default ``artefacts/ppo_screening``) ``/<name>/seed_<k>/``.
 
-Baseline: notebook 04's defaults (4 envs x 32 steps, 72 updates, seq_len 16, 4 minibatches per
-epoch, lr 3e-4, ent_coef 0.01, ``op_advantage="expected"``, ``seed_group_size=4``, per-head averaging
-over relevant steps, op-head entropy floor 0.8 nats for the first 48 updates, MorphoEnv with 16 epochs
-and 500 train images); the rows of earlier baselines record their full config. ``--set`` overrides ``PPOConfig`` fields with JSON values,
+Baseline: notebook 04's defaults at half its budget, its defaults until the 144-update round (4 envs
+x 32 steps, 72 updates, seq_len 16, 4 minibatches per epoch, lr 3e-4, ent_coef 0.01,
+``op_advantage="expected"``, ``seed_group_size=4``, per-head averaging over relevant steps, op-head
+entropy floor 0.8 nats for the first 48 updates, MorphoEnv with 16 epochs and 500 train images): a
+screen costs half a notebook run; ``--set total_updates=144 --set entropy_floor_updates=96`` screens at
+the notebook's budget. The rows of earlier baselines record their full config. ``--set`` overrides ``PPOConfig`` fields with JSON values,
 ``--env`` the env's arguments. ``--workers`` trains that many seeds at once (one process each,
 envs in-process); evaluations run in parallel too.
 
