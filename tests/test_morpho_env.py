@@ -137,6 +137,8 @@ def test_reward_is_sum_of_terms_and_terminal_only_at_the_end():
         ({"terminal_coef": -1.0}, "terminal_coef"),
         ({"lr": 0.0}, "lr"),
         ({"seed_lr": -1e-3}, "seed_lr"),
+        ({"seed_lr": []}, "seed_lr"),
+        ({"seed_lr": [5e-3, 0.0]}, r"seed_lr\[1\]"),
         ({"batch_size": 0}, "batch_size"),
         ({"batches_per_epoch": 0}, "batches_per_epoch"),
         ({"train_size": 5}, "train_size"),
@@ -558,6 +560,33 @@ def test_same_seed_same_episode_different_seed_different_episode():
     first = _rollout(env, 3, steps=3)
     _rollout(env, 4, steps=2)
     assert all(np.array_equal(x, y) for x, y in zip(first, _rollout(env, 3, steps=3)))
+
+
+def test_a_seed_lr_sequence_draws_one_value_per_episode_from_the_episode_seed():
+    fixed, mixed = tiny_env(seed_lr=0.3), tiny_env(seed_lr=[5e-3, 0.3])
+    drawn = {seed: mixed.reset(seed=seed)[1]["seed_lr"] for seed in range(12)}
+    assert set(drawn.values()) == {5e-3, 0.3}  # both occur over a dozen episodes
+    assert all(mixed.reset(seed=s)[1]["seed_lr"] == v for s, v in drawn.items())  # a function of the seed
+    seed = next(s for s, v in drawn.items() if v == 0.3)
+    obs_f, info_f = fixed.reset(seed=seed)
+    obs_m, info_m = mixed.reset(seed=seed)
+    assert info_f["seed_lr"] == 0.3 and np.array_equal(obs_f["state"], obs_m["state"])  # same host and data
+    for env in (fixed, mixed):  # the germinated seed learns at the episode's rate
+        step_ok(env, germinate(0))
+        assert env.host.slots[0].optimizer.lr == 0.3
+    # a one-value sequence is the plain float, bit for bit
+    assert all(np.array_equal(x, y) for x, y in zip(_rollout(tiny_env(seed_lr=[0.3]), 5), _rollout(tiny_env(seed_lr=0.3), 5)))
+
+
+def test_the_seed_gradient_telemetry_reveals_a_high_seed_lr_after_its_first_training_epoch():
+    norms = {}
+    for lr in (5e-3, 1.0):
+        env = tiny_env(seed_lr=lr, train_size=256)  # 8 minibatches: the high rate has time to show
+        env.reset(seed=0)
+        step_ok(env, germinate(0, bp=BlueprintAction.CONV_HEAVY))
+        obs = step_ok(env, make_action(Op.ADVANCE, slot=0))  # GERMINATED -> TRAINING: the seed learns this epoch
+        norms[lr] = feat(obs, "slot0.grad_norm")
+    assert norms[1.0] > 5 * norms[5e-3] > 0
 
 
 @pytest.mark.parametrize("vector_cls", [gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv])

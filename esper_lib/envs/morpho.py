@@ -188,7 +188,12 @@ class MorphoEnv(gym.Env):
         seed_budget: germinations allowed per episode.
         rent_coef: weight of the parameter rent (see the module docstring); >= 0.
         terminal_coef: weight of the final-accuracy term; >= 0.
-        lr, seed_lr: Adam learning rates of the host and of each seed.
+        lr, seed_lr: Adam learning rates of the host and of each seed. A sequence ``seed_lr`` makes
+            episodes differ (issue 12, item 8): each ``reset`` draws one of its values uniformly with
+            the episode's seed (after every other draw of the reset, so the host and data are those of
+            the fixed-lr env with the same seed) and reports it in ``info["seed_lr"]``. No feature
+            shows it directly: a seed's gradient telemetry (``slot<i>.grad_norm``) reveals it after the
+            seed's first TRAINING epoch (the second epoch after its germination).
         batch_size: minibatch size.
         batches_per_epoch: None for a full pass, else this many minibatches per epoch.
         train_size, val_size: sizes of the train (None = all the rest) and validation splits.
@@ -212,7 +217,7 @@ class MorphoEnv(gym.Env):
         rent_coef: float = 0.05,
         terminal_coef: float = 1.0,
         lr: float = 5e-3,
-        seed_lr: float = 5e-3,
+        seed_lr: float | Sequence[float] = 5e-3,
         batch_size: int = 64,
         batches_per_epoch: int | None = None,
         train_size: int | None = 500,
@@ -239,7 +244,13 @@ class MorphoEnv(gym.Env):
         _check_float("rent_coef", rent_coef, 0.0)
         _check_float("terminal_coef", terminal_coef, 0.0)
         _check_float("lr", lr, 0.0, strict=True)
-        _check_float("seed_lr", seed_lr, 0.0, strict=True)
+        if isinstance(seed_lr, (tuple, list)):
+            if not seed_lr:
+                raise ValueError("seed_lr must be a positive number or a non-empty sequence of them, got []")
+            for k, value in enumerate(seed_lr):
+                _check_float(f"seed_lr[{k}]", value, 0.0, strict=True)
+        else:
+            _check_float("seed_lr", seed_lr, 0.0, strict=True)
         _check_int("batch_size", batch_size, 1)
         _check_int("batches_per_epoch", batches_per_epoch, 1, allow_none=True)
         _check_int("val_size", val_size, 10)
@@ -256,7 +267,9 @@ class MorphoEnv(gym.Env):
         self.seed_budget = int(seed_budget)
         self.rent_coef = float(rent_coef)
         self.terminal_coef = float(terminal_coef)
-        self.lr, self.seed_lr = float(lr), float(seed_lr)
+        self.lr = float(lr)
+        self.seed_lr_choices = tuple(float(v) for v in seed_lr) if isinstance(seed_lr, (tuple, list)) else (float(seed_lr),)
+        self.seed_lr = self.seed_lr_choices[0]  # this episode's (drawn at each reset when there are several)
         self.batch_size = int(batch_size)
         self.batches_per_epoch = None if batches_per_epoch is None else int(batches_per_epoch)
         self.train_size = None if train_size is None else int(train_size)
@@ -300,6 +313,8 @@ class MorphoEnv(gym.Env):
         self._gen = torch.Generator().manual_seed(self._draw_seed())
         self._host_params = self.host.host_parameters()
         self._opt = _adam(self._host_params, self.lr)
+        if len(self.seed_lr_choices) > 1:  # drawn last: a single value leaves the env's draws as they were
+            self.seed_lr = self.seed_lr_choices[int(self.np_random.integers(len(self.seed_lr_choices)))]
 
         self._epoch = 0
         self._germinations = self._fossilizations = self._prunes = 0
@@ -317,7 +332,7 @@ class MorphoEnv(gym.Env):
             self._initial_acc = float((logits.argmax(1) == self._data.y_val).float().mean())
         self._prev_acc = self._initial_acc
         self._masks = self.action_masks()
-        info = {"epoch": 0, "initial_val_accuracy": self._initial_acc, "seed_stages": self._stages()}
+        info = {"epoch": 0, "initial_val_accuracy": self._initial_acc, "seed_lr": self.seed_lr, "seed_stages": self._stages()}
         return self._observation(), info
 
     def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
