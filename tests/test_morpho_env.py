@@ -579,14 +579,17 @@ def test_a_seed_lr_sequence_draws_one_value_per_episode_from_the_episode_seed():
 
 
 def test_the_seed_gradient_telemetry_reveals_a_high_seed_lr_after_its_first_training_epoch():
+    """Not seed by seed (a seed at lr 1.0 whose units die has small gradients), but by far in the median."""
     norms = {}
     for lr in (5e-3, 1.0):
         env = tiny_env(seed_lr=lr, train_size=256)  # 8 minibatches: the high rate has time to show
-        env.reset(seed=0)
-        step_ok(env, germinate(0, bp=BlueprintAction.CONV_HEAVY))
-        obs = step_ok(env, make_action(Op.ADVANCE, slot=0))  # GERMINATED -> TRAINING: the seed learns this epoch
-        norms[lr] = feat(obs, "slot0.grad_norm")
-    assert norms[1.0] > 5 * norms[5e-3] > 0
+        norms[lr] = []
+        for seed in range(6):
+            env.reset(seed=seed)
+            step_ok(env, germinate(0, bp=BlueprintAction.CONV_HEAVY))
+            obs = step_ok(env, make_action(Op.ADVANCE, slot=0))  # GERMINATED -> TRAINING: the seed learns this epoch
+            norms[lr].append(np.expm1(7 * feat(obs, "slot0.grad_norm")))  # the feature is symlog(norm) / 7
+    assert np.median(norms[1.0]) > 5 * np.median(norms[5e-3]) > 0, norms
 
 
 @pytest.mark.parametrize("vector_cls", [gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv])

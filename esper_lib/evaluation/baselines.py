@@ -323,7 +323,7 @@ def evaluate_controller(
 
     Columns: controller, seed, return, final_val_accuracy, best_val_accuracy, initial_val_accuracy,
     steps, germinations, fossilizations, prunes, invalid_actions, seed_params, host_params,
-    reward_<term> (sum of each ``info["reward_terms"]`` entry), ops (the episode's op sequence,
+    seed_lr (the episode's seed learning rate, drawn per episode by ``MorphoEnv(seed_lr=[...])``), reward_<term> (sum of each ``info["reward_terms"]`` entry), ops (the episode's op sequence,
     comma-separated), wall_s. Counts and accuracies read
     the morphogenetic env's info keys and are NaN for envs that do not report them.
     """
@@ -341,6 +341,7 @@ def evaluate_controller(
             _reset_controller(controller, int(seed))
             obs, info = env.reset(seed=int(seed))
             initial = float(info.get("initial_val_accuracy", math.nan))
+            seed_lr = float(info.get("seed_lr", math.nan))
             t0 = time.perf_counter()
             total, steps, invalid = 0.0, 0, 0
             ops: list[int] = []
@@ -371,6 +372,7 @@ def evaluate_controller(
                     "invalid_actions": invalid,
                     "seed_params": info.get("seed_params", math.nan),
                     "host_params": info.get("host_params", math.nan),
+                    "seed_lr": seed_lr,
                     **{f"reward_{k}": v for k, v in terms.items()},
                     "ops": ",".join(map(str, ops)),
                     "wall_s": time.perf_counter() - t0,

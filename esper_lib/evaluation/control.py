@@ -7,6 +7,11 @@ references measure how much more a controller could gain by looking:
   it helps: when the seed is HOLDING it FOSSILIZEs if the measured contribution (accuracy with minus
   without the seed, the ``slot<i>.contribution`` feature) is at least ``min_contribution`` points,
   and PRUNEs it otherwise. A simple, realisable state-aware controller.
+- ``GradNormSwitchController``: a fixed schedule with one decision. It plays ``first`` until the
+  gradient norm of that schedule's seed is measured (after its first TRAINING epoch), and switches
+  to ``fallback`` for the rest of the episode if the norm is above ``max_grad_norm``. For episodes
+  that differ in how fast seeds learn (``MorphoEnv(seed_lr=[...])``), a realisable controller
+  that probes the episode and reacts.
 - ``hindsight_best``: per episode, the best of several controllers' outcomes on that episode (the
   env is deterministic given the episode seed and the actions). An upper bound that no controller
   can reach: it knows the outcome before acting, and it also profits from float-level chaos that
@@ -29,6 +34,7 @@ from esper_lib.evaluation.schedules import FixedSchedule, ScheduleController
 from esper_lib.observation import feature_index
 
 CONTRIBUTION_SCALE = 10.0  # the contribution feature is accuracy points / 10 (esper_lib.observation)
+GRAD_NORM_SCALE = 7.0  # the grad_norm feature is symlog(norm) / 7 (esper_lib.observation)
 
 
 class ContributionGatedController(ScheduleController):
@@ -64,6 +70,55 @@ class ContributionGatedController(ScheduleController):
             if state[self._holding[i]] > 0.5 and measured and points < self.min_contribution and by_op[LifecycleOp.PRUNE, i]:
                 return make_action(LifecycleOp.PRUNE, slot=i, alpha_speed=int(AlphaSpeedAction.INSTANT))
         return super()._choose(by_op, blueprint_ok)
+
+
+class GradNormSwitchController:
+    """Plays ``first``; at the first observation where the gradient norm of ``first``'s seed in
+    ``first.slot`` is measured (``slot<i>.grad_norm`` >= 0, after the seed's first TRAINING epoch) it
+    decides once: above ``max_grad_norm`` it plays ``fallback`` for the rest of the episode, else
+    ``first``. After a switch the probe seed is never advanced: it stays in TRAINING, outside the
+    host stream, and pays its rent.
+
+    :param first: the plan it starts with (its first seeding is the probe).
+    :param fallback: the plan after a switch; its seedings must avoid the probe's slot and count
+        their ``germinate_at`` from the episode's start (0: as soon as the switch happens).
+    :param max_grad_norm: threshold on the seed's mean minibatch gradient norm (raw, not the feature).
+    :param num_slots: slots of the env.
+    """
+
+    def __init__(self, first: FixedSchedule, fallback: FixedSchedule, max_grad_norm: float, num_slots: int = DEFAULT_NUM_SLOTS):
+        if not isinstance(max_grad_norm, (int, float)) or isinstance(max_grad_norm, bool) or not np.isfinite(max_grad_norm) or max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+        if not isinstance(fallback, FixedSchedule):
+            raise ValueError(f"fallback must be a FixedSchedule, got {type(fallback).__name__}")
+        clash = [slot for slot, _, _ in fallback.seedings if slot == getattr(first, "slot", None)]
+        if clash:
+            raise ValueError(f"fallback {fallback.name!r} must not use slot {clash[0]}: it holds the probe seed of first {first.name!r}")
+        self._first = ScheduleController(first, num_slots)
+        self._fallback = ScheduleController(fallback, num_slots)
+        self.max_grad_norm = float(max_grad_norm)
+        self.name = f"switch({first.name} -> {fallback.name} if grad norm > {self.max_grad_norm:g})"
+        self._threshold = float(np.log1p(self.max_grad_norm)) / GRAD_NORM_SCALE  # in feature units (symlog / 7)
+        self._grad_norm = feature_index(f"slot{first.slot}.grad_norm", num_slots)
+        self._epoch_index = feature_index("epoch_progress", num_slots)
+        self.reset()
+
+    def reset(self, seed: int | None = None) -> None:
+        """Start of an episode: play ``first`` until the decision."""
+        self._first.reset()
+        self._fallback.reset()
+        self.switched: bool | None = None  # None until decided
+
+    def act(self, obs: dict[str, Any]) -> np.ndarray:
+        state = np.asarray(obs["state"], dtype=np.float64)
+        if float(state[self._epoch_index]) == 0.0:
+            self.reset()
+        if self.switched is None and state[self._grad_norm] >= 0:
+            self.switched = bool(state[self._grad_norm] > self._threshold)
+            self._fallback.epoch = self._first.epoch
+        if self.switched:
+            return self._fallback.act(obs)
+        return self._first.act(obs)
 
 
 def hindsight_best(
