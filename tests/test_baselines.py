@@ -172,6 +172,10 @@ def test_evaluate_controller_rows_and_columns():
         assert col in df.columns, col
     assert (df["controller"] == "random_masked").all()
     assert (df["steps"] == TINY["max_epochs"]).all() and (df["invalid_actions"] == 0).all()
+    # one "s<slot>:<BLUEPRINT>" entry per executed germination
+    grown = df["germinated"].fillna("").map(lambda g: [x for x in g.split(",") if x])
+    assert (grown.map(len) == df["germinations"]).all()
+    assert all(x.split(":")[1] in BlueprintAction.__members__ for g in grown for x in g)
     terms = df[["reward_accuracy_delta", "reward_rent", "reward_terminal"]].sum(axis=1)
     assert np.allclose(df["return"], terms)
     # accuracy terms telescope: sum of deltas = final - initial

@@ -29,6 +29,20 @@ def test_writes_the_page_the_figure_and_every_episode_with_its_drawn_rate(tmp_pa
     oracle = episodes[episodes.controller == "hindsight_best"].set_index("seed")["return"]
     others = episodes[episodes.controller.isin(["always_wait", *episodes.chosen.dropna().unique()])]
     assert (oracle >= others.groupby("seed")["return"].max() - 1e-12).all()
+    # a second run reuses the training table: same choices, same held-out rows, nothing ranked again
+    monkeypatch.setattr(sys, "argv", [*argv, "--suffix", "_again", "--reuse-training", str(tmp_path / "figures" / "control_env_training.csv")])
+    _script().main()
+    again = pd.read_csv(tmp_path / "figures" / "control_env_again_episodes.csv")
+    pd.testing.assert_frame_equal(again.drop(columns="wall_s"), episodes.drop(columns="wall_s"))
+    assert "--reuse-training" in (tmp_path / "control_env_again.md").read_text()
+
+
+def test_a_training_table_of_other_seeds_is_refused(tmp_path, monkeypatch):
+    table = tmp_path / "training.csv"
+    pd.DataFrame({"controller": ["x"], "seed": [0], "return": [1.0], "seed_lr": [0.005]}).to_csv(table, index=False)
+    monkeypatch.setattr(sys, "argv", ["control_env_study.py", *TINY, "--rank-train-seeds", "3", "--reuse-training", str(table)])
+    with pytest.raises(SystemExit, match="not this study's training table"):
+        _script().main()
 
 
 def test_a_missing_checkpoint_fails_before_the_long_part(tmp_path, monkeypatch):

@@ -324,6 +324,7 @@ def evaluate_controller(
     Columns: controller, seed, return, final_val_accuracy, best_val_accuracy, initial_val_accuracy,
     steps, germinations, fossilizations, prunes, invalid_actions, seed_params, host_params,
     seed_lr (the episode's seed learning rate, drawn per episode by ``MorphoEnv(seed_lr=[...])``), reward_<term> (sum of each ``info["reward_terms"]`` entry), ops (the episode's op sequence,
+    comma-separated), germinated (the executed germinations in order, ``s<slot>:<BLUEPRINT>``,
     comma-separated), wall_s. Counts and accuracies read
     the morphogenetic env's info keys and are NaN for envs that do not report them.
     """
@@ -345,12 +346,16 @@ def evaluate_controller(
             t0 = time.perf_counter()
             total, steps, invalid = 0.0, 0, 0
             ops: list[int] = []
+            grown: list[str] = []
             terms: dict[str, float] = {}
             done = False
             while not done:
                 action = np.asarray(controller.act(obs))
-                ops.append(int(action.reshape(-1)[0]))
+                flat = action.reshape(-1)
+                ops.append(int(flat[0]))
                 obs, reward, terminated, truncated, info = env.step(action)
+                if int(flat[0]) == LifecycleOp.GERMINATE and info.get("action_executed", False):
+                    grown.append(f"s{int(flat[1])}:{BlueprintAction(int(flat[2])).name}")
                 total += float(reward)
                 steps += 1
                 invalid += int(not info.get("action_valid", True))
@@ -375,6 +380,7 @@ def evaluate_controller(
                     "seed_lr": seed_lr,
                     **{f"reward_{k}": v for k, v in terms.items()},
                     "ops": ",".join(map(str, ops)),
+                    "germinated": ",".join(grown),
                     "wall_s": time.perf_counter() - t0,
                 }
             )
