@@ -83,6 +83,10 @@ def test_switch_decides_on_the_measured_gradient_norm_and_so_reacts_to_the_seed_
 def test_switch_rejects_bad_arguments():
     with pytest.raises(ValueError, match="max_grad_norm"):
         GradNormSwitchController(PROBE, FALLBACK, max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="first must be a FixedSchedule"):
+        GradNormSwitchController("s0-norm@0", FALLBACK, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="fallback must be a FixedSchedule"):
+        GradNormSwitchController(PROBE, None, max_grad_norm=1.0)
     with pytest.raises(ValueError, match="must not use slot 0"):
         GradNormSwitchController(PROBE, FixedSchedule(0, BlueprintAction.NORM, 0), max_grad_norm=1.0)
 

@@ -574,6 +574,7 @@ def test_a_seed_lr_sequence_draws_one_value_per_episode_from_the_episode_seed():
     for env in (fixed, mixed):  # the germinated seed learns at the episode's rate
         step_ok(env, germinate(0))
         assert env.host.slots[0].optimizer.lr == 0.3
+    assert tiny_env(seed_lr=np.array([5e-3, 0.3])).seed_lr_choices == (5e-3, 0.3)  # an array works like a list
     # a one-value sequence is the plain float, bit for bit
     assert all(np.array_equal(x, y) for x, y in zip(_rollout(tiny_env(seed_lr=[0.3]), 5), _rollout(tiny_env(seed_lr=0.3), 5)))
 

@@ -244,8 +244,8 @@ class MorphoEnv(gym.Env):
         _check_float("rent_coef", rent_coef, 0.0)
         _check_float("terminal_coef", terminal_coef, 0.0)
         _check_float("lr", lr, 0.0, strict=True)
-        if isinstance(seed_lr, (tuple, list)):
-            if not seed_lr:
+        if isinstance(seed_lr, (tuple, list, np.ndarray)):
+            if len(seed_lr) == 0:
                 raise ValueError("seed_lr must be a positive number or a non-empty sequence of them, got []")
             for k, value in enumerate(seed_lr):
                 _check_float(f"seed_lr[{k}]", value, 0.0, strict=True)
@@ -268,7 +268,7 @@ class MorphoEnv(gym.Env):
         self.rent_coef = float(rent_coef)
         self.terminal_coef = float(terminal_coef)
         self.lr = float(lr)
-        self.seed_lr_choices = tuple(float(v) for v in seed_lr) if isinstance(seed_lr, (tuple, list)) else (float(seed_lr),)
+        self.seed_lr_choices = tuple(float(v) for v in seed_lr) if isinstance(seed_lr, (tuple, list, np.ndarray)) else (float(seed_lr),)
         self.seed_lr = self.seed_lr_choices[0]  # this episode's (drawn at each reset when there are several)
         self.batch_size = int(batch_size)
         self.batches_per_epoch = None if batches_per_epoch is None else int(batches_per_epoch)

@@ -323,10 +323,11 @@ def evaluate_controller(
 
     Columns: controller, seed, return, final_val_accuracy, best_val_accuracy, initial_val_accuracy,
     steps, germinations, fossilizations, prunes, invalid_actions, seed_params, host_params,
-    seed_lr (the episode's seed learning rate, drawn per episode by ``MorphoEnv(seed_lr=[...])``), reward_<term> (sum of each ``info["reward_terms"]`` entry), ops (the episode's op sequence,
+    seed_lr (the episode's seed learning rate; ``MorphoEnv(seed_lr=[...])`` draws it per episode),
+    reward_<term> (sum of each ``info["reward_terms"]`` entry), ops (the episode's op sequence,
     comma-separated), germinated (the executed germinations in order, ``s<slot>:<BLUEPRINT>``,
-    comma-separated), wall_s. Counts and accuracies read
-    the morphogenetic env's info keys and are NaN for envs that do not report them.
+    comma-separated), wall_s. Counts, accuracies and seed_lr read the morphogenetic env's info keys
+    and are NaN for envs that do not report them.
     """
     label = name or getattr(controller, "name", None) or type(controller).__name__
     seeds = list(seeds)

@@ -89,9 +89,10 @@ class GradNormSwitchController:
     def __init__(self, first: FixedSchedule, fallback: FixedSchedule, max_grad_norm: float, num_slots: int = DEFAULT_NUM_SLOTS):
         if not isinstance(max_grad_norm, (int, float)) or isinstance(max_grad_norm, bool) or not np.isfinite(max_grad_norm) or max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
-        if not isinstance(fallback, FixedSchedule):
-            raise ValueError(f"fallback must be a FixedSchedule, got {type(fallback).__name__}")
-        clash = [slot for slot, _, _ in fallback.seedings if slot == getattr(first, "slot", None)]
+        for name, plan in (("first", first), ("fallback", fallback)):
+            if not isinstance(plan, FixedSchedule):
+                raise ValueError(f"{name} must be a FixedSchedule, got {type(plan).__name__}")
+        clash = [slot for slot, _, _ in fallback.seedings if slot == first.slot]
         if clash:
             raise ValueError(f"fallback {fallback.name!r} must not use slot {clash[0]}: it holds the probe seed of first {first.name!r}")
         self._first = ScheduleController(first, num_slots)
