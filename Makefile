@@ -37,10 +37,10 @@ run-quick: $(STAMP) ## the same with each notebook's quick parameters (seconds p
 test: $(STAMP) ## run the whole test suite (notebooks included) on 2 workers
 	MPLBACKEND=Agg $(PY) -m pytest -n 2 --dist loadgroup --durations=15
 
-bench: $(STAMP) ## benchmarks: get_action plain vs fused, update fp32 vs bf16 autocast (network and PPO), env throughput
+bench: $(STAMP) ## benchmarks: get_action plain vs fused, update fp32 vs bf16 autocast (network and PPO), env throughput (torch path vs C kernels)
 	$(PY) benchmarks/bench_network.py
 	$(PY) benchmarks/bench_ppo.py --compare
-	$(PY) benchmarks/bench_env.py --steps 20
+	$(PY) benchmarks/bench_env.py --steps 20 --native both
 
 lab: $(STAMP) ## start JupyterLab in notebooks/ (pick the kernel "Python (esper-lib)")
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks

@@ -1,6 +1,7 @@
 """Throughput of the morphogenetic env on this machine's CPU (one env step = one host epoch).
 
     python benchmarks/bench_env.py [--steps N] [--num-envs K] [--controller random|wait|schedule|both|all] [--no-vector]
+                                   [--native off|on|both]
 
 Times ``--steps`` steps (after one warm-up step, resets excluded) of a single ``MorphoEnv`` at the
 env's defaults, of a ``SyncVectorEnv`` and of an ``AsyncVectorEnv`` of ``--num-envs`` copies, and
@@ -14,6 +15,10 @@ thread. For the single env it also prints where a step's time goes: host trainin
 minibatch Adam), validation (the forward pass on the validation split) and counterfactuals (the
 ablated passes), measured by timing the env's own methods, so the same script measures older
 versions of the env too (run it with another ``PYTHONPATH`` to compare, interleaved).
+
+``--native`` picks the convolution and max-pool kernels (``esper_lib.envs.native``, opt-in): ``off``
+the torch path, ``on`` the C kernels, ``both`` each configuration with one then the other, in the same
+process, with the ratio. Default: whatever ``ESPER_NATIVE`` says (off when unset).
 """
 from __future__ import annotations
 
@@ -31,6 +36,11 @@ import numpy as np
 import torch
 
 from esper_lib.envs.morpho import make_morpho_env
+
+try:  # absent from revisions before the C kernels (this script also times older trees via PYTHONPATH)
+    from esper_lib.envs import native
+except ImportError:
+    native = None
 from esper_lib.evaluation.baselines import AlwaysWaitController, RandomMaskedController
 from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dict
 
@@ -133,9 +143,16 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=2, help="sub-envs of the vector envs")
     parser.add_argument("--controller", choices=("random", "wait", "schedule", "both", "all"), default="both")
     parser.add_argument("--no-vector", action="store_true", help="only the single env")
+    parser.add_argument("--native", choices=("off", "on", "both"), default=None, help="kernel path (default: ESPER_NATIVE)")
     args = parser.parse_args()
     if args.steps < 1 or args.num_envs < 1:
         parser.error("--steps and --num-envs must be >= 1")
+    modes = {"off": (False,), "on": (True,), "both": (False, True), None: (native is not None and native.enabled(),)}[args.native]
+    if True in modes and (native is None or not native.available()):
+        if args.native == "on":
+            parser.error("--native on: the C kernels could not be built here (see the warning above)")
+        print("note: the C kernels could not be built here (see the warning above): timing the torch path only")
+        modes = (False,)
 
     env_fn = functools.partial(make_morpho_env)  # the env's defaults
     probe = env_fn()
@@ -147,21 +164,37 @@ def main() -> None:
     )
     kinds = {"both": ("wait", "random"), "all": ("wait", "random", "schedule")}.get(args.controller, (args.controller,))
     print(
-        f"{'controller':<11}{'configuration':<20}{'env-steps/s':>12}{'ms/step':>9}"
+        f"{'controller':<11}{'configuration':<20}{'native':>7}{'env-steps/s':>12}{'ms/step':>9}"
         f"{'train':>8}{'valid':>8}{'counterf':>9}{'rest':>7}  (ms per step)"
     )
+
+    def report(kind: str, config: str, measure: Callable[[], tuple[float, dict[str, float] | None]]) -> None:
+        rates = []
+        for flag in modes:
+            _set_native(flag)
+            rate, ph = measure()
+            rates.append(rate)
+            line = f"{kind:<11}{config:<20}{'on' if flag else 'off':>7}{rate:>12.1f}{1000 / rate:>9.1f}"
+            if ph is not None:
+                line += f"{ph['train']:>8.1f}{ph['evaluate']:>8.2f}{ph['counterfactuals']:>9.2f}{ph['rest']:>7.2f}"
+            print(line)
+        if len(rates) == 2:
+            print(f"{kind:<11}{config:<20}{'on/off':>7}{rates[1] / rates[0]:>11.2f}x")
+
     for kind in kinds:
-        rate, ph = bench_single(env_fn, kind, args.steps)
-        print(
-            f"{kind:<11}{'MorphoEnv x1':<20}{rate:>12.1f}{1000 / rate:>9.1f}"
-            f"{ph['train']:>8.1f}{ph['evaluate']:>8.2f}{ph['counterfactuals']:>9.2f}{ph['rest']:>7.2f}"
-        )
+        report(kind, "MorphoEnv x1", lambda: bench_single(env_fn, kind, args.steps))
         if args.no_vector:
             continue
         n = args.num_envs
         for cls in (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv):
-            rate = bench_vector(cls, env_fn, kind, args.steps, n)
-            print(f"{kind:<11}{f'{cls.__name__} x{n}':<20}{rate:>12.1f}{1000 / rate:>9.1f}")
+            report(kind, f"{cls.__name__} x{n}", lambda: (bench_vector(cls, env_fn, kind, args.steps, n), None))
+
+
+def _set_native(flag: bool) -> None:
+    """Switch the kernels in this process and in vector-env workers started from now on (they read the variable)."""
+    os.environ["ESPER_NATIVE"] = "1" if flag else "0"
+    if native is not None:
+        native.enable(flag)
 
 
 if __name__ == "__main__":

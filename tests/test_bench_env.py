@@ -54,3 +54,33 @@ def test_training_layout_bench_times_both_layouts_with_the_same_updates(tmp_path
         pd.testing.assert_frame_equal(a, s)
     with pytest.raises(ValueError, match="layout must be"):
         bench.time_layout("threads", config, [0], tmp_path, env)
+
+
+def test_training_layout_bench_compares_the_kernel_paths(tmp_path, monkeypatch):
+    import dataclasses
+
+    from esper_lib.envs import native
+
+    if not native.available():
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    monkeypatch.setenv("ESPER_NATIVE", "0")  # restored after the test (time_layout sets it for the workers)
+    before = native._enabled
+    bench = load_script("bench_training_layout", folder="benchmarks")
+    config = dataclasses.replace(bench.notebook_config(1), num_steps=4, seq_len=4, seed_group_size=2, num_envs=2, feature_dim=16, hidden_dim=16)
+    env = {"max_epochs": 4, "batches_per_epoch": 1, "train_size": 64, "val_size": 40, "batch_size": 32}
+    try:
+        for layout in ("sync-N/torch", "sync-N/native"):
+            assert bench.time_layout(layout, config, [0], tmp_path, env) > 0
+            assert native._enabled == layout.endswith("native")
+    finally:
+        native.enable(before)
+    for kernels in ("torch", "native"):
+        assert (tmp_path / kernels / "sync-N" / "seed_0" / "metrics.csv").exists()
+
+
+def test_profile_env_lists_ops_per_step():
+    prof = load_script("profile_env", folder="benchmarks")
+    rows = prof.profile_steps("wait", steps=1, warmup=1)
+    assert rows and all(ms >= 0 and calls > 0 for _, ms, calls in rows)
+    assert [r[1] for r in rows] == sorted((r[1] for r in rows), reverse=True)
+    assert any(name == "aten::_fused_adam_" for name, _, _ in rows)  # the host's optimizer runs every minibatch

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from esper_lib.constants import NUM_BLUEPRINTS, BlueprintAction
-from esper_lib.envs.small_ops import SmallConv2d
+from esper_lib.envs.small_ops import FusedSequential, SmallConv2d
 
 
 def _zero_(module: nn.Module) -> nn.Module:
@@ -31,14 +31,14 @@ def _zero_(module: nn.Module) -> nn.Module:
     return module
 
 
-class ConvLightSeed(nn.Sequential):
+class ConvLightSeed(FusedSequential):
     """1x1 convolution C -> C (channel mixing only)."""
 
     def __init__(self, channels: int):
         super().__init__(_zero_(SmallConv2d(channels, channels, 1)))
 
 
-class ConvSmallSeed(nn.Sequential):
+class ConvSmallSeed(FusedSequential):
     """3x3 convolution C -> C/2, ReLU, 1x1 back to C."""
 
     def __init__(self, channels: int):
@@ -46,7 +46,7 @@ class ConvSmallSeed(nn.Sequential):
         super().__init__(SmallConv2d(channels, mid, 3, padding=1), nn.ReLU(), _zero_(SmallConv2d(mid, channels, 1)))
 
 
-class ConvHeavySeed(nn.Sequential):
+class ConvHeavySeed(FusedSequential):
     """Two 3x3 convolutions C -> C -> C with a ReLU (a full residual block)."""
 
     def __init__(self, channels: int):
@@ -55,7 +55,7 @@ class ConvHeavySeed(nn.Sequential):
         )
 
 
-class DepthwiseSeed(nn.Sequential):
+class DepthwiseSeed(FusedSequential):
     """Depthwise 3x3 (one filter per channel), ReLU, pointwise 1x1."""
 
     def __init__(self, channels: int):
@@ -64,7 +64,7 @@ class DepthwiseSeed(nn.Sequential):
         )
 
 
-class BottleneckSeed(nn.Sequential):
+class BottleneckSeed(FusedSequential):
     """1x1 C -> C/4, ReLU, 3x3 C/4 -> C/4, ReLU, 1x1 back to C."""
 
     def __init__(self, channels: int):

@@ -33,7 +33,7 @@ from torch import nn
 from esper_lib.constants import SeedStage
 from esper_lib.envs.blueprints import parameter_count
 from esper_lib.envs.lifecycle import SeedSlot
-from esper_lib.envs.small_ops import MaxPool2x2, SmallConv2d
+from esper_lib.envs.small_ops import MaxPool2x2, SmallConv2d, run_sequential
 
 NUM_CLASSES = 10
 NUM_DIGITS = 1797
@@ -122,14 +122,14 @@ class HostCNN(nn.Module):
         """``[B, 1, 8, 8] -> [B, 10]`` logits with every slot per its stage."""
         h = x
         for block, slot in zip(self.blocks, self.slots):
-            h = slot(block(h))
+            h = slot(run_sequential(block, h))
         return self.head(h.mean(dim=(2, 3)))
 
     def forward_cached(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits ``[B, 10]`` and each block's output before its slot (for ``forward_ablated``)."""
         cache, h = [], x
         for block, slot in zip(self.blocks, self.slots):
-            h = block(h)
+            h = run_sequential(block, h)
             cache.append(h)
             h = slot(h)
         return self.head(h.mean(dim=(2, 3))), cache
@@ -144,7 +144,7 @@ class HostCNN(nn.Module):
         h = cache[start]
         for k in range(start, len(self.blocks)):
             if k > start:
-                h = self.blocks[k](h)
+                h = run_sequential(self.blocks[k], h)
             if k not in ablate:
                 h = self.slots[k](h)
         return self.head(h.mean(dim=(2, 3)))

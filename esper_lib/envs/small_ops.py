@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esper_lib.envs import native
+
 # Largest Toeplitz matrix (entries) built instead of calling conv2d: 256 x 256 covers every
 # convolution of the default env except the host's 4 -> 8 channels on the 8x8 map (256 x 512),
 # where the dense product costs more than oneDNN (measured on the 2-core dev machine).
@@ -78,13 +80,58 @@ def toeplitz_conv2d(
     return y if bias is None else y + bias.view(1, o, 1, 1)
 
 
+def _native_conv_ok(conv: nn.Conv2d, x: torch.Tensor, out_hw: tuple[int, int]) -> bool:
+    """Whether the opt-in C kernels (``esper_lib.envs.native``) compute this convolution.
+
+    They take float32 contiguous CPU input and square 1x1 or 3x3 kernels with equal padding on both
+    sides, where they are the fastest path measured (``benchmarks/bench_env.py --native both`` and
+    tests/test_native_kernels.py): output rows a multiple of 8 wide, or maps too large for the Toeplitz
+    product (where the alternative is oneDNN). On 4x4 maps the Toeplitz product stays.
+    """
+    kh, kw = conv.kernel_size
+    if not (kh == kw and kh in (1, 3) and conv.padding[0] == conv.padding[1]):
+        return False
+    if not (x.dtype == torch.float32 and conv.weight.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()):
+        return False
+    _, c, h, w = x.shape
+    toeplitz = c * h * w * conv.out_channels * out_hw[0] * out_hw[1] <= TOEPLITZ_MAX_ENTRIES
+    return (out_hw[1] % 8 == 0 or not toeplitz) and native.enabled()
+
+
 class SmallConv2d(nn.Conv2d):
     """``nn.Conv2d`` computed by ``toeplitz_conv2d`` on small maps (stride 1, dilation 1, zero padding).
 
-    Any other configuration, or a map whose Toeplitz matrix is too large, goes through ``conv2d``.
+    Any other configuration, or a map whose Toeplitz matrix is too large, goes through ``conv2d``. With the
+    opt-in C kernels on (``esper_lib.envs.native``), the maps where they are fastest use them
+    (``_native_conv_ok``); ``forward_relu`` then fuses the ReLU into the same call.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, relu=False)
+
+    def forward_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(self(x))``; one fused call on the native path."""
+        return self._conv(x, relu=True)
+
+    def _conv(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        y = self._native_call(x, relu)
+        if y is not None:
+            return y
+        y = self._linear_conv(x)
+        return F.relu(y) if relu else y
+
+    def _native_call(self, x: torch.Tensor, relu: bool) -> torch.Tensor | None:
+        """The native kernel's result (ReLU applied if ``relu``) when it applies, else None."""
+        if x.dim() != 4 or self.stride != (1, 1) or self.dilation != (1, 1) or self.padding_mode != "zeros":
+            return None
+        if isinstance(self.padding, str):
+            return None
+        out_hw = tuple(x.shape[2 + d] + 2 * self.padding[d] - self.kernel_size[d] + 1 for d in (0, 1))
+        if _native_conv_ok(self, x, out_hw):
+            return native.conv2d(x, self.weight.contiguous(), self.bias, self.padding[0], self.groups, relu)
+        return None
+
+    def _linear_conv(self, x: torch.Tensor) -> torch.Tensor:
         plain = (
             self.stride != (1, 1)
             or self.dilation != (1, 1)
@@ -122,13 +169,40 @@ class _MaxPool2x2(torch.autograd.Function):
 
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
-    """``F.max_pool2d(x, 2)`` for ``[B, C, H, W]`` with even ``H``, ``W`` (values identical)."""
+    """``F.max_pool2d(x, 2)`` for ``[B, C, H, W]`` with even ``H``, ``W`` (values and gradients identical)."""
     if x.requires_grad and torch.is_grad_enabled():
+        if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and native.enabled():
+            return native.max_pool2x2(x)
         return _MaxPool2x2.apply(x)
     v = x.unflatten(3, (-1, 2)).unflatten(2, (-1, 2))  # [B, C, H/2, 2, W/2, 2]
     top = torch.maximum(v[:, :, :, 0, :, 0], v[:, :, :, 0, :, 1])
     bottom = torch.maximum(v[:, :, :, 1, :, 0], v[:, :, :, 1, :, 1])
     return torch.maximum(top, bottom)
+
+
+def run_sequential(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``seq(x)``, with each ``SmallConv2d`` followed by an ``nn.ReLU`` run as one ``forward_relu`` call.
+
+    The same values as ``seq(x)`` (bit for bit unless the native kernels are on, which fuse the pair).
+    """
+    mods = list(seq)
+    k = 0
+    while k < len(mods):
+        m = mods[k]
+        if isinstance(m, SmallConv2d) and k + 1 < len(mods) and type(mods[k + 1]) is nn.ReLU:
+            x = m.forward_relu(x)
+            k += 2
+        else:
+            x = m(x)
+            k += 1
+    return x
+
+
+class FusedSequential(nn.Sequential):
+    """``nn.Sequential`` whose forward is ``run_sequential`` (same modules, names and state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return run_sequential(self, x)
 
 
 class MaxPool2x2(nn.Module):

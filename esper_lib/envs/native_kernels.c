@@ -1,0 +1,379 @@
+/* Direct kernels for the morphogenetic env's tiny convolutions and 2x2 max-pool (float32, NCHW).
+ *
+ * Built on first use by esper_lib/envs/native.py with the system C compiler and loaded with ctypes.
+ * Compiled without -ffast-math: every output is a fixed sequence of IEEE operations (vectorised
+ * across independent outputs only, with GCC vector types), so the results do not depend on the vector
+ * width; multiply-adds are fused where the CPU has FMA (every x86-64 CPU since 2013).
+ *
+ * Convolution: stride 1, dilation 1, zero padding `pad` on every side, `groups` groups, square
+ * kernel K, computed directly from a zero-padded copy of each image (no im2col): each output is
+ * bias + sum over (c, ky, kx), in that order, of w * input. Gradients: weights and bias accumulate
+ * in VW partial sums per entry (lane = output column mod VW), summed in lane order at the end; the
+ * input gradient adds each output's weighted gradient at the inputs it read, in (c, i, j, ky, kx) order.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int64_t N, C, H, W, O, K, pad, groups, Ho, Wo, HWo, Hp, Wp, KK, cg, og, R;
+} geom_t;
+
+static geom_t geometry(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t K, int64_t pad, int64_t groups) {
+    geom_t g;
+    g.N = N; g.C = C; g.H = H; g.W = W; g.O = O; g.K = K; g.pad = pad; g.groups = groups;
+    g.Ho = H + 2 * pad - K + 1;
+    g.Wo = W + 2 * pad - K + 1;
+    g.HWo = g.Ho * g.Wo;
+    g.Hp = H + 2 * pad;
+    g.Wp = W + 2 * pad;
+    g.KK = K * K;
+    g.cg = C / groups;
+    g.og = O / groups;
+    g.R = g.cg * g.KK;
+    return g;
+}
+
+/* Copy one image into the interior of a zero-padded buffer xp [C, Hp, Wp] (its border stays zero). */
+static void pad_image(const float *restrict x, float *restrict xp, const geom_t *g) {
+    for (int64_t c = 0; c < g->C; c++)
+        for (int64_t i = 0; i < g->H; i++)
+            memcpy(xp + (c * g->Hp + i + g->pad) * g->Wp + g->pad, x + (c * g->H + i) * g->W, (size_t)g->W * sizeof(float));
+}
+
+/* The kernels work on chunks of VW consecutive outputs of one output row (VW divides Wo), held in GCC
+ * vector types: one set of functions per VW in {8, 4, 1} (the macro below), dispatched on Wo. */
+#define DEFINE_KERNELS(VW)                                                                                          \
+    typedef float v##VW __attribute__((vector_size(VW * sizeof(float))));                                          \
+    static inline v##VW load##VW(const float *p) { v##VW v; memcpy(&v, p, sizeof v); return v; }                    \
+    static inline void store##VW(float *p, v##VW v) { memcpy(p, &v, sizeof v); }                                    \
+                                                                                                                    \
+    /* MBK outputs o0.. of one chunk at output (i, j0): bias + sum over (c, ky, kx) of w * input. */                \
+    DEFINE_FWD_BLOCK(VW, 8)                                                                                         \
+    DEFINE_FWD_BLOCK(VW, 4)                                                                                         \
+    DEFINE_FWD_BLOCK(VW, 1)                                                                                         \
+    static void forward##VW(const float *restrict xp, const float *restrict w, const float *restrict b,            \
+                            float *restrict yn, const geom_t *g, int relu) {                                        \
+        for (int64_t gi = 0; gi < g->groups; gi++) {                                                                \
+            int64_t o0 = gi * g->og, o1 = o0 + g->og;                                                               \
+            const float *xg = xp + gi * g->cg * g->Hp * g->Wp;                                                      \
+            for (int64_t i = 0; i < g->Ho; i++)                                                                     \
+                for (int64_t j0 = 0; j0 < g->Wo; j0 += VW) {                                                        \
+                    int64_t o = o0;                                                                                 \
+                    for (; o + 8 <= o1; o += 8) fwd_block##VW##_8(xg, w, b, yn, g, o, i, j0, relu);                 \
+                    for (; o + 4 <= o1; o += 4) fwd_block##VW##_4(xg, w, b, yn, g, o, i, j0, relu);                 \
+                    for (; o < o1; o++) fwd_block##VW##_1(xg, w, b, yn, g, o, i, j0, relu);                         \
+                }                                                                                                   \
+        }                                                                                                           \
+    }                                                                                                               \
+                                                                                                                    \
+    DEFINE_GRADS(VW, 1)                                                                                             \
+    DEFINE_GRADS(VW, 3)
+
+/* Gradients for kernel size KS (1 or 3): the KS*KS taps accumulate in independent registers. */
+#define DEFINE_GRADS(VW, KS)                                                                                        \
+    /* Weight and bias gradients of one image, added to VW-lane partial sums wpart [O*R][VW], bpart [O][VW]. */     \
+    static void grad_weight##VW##_##KS(const float *restrict xp, const float *restrict G, float *restrict wpart,    \
+                                       float *restrict bpart, const geom_t *g) {                                    \
+        for (int64_t o = 0; o < g->O; o++) {                                                                        \
+            const float *Go = G + o * g->HWo;                                                                       \
+            if (bpart) {                                                                                            \
+                v##VW acc = load##VW(bpart + o * VW);                                                               \
+                for (int64_t q = 0; q < g->HWo; q += VW) acc += load##VW(Go + q);                                   \
+                store##VW(bpart + o * VW, acc);                                                                     \
+            }                                                                                                       \
+            if (!wpart) continue;                                                                                   \
+            const float *xg = xp + (o / g->og) * g->cg * g->Hp * g->Wp;                                             \
+            for (int64_t c = 0; c < g->cg; c++) {                                                                   \
+                float *part = wpart + (o * g->R + c * KS * KS) * VW;                                                \
+                v##VW acc[KS * KS];                                                                                 \
+                for (int k = 0; k < KS * KS; k++) acc[k] = load##VW(part + k * VW);                                 \
+                for (int64_t i = 0; i < g->Ho; i++)                                                                 \
+                    for (int64_t j0 = 0; j0 < g->Wo; j0 += VW) {                                                    \
+                        v##VW gv = load##VW(Go + i * g->Wo + j0);                                                   \
+                        for (int ky = 0; ky < KS; ky++) {                                                           \
+                            const float *xr = xg + (c * g->Hp + i + ky) * g->Wp + j0;                               \
+                            for (int kx = 0; kx < KS; kx++) acc[ky * KS + kx] += gv * load##VW(xr + kx);            \
+                        }                                                                                           \
+                    }                                                                                               \
+                for (int k = 0; k < KS * KS; k++) store##VW(part + k * VW, acc[k]);                                 \
+            }                                                                                                       \
+        }                                                                                                           \
+    }                                                                                                               \
+                                                                                                                    \
+    /* Input gradient of one image into the padded buffer gxp (zeroed here): each output chunk's gradient,     \
+     * weighted, added at the input positions it read. */                                                          \
+    static void grad_input##VW##_##KS(const float *restrict w, const float *restrict G, float *restrict gxp,         \
+                                      const geom_t *g) {                                                            \
+        memset(gxp, 0, (size_t)(g->C * g->Hp * g->Wp) * sizeof(float));                                            \
+        for (int64_t c = 0; c < g->C; c++) {                                                                        \
+            int64_t gi = c / g->cg, cl = c - gi * g->cg;                                                            \
+            for (int64_t i = 0; i < g->Ho; i++)                                                                     \
+                for (int64_t j0 = 0; j0 < g->Wo; j0 += VW) {                                                        \
+                    v##VW acc[KS * KS];                                                                             \
+                    for (int k = 0; k < KS * KS; k++) acc[k] = (v##VW){0};                                          \
+                    for (int64_t o = gi * g->og; o < (gi + 1) * g->og; o++) {                                       \
+                        v##VW gv = load##VW(G + o * g->HWo + i * g->Wo + j0);                                       \
+                        const float *wo = w + o * g->R + cl * KS * KS;                                              \
+                        for (int k = 0; k < KS * KS; k++) acc[k] += wo[k] * gv;                                     \
+                    }                                                                                               \
+                    for (int ky = 0; ky < KS; ky++) {                                                               \
+                        float *dst = gxp + (c * g->Hp + i + ky) * g->Wp + j0;                                       \
+                        for (int kx = 0; kx < KS; kx++) store##VW(dst + kx, load##VW(dst + kx) + acc[ky * KS + kx]); \
+                    }                                                                                               \
+                }                                                                                                   \
+        }                                                                                                           \
+    }
+
+#define DEFINE_FWD_BLOCK(VW, MBK)                                                                                   \
+    static inline void fwd_block##VW##_##MBK(const float *restrict xg, const float *restrict w,                     \
+                                             const float *restrict b, float *restrict yn, const geom_t *g,          \
+                                             int64_t o0, int64_t i, int64_t j0, int relu) {                          \
+        v##VW acc[MBK];                                                                                             \
+        for (int m = 0; m < MBK; m++) acc[m] = (v##VW){0} + (b ? b[o0 + m] : 0.0f);                                 \
+        for (int64_t c = 0; c < g->cg; c++)                                                                         \
+            for (int64_t ky = 0; ky < g->K; ky++) {                                                                 \
+                const float *xr = xg + (c * g->Hp + i + ky) * g->Wp + j0;                                           \
+                const float *wr = w + o0 * g->R + (c * g->K + ky) * g->K;                                           \
+                for (int64_t kx = 0; kx < g->K; kx++) {                                                             \
+                    v##VW xv = load##VW(xr + kx);                                                                   \
+                    for (int m = 0; m < MBK; m++) acc[m] += wr[m * g->R + kx] * xv;                                 \
+                }                                                                                                   \
+            }                                                                                                       \
+        for (int m = 0; m < MBK; m++) {                                                                             \
+            float *out = yn + (o0 + m) * g->HWo + i * g->Wo + j0;                                                   \
+            store##VW(out, acc[m]);                                                                                 \
+            if (relu) /* NaN kept: NaN < 0 is false */                                                              \
+                for (int l = 0; l < VW; l++) out[l] = out[l] < 0.0f ? 0.0f : out[l];                                \
+        }                                                                                                           \
+    }
+
+DEFINE_KERNELS(8)
+DEFINE_KERNELS(4)
+DEFINE_KERNELS(1)
+
+static int vector_width(int64_t Wo) { return Wo % 8 == 0 ? 8 : Wo % 4 == 0 ? 4 : 1; }
+
+/* 4x4 output maps (the host after its pool): the whole 16-value plane is one vector. Each image is
+ * unfolded into P[(c, ky, kx)][16] (im2col from the padded copy) and the products run over whole planes. */
+typedef float v16 __attribute__((vector_size(16 * sizeof(float))));
+static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+static int is_plane16(const geom_t *g) { return g->Ho == 4 && g->Wo == 4; }
+
+static void im2col_plane16(const float *restrict xp, float *restrict P, const geom_t *g) {
+    for (int64_t c = 0; c < g->C; c++)
+        for (int64_t ky = 0; ky < g->K; ky++)
+            for (int64_t kx = 0; kx < g->K; kx++) {
+                float *row = P + ((c * g->K + ky) * g->K + kx) * 16;
+                for (int i = 0; i < 4; i++) store4(row + 4 * i, load4(xp + (c * g->Hp + i + ky) * g->Wp + kx));
+            }
+}
+
+#define DEFINE_PLANE_FWD_BLOCK(MBK)                                                                                 \
+    static inline void plane_block_##MBK(const float *restrict Pg, const float *restrict w, const float *restrict b, \
+                                         float *restrict yn, const geom_t *g, int64_t o0, int relu) {                \
+        v16 acc[MBK];                                                                                               \
+        for (int m = 0; m < MBK; m++) acc[m] = (v16){0} + (b ? b[o0 + m] : 0.0f);                                   \
+        for (int64_t r = 0; r < g->R; r++) {                                                                        \
+            v16 pv = load16(Pg + r * 16);                                                                           \
+            for (int m = 0; m < MBK; m++) acc[m] += w[(o0 + m) * g->R + r] * pv;                                    \
+        }                                                                                                           \
+        for (int m = 0; m < MBK; m++) {                                                                             \
+            float *out = yn + (o0 + m) * 16;                                                                        \
+            store16(out, acc[m]);                                                                                   \
+            if (relu)                                                                                               \
+                for (int l = 0; l < 16; l++) out[l] = out[l] < 0.0f ? 0.0f : out[l];                                \
+        }                                                                                                           \
+    }
+DEFINE_PLANE_FWD_BLOCK(8)
+DEFINE_PLANE_FWD_BLOCK(4)
+DEFINE_PLANE_FWD_BLOCK(1)
+
+static void forward_plane16(const float *restrict P, const float *restrict w, const float *restrict b, float *restrict yn,
+                            const geom_t *g, int relu) {
+    for (int64_t gi = 0; gi < g->groups; gi++) {
+        const float *Pg = P + gi * g->R * 16;
+        int64_t o = gi * g->og, o1 = o + g->og;
+        for (; o + 8 <= o1; o += 8) plane_block_8(Pg, w, b, yn, g, o, relu);
+        for (; o + 4 <= o1; o += 4) plane_block_4(Pg, w, b, yn, g, o, relu);
+        for (; o < o1; o++) plane_block_1(Pg, w, b, yn, g, o, relu);
+    }
+}
+
+/* Weight and bias gradients of one image, added to 16-lane partial sums (lane = output position). */
+static void grad_weight_plane16(const float *restrict P, const float *restrict G, float *restrict wpart,
+                                float *restrict bpart, const geom_t *g) {
+    for (int64_t o = 0; o < g->O; o++) {
+        v16 gv = load16(G + o * 16);
+        if (bpart) store16(bpart + o * 16, load16(bpart + o * 16) + gv);
+        if (!wpart) continue;
+        const float *Pg = P + (o / g->og) * g->R * 16;
+        float *part = wpart + o * g->R * 16;
+        for (int64_t r = 0; r < g->R; r++) store16(part + r * 16, load16(part + r * 16) + gv * load16(Pg + r * 16));
+    }
+}
+
+/* Input gradient of one image into the padded buffer gxp (zeroed here), through the plane rows GP (scratch P). */
+static void grad_input_plane16(const float *restrict w, const float *restrict G, float *restrict GP, float *restrict gxp,
+                               const geom_t *g) {
+    for (int64_t gi = 0; gi < g->groups; gi++)
+        for (int64_t r = 0; r < g->R; r++) {
+            v16 acc = (v16){0};
+            for (int64_t o = gi * g->og; o < (gi + 1) * g->og; o++) acc += w[o * g->R + r] * load16(G + o * 16);
+            store16(GP + (gi * g->R + r) * 16, acc);
+        }
+    memset(gxp, 0, (size_t)(g->C * g->Hp * g->Wp) * sizeof(float));
+    for (int64_t c = 0; c < g->C; c++)
+        for (int64_t ky = 0; ky < g->K; ky++)
+            for (int64_t kx = 0; kx < g->K; kx++) {
+                const float *row = GP + ((c * g->K + ky) * g->K + kx) * 16;
+                for (int i = 0; i < 4; i++) {
+                    float *dst = gxp + (c * g->Hp + i + ky) * g->Wp + kx;
+                    store4(dst, load4(dst) + load4(row + 4 * i));
+                }
+            }
+}
+
+/* y[n, o] = act(b[o] + sum_{c in group(o), ky, kx} w[o, c, ky, kx] * x[n, c, shifted]); relu: act = max(., 0), NaN kept. */
+int conv2d_forward(const float *restrict x, const float *restrict w, const float *restrict b, float *restrict y,
+                   int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t K, int64_t pad, int64_t groups,
+                   int64_t relu) {
+    geom_t g = geometry(N, C, H, W, O, K, pad, groups);
+    int plane = is_plane16(&g);
+    float *xp = (float *)calloc((size_t)(C * g.Hp * g.Wp + (plane ? C * g.KK * 16 : 0)), sizeof(float));
+    if (!xp) return 1;
+    float *P = xp + C * g.Hp * g.Wp;
+    int vw = vector_width(g.Wo);
+    for (int64_t n = 0; n < N; n++) {
+        pad_image(x + n * C * H * W, xp, &g);
+        float *yn = y + n * O * g.HWo;
+        if (plane) {
+            im2col_plane16(xp, P, &g);
+            forward_plane16(P, w, b, yn, &g, (int)relu);
+        } else if (vw == 8) forward8(xp, w, b, yn, &g, (int)relu);
+        else if (vw == 4) forward4(xp, w, b, yn, &g, (int)relu);
+        else forward1(xp, w, b, yn, &g, (int)relu);
+    }
+    free(xp);
+    return 0;
+}
+
+/* Gradients of conv2d_forward for the output gradient gy. y: the forward's output when it applied the
+ * ReLU (gradient zero where y <= 0, as torch's threshold_backward), else NULL. gx, gw, gb: NULL when
+ * not needed; written, not accumulated. */
+int conv2d_backward(const float *restrict x, const float *restrict w, const float *restrict gy, const float *restrict y,
+                    float *restrict gx, float *restrict gw, float *restrict gb,
+                    int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t K, int64_t pad, int64_t groups) {
+    if (K != 1 && K != 3) return 2;
+    geom_t g = geometry(N, C, H, W, O, K, pad, groups);
+    int plane = is_plane16(&g);
+    int vw = plane ? 16 : vector_width(g.Wo); /* lanes of the partial sums */
+    int64_t padded = C * g.Hp * g.Wp;
+    size_t floats = (size_t)(2 * padded + O * g.HWo + O * g.R * vw + O * vw + (plane ? C * g.KK * 16 : 0));
+    float *buf = (float *)calloc(floats, sizeof(float));
+    if (!buf) return 1;
+    float *xp = buf, *gxp = xp + padded, *G = gxp + padded, *wpart = G + O * g.HWo, *bpart = wpart + O * g.R * vw;
+    float *P = bpart + O * vw;
+    for (int64_t n = 0; n < N; n++) {
+        const float *gyn = gy + n * O * g.HWo;
+        const float *Gn = gyn;
+        if (y) {
+            const float *yn = y + n * O * g.HWo;
+            for (int64_t q = 0; q < O * g.HWo; q++) G[q] = yn[q] <= 0.0f ? 0.0f : gyn[q];
+            Gn = G;
+        }
+        if (gw || gb) {
+            if (gw) pad_image(x + n * C * H * W, xp, &g);
+            float *wp = gw ? wpart : NULL, *bp = gb ? bpart : NULL;
+            if (plane) {
+                if (gw) im2col_plane16(xp, P, &g);
+                grad_weight_plane16(P, Gn, wp, bp, &g);
+            } else if (K == 3) {
+                if (vw == 8) grad_weight8_3(xp, Gn, wp, bp, &g);
+                else if (vw == 4) grad_weight4_3(xp, Gn, wp, bp, &g);
+                else grad_weight1_3(xp, Gn, wp, bp, &g);
+            } else {
+                if (vw == 8) grad_weight8_1(xp, Gn, wp, bp, &g);
+                else if (vw == 4) grad_weight4_1(xp, Gn, wp, bp, &g);
+                else grad_weight1_1(xp, Gn, wp, bp, &g);
+            }
+        }
+        if (gx) {
+            if (plane) {
+                grad_input_plane16(w, Gn, P, gxp, &g);
+            } else if (K == 3) {
+                if (vw == 8) grad_input8_3(w, Gn, gxp, &g);
+                else if (vw == 4) grad_input4_3(w, Gn, gxp, &g);
+                else grad_input1_3(w, Gn, gxp, &g);
+            } else {
+                if (vw == 8) grad_input8_1(w, Gn, gxp, &g);
+                else if (vw == 4) grad_input4_1(w, Gn, gxp, &g);
+                else grad_input1_1(w, Gn, gxp, &g);
+            }
+            float *gxn = gx + n * C * H * W;
+            for (int64_t c = 0; c < C; c++)
+                for (int64_t i = 0; i < H; i++)
+                    memcpy(gxn + (c * H + i) * W, gxp + (c * g.Hp + i + pad) * g.Wp + pad, (size_t)W * sizeof(float));
+        }
+    }
+    if (gw)
+        for (int64_t e = 0; e < O * g.R; e++) {
+            float s = 0.0f;
+            for (int l = 0; l < vw; l++) s += wpart[e * vw + l];
+            gw[e] = s;
+        }
+    if (gb)
+        for (int64_t o = 0; o < O; o++) {
+            float s = 0.0f;
+            for (int l = 0; l < vw; l++) s += bpart[o * vw + l];
+            gb[o] = s;
+        }
+    free(buf);
+    return 0;
+}
+
+/* 2x2/2 max-pool of M planes of H x W (even): y and the window index (0..3, row-major) of the maximum.
+ * As torch's max_pool2d: the first maximum wins, a NaN wins over numbers (and a later NaN over an earlier one). */
+void maxpool2x2_forward(const float *restrict x, float *restrict y, uint8_t *restrict idx, int64_t M, int64_t H, int64_t W) {
+    int64_t Ho = H / 2, Wo = W / 2;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * H * W;
+        for (int64_t i = 0; i < Ho; i++) {
+            const float *r0 = xm + 2 * i * W, *r1 = r0 + W;
+            float *yr = y + (m * Ho + i) * Wo;
+            uint8_t *ir = idx + (m * Ho + i) * Wo;
+            for (int64_t j = 0; j < Wo; j++) { /* branch-free, so that the loop vectorises */
+                float best = r0[2 * j];
+                uint8_t k = 0;
+                float v1 = r0[2 * j + 1], v2 = r1[2 * j], v3 = r1[2 * j + 1];
+                int t1 = (v1 > best) | (v1 != v1);
+                best = t1 ? v1 : best;
+                k = t1 ? 1 : k;
+                int t2 = (v2 > best) | (v2 != v2);
+                best = t2 ? v2 : best;
+                k = t2 ? 2 : k;
+                int t3 = (v3 > best) | (v3 != v3);
+                best = t3 ? v3 : best;
+                k = t3 ? 3 : k;
+                yr[j] = best;
+                ir[j] = k;
+            }
+        }
+    }
+}
+
+/* Gradient of maxpool2x2_forward: each output's gradient goes to its window's maximum, the rest is 0. */
+void maxpool2x2_backward(const float *restrict gy, const uint8_t *restrict idx, float *restrict gx, int64_t M, int64_t H, int64_t W) {
+    int64_t Ho = H / 2, Wo = W / 2;
+    memset(gx, 0, (size_t)(M * H * W) * sizeof(float));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < Ho; i++)
+            for (int64_t j = 0; j < Wo; j++) {
+                int64_t q = (m * Ho + i) * Wo + j;
+                uint8_t k = idx[q];
+                gx[m * H * W + (2 * i + (k >> 1)) * W + 2 * j + (k & 1)] = gy[q];
+            }
+}
