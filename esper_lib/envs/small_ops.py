@@ -80,22 +80,29 @@ def toeplitz_conv2d(
     return y if bias is None else y + bias.view(1, o, 1, 1)
 
 
+def _float32_cpu(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+
+
 def _native_conv_ok(conv: nn.Conv2d, x: torch.Tensor, out_hw: tuple[int, int]) -> bool:
     """Whether the opt-in C kernels (``esper_lib.envs.native``) compute this convolution.
 
-    They take float32 contiguous CPU input and square 1x1 or 3x3 kernels with equal padding on both
-    sides, where they are the fastest path measured (``benchmarks/bench_env.py --native both`` and
-    tests/test_native_kernels.py): output rows a multiple of 8 wide, or maps too large for the Toeplitz
-    product (where the alternative is oneDNN). On 4x4 maps the Toeplitz product stays.
+    They take contiguous float32 CPU tensors (input, weight, bias; no autocast) and square 1x1 or 3x3
+    kernels with equal padding on both sides, where they are the fastest path measured
+    (``benchmarks/bench_env.py --native both`` and tests/test_native_kernels.py): output rows a multiple
+    of 8 wide, or maps too large for the Toeplitz product (where the alternative is oneDNN). On 4x4 maps
+    the Toeplitz product stays.
     """
+    if not native.enabled():  # the default: no further checks
+        return False
     kh, kw = conv.kernel_size
     if not (kh == kw and kh in (1, 3) and conv.padding[0] == conv.padding[1]):
         return False
-    if not (x.dtype == torch.float32 and conv.weight.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()):
+    if not (_float32_cpu(x) and _float32_cpu(conv.weight) and _float32_cpu(conv.bias)) or torch.is_autocast_enabled("cpu"):
         return False
     _, c, h, w = x.shape
     toeplitz = c * h * w * conv.out_channels * out_hw[0] * out_hw[1] <= TOEPLITZ_MAX_ENTRIES
-    return (out_hw[1] % 8 == 0 or not toeplitz) and native.enabled()
+    return out_hw[1] % 8 == 0 or not toeplitz
 
 
 class SmallConv2d(nn.Conv2d):
@@ -122,13 +129,15 @@ class SmallConv2d(nn.Conv2d):
 
     def _native_call(self, x: torch.Tensor, relu: bool) -> torch.Tensor | None:
         """The native kernel's result (ReLU applied if ``relu``) when it applies, else None."""
+        if not native.enabled():  # the default: nothing else to check
+            return None
         if x.dim() != 4 or self.stride != (1, 1) or self.dilation != (1, 1) or self.padding_mode != "zeros":
             return None
         if isinstance(self.padding, str):
             return None
         out_hw = tuple(x.shape[2 + d] + 2 * self.padding[d] - self.kernel_size[d] + 1 for d in (0, 1))
         if _native_conv_ok(self, x, out_hw):
-            return native.conv2d(x, self.weight.contiguous(), self.bias, self.padding[0], self.groups, relu)
+            return native.conv2d(x, self.weight, self.bias, self.padding[0], self.groups, relu)
         return None
 
     def _linear_conv(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +180,7 @@ class _MaxPool2x2(torch.autograd.Function):
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)`` for ``[B, C, H, W]`` with even ``H``, ``W`` (values and gradients identical)."""
     if x.requires_grad and torch.is_grad_enabled():
-        if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and native.enabled():
+        if native.enabled() and _float32_cpu(x) and not torch.is_autocast_enabled("cpu"):
             return native.max_pool2x2(x)
         return _MaxPool2x2.apply(x)
     v = x.unflatten(3, (-1, 2)).unflatten(2, (-1, 2))  # [B, C, H/2, 2, W/2, 2]
@@ -184,6 +193,7 @@ def run_sequential(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``seq(x)``, with each ``SmallConv2d`` followed by an ``nn.ReLU`` run as one ``forward_relu`` call.
 
     The same values as ``seq(x)`` (bit for bit unless the native kernels are on, which fuse the pair).
+    Forward hooks registered on the paired modules are not called (the project registers none).
     """
     mods = list(seq)
     k = 0
