@@ -305,3 +305,16 @@ def test_the_environment_variable_switches_the_kernels_at_import(value, expected
     out = subprocess.run([sys.executable, "-c", "from esper_lib.envs import native; print(native._enabled)"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == str(expected)
+
+
+def test_max_pool_picks_the_window_element_max_pool2d_picks_for_every_tie_and_nan_pattern():
+    """All 4^4 windows over {0, 1, 2, NaN}: the same value and the same gradient route as max_pool2d."""
+    import itertools
+
+    vals = [0.0, 1.0, 2.0, float("nan")]
+    windows = torch.tensor(list(itertools.product(vals, repeat=4)))  # [256, 4] in row-major window order
+    x = windows.view(16, 16, 2, 2).permute(0, 2, 1, 3).reshape(1, 1, 32, 32).contiguous().requires_grad_(True)
+    y, ref = native.max_pool2x2(x), F.max_pool2d(x, 2)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.nan_to_num(), ref.nan_to_num())
+    g = torch.arange(1.0, 257.0).view(1, 1, 16, 16)  # distinct gradients show which element each window picked
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])

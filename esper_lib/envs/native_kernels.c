@@ -335,29 +335,55 @@ int conv2d_backward(const float *restrict x, const float *restrict w, const floa
     return 0;
 }
 
-/* 2x2/2 max-pool of M planes of H x W (even): y and the window index (0..3, row-major) of the maximum.
- * As torch's max_pool2d: the first maximum wins, a NaN wins over numbers (and a later NaN over an earlier one). */
+/* 2x2/2 max-pool (floor mode) of M planes of H x W: y and the window index (0..3, row-major) of the maximum.
+ * As torch's max_pool2d: a later value replaces the current maximum when it is larger or NaN, so the first
+ * maximum wins and a NaN wins over numbers. With H and W even the window is reduced in two vectorised passes
+ * (each row's pairs, then each pair of rows: the same rule applied as (a, b), (c, d), then the two winners,
+ * which gives the sequential result); otherwise one scalar pass. */
 void maxpool2x2_forward(const float *restrict x, float *restrict y, uint8_t *restrict idx, int64_t M, int64_t H, int64_t W) {
     int64_t Ho = H / 2, Wo = W / 2;
+    if (H % 2 == 0 && W % 2 == 0) {
+        int64_t E = M * H * Wo; /* horizontal pairs */
+        float *hmax = (float *)malloc((size_t)E * sizeof(float));
+        uint8_t *hsel = (uint8_t *)malloc((size_t)E);
+        if (hmax && hsel) {
+            for (int64_t e = 0; e < E; e++) {
+                float a = x[2 * e], b = x[2 * e + 1];
+                uint8_t t = (b > a) | (b != b);
+                hmax[e] = t ? b : a;
+                hsel[e] = t;
+            }
+            for (int64_t r = 0; r < M * Ho; r++) {
+                const float *top = hmax + 2 * r * Wo, *bot = top + Wo;
+                const uint8_t *ts = hsel + 2 * r * Wo, *bs = ts + Wo;
+                float *yr = y + r * Wo;
+                uint8_t *ir = idx + r * Wo;
+                for (int64_t j = 0; j < Wo; j++) {
+                    uint8_t t = (bot[j] > top[j]) | (bot[j] != bot[j]);
+                    yr[j] = t ? bot[j] : top[j];
+                    ir[j] = t ? (uint8_t)(2 + bs[j]) : ts[j];
+                }
+            }
+            free(hmax);
+            free(hsel);
+            return;
+        }
+        free(hmax);
+        free(hsel);
+    }
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * H * W;
         for (int64_t i = 0; i < Ho; i++) {
             const float *r0 = xm + 2 * i * W, *r1 = r0 + W;
             float *yr = y + (m * Ho + i) * Wo;
             uint8_t *ir = idx + (m * Ho + i) * Wo;
-            for (int64_t j = 0; j < Wo; j++) { /* branch-free, so that the loop vectorises */
+            for (int64_t j = 0; j < Wo; j++) {
                 float best = r0[2 * j];
                 uint8_t k = 0;
                 float v1 = r0[2 * j + 1], v2 = r1[2 * j], v3 = r1[2 * j + 1];
-                int t1 = (v1 > best) | (v1 != v1);
-                best = t1 ? v1 : best;
-                k = t1 ? 1 : k;
-                int t2 = (v2 > best) | (v2 != v2);
-                best = t2 ? v2 : best;
-                k = t2 ? 2 : k;
-                int t3 = (v3 > best) | (v3 != v3);
-                best = t3 ? v3 : best;
-                k = t3 ? 3 : k;
+                if (v1 > best || v1 != v1) { best = v1; k = 1; }
+                if (v2 > best || v2 != v2) { best = v2; k = 2; }
+                if (v3 > best || v3 != v3) { best = v3; k = 3; }
                 yr[j] = best;
                 ir[j] = k;
             }
