@@ -84,3 +84,20 @@ def test_profile_env_lists_ops_per_step():
     assert rows and all(ms >= 0 and calls > 0 for _, ms, calls in rows)
     assert [r[1] for r in rows] == sorted((r[1] for r in rows), reverse=True)
     assert any(name == "aten::_fused_adam_" for name, _, _ in rows)  # the host's optimizer runs every minibatch
+
+
+def test_native_kernel_bench_times_every_layer_on_both_paths(capsys, monkeypatch):
+    from esper_lib.envs import native
+
+    if not native.available():
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    before = native._enabled
+    bench = load_script("bench_native_kernels", folder="benchmarks")
+    monkeypatch.setattr("sys.argv", ["bench_native_kernels.py", "--calls", "1", "--repeats", "1"])
+    try:
+        bench.main()
+    finally:
+        native.enable(before)
+    out = capsys.readouterr().out
+    assert all(what in out for what, *_ in bench.SHAPES) and "max-pool 2x2" in out
+    assert "4->8 8x8 k3" in out and "oneDNN" in out  # the host's widest convolution is oneDNN's on the torch path
