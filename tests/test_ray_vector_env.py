@@ -190,6 +190,41 @@ def test_env_error_names_the_env_and_keeps_checkpoint_and_metrics(tmp_path):
     assert fresh.update_index == 1 and len(fresh.history) == 1
 
 
+def test_actors_follow_the_drivers_switch_of_the_c_kernels():
+    """native.enable(True) on the driver: the actors run the C kernels too, and step as a SyncVectorEnv does with them."""
+    from esper_lib.envs import native
+
+    if not native.available():
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    before = native.switched_on()
+    fns = [functools.partial(MorphoEnv, max_epochs=3, train_size=64, val_size=40, batch_size=32)] * 2
+    native.enable(True)
+    try:
+        ray_env = RayVectorEnv(fns, envs_per_actor=1)
+        sync_env = SyncVectorEnv(fns, autoreset_mode=AutoresetMode.SAME_STEP)
+        try:
+            assert ray_env.native_kernels == [True, True]
+            obs_r, _ = ray_env.reset(seed=[5, 6])
+            obs_s, _ = sync_env.reset(seed=[5, 6])
+            actions = np.zeros((2, 8), dtype=np.int64)
+            for _ in range(2):
+                obs_r, rew_r, *_ = ray_env.step(actions)
+                obs_s, rew_s, *_ = sync_env.step(actions)
+                np.testing.assert_array_equal(rew_r, rew_s)  # bit for bit: the same kernels on both sides
+                np.testing.assert_array_equal(obs_r["state"], obs_s["state"])
+        finally:
+            ray_env.close()
+            sync_env.close()
+        native.enable(False)
+        plain = RayVectorEnv(fns[:1])
+        try:
+            assert plain.native_kernels == [False]
+        finally:
+            plain.close()
+    finally:
+        native.enable(before)
+
+
 def test_dead_actor_names_its_envs():
     venv = RayVectorEnv([OpRewardProbe] * 4, envs_per_actor=2)
     trainer = PPOTrainer(venv, PPOConfig(**{**TINY, "num_envs": 4}))

@@ -98,6 +98,11 @@ def enable(flag: bool) -> None:
     _enabled = bool(flag)
 
 
+def switched_on() -> bool:
+    """Whether the kernels are switched on (``ESPER_NATIVE`` or ``enable``), built or not (no build)."""
+    return _enabled
+
+
 def enabled() -> bool:
     """True when the kernels are switched on and built (builds them on the first call)."""
     return _enabled and _library() is not None

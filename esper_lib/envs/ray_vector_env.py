@@ -41,6 +41,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array, iterate
 
+from esper_lib.envs import native
 from esper_lib.envs.env_state import capture_env_state, restore_env_state, supports_env_state
 
 INSTALL_HINT = "pip install -e .[ray]  (or: pip install 'esper-lib[ray]')"
@@ -85,8 +86,10 @@ class EnvWorker:
         except Exception as exc:  # noqa: BLE001 - every env error is reported with its index
             raise SubEnvError(self.first_index + j, method, traceback.format_exc()) from exc
 
-    def build(self, env_fns: Sequence[Callable[[], gym.Env]], first_index: int) -> dict[str, Any]:
-        """Build the envs; returns their spaces and metadata for the driver to check."""
+    def build(self, env_fns: Sequence[Callable[[], gym.Env]], first_index: int, native_kernels: bool = False) -> dict[str, Any]:
+        """Build the envs (with the driver's switch of the C kernels, ``esper_lib.envs.native``); returns their
+        spaces and metadata for the driver to check, and whether the kernels run here."""
+        native.enable(native_kernels)
         self.first_index = first_index
         for j, fn in enumerate(env_fns):
             with self._blame(j, "construction"):
@@ -101,6 +104,7 @@ class EnvWorker:
             "metadata": dict(first.metadata),
             "render_mode": first.render_mode,
             "supports_state": all(supports_env_state(e) for e in self.envs),
+            "native_kernels": native.enabled(),
         }
 
     def reset(self, seeds: Sequence[int | None], options: dict | None) -> list[tuple[Any, dict]]:
@@ -198,7 +202,8 @@ class RayVectorEnv(VectorEnv):
         remote_cls = ray.remote(EnvWorker)
         self._actors = [remote_cls.options(**(actor_options or {})).remote() for _ in self._slices]
         try:
-            refs = [a.build.remote([env_fns[i] for i in sl], sl.start) for a, sl in zip(self._actors, self._slices)]
+            switch = native.switched_on()  # the actors follow the driver's switch (a failed build there warns)
+            refs = [a.build.remote([env_fns[i] for i in sl], sl.start, switch) for a, sl in zip(self._actors, self._slices)]
             infos = self._gather(refs, "construction", self.start_timeout_s)
             self._check_spaces(infos)
         except BaseException:
@@ -212,6 +217,7 @@ class RayVectorEnv(VectorEnv):
         self.metadata = {**first["metadata"], "autoreset_mode": AutoresetMode.SAME_STEP}
         self.render_mode = first["render_mode"]
         self.supports_env_states = all(info["supports_state"] for info in infos)
+        self.native_kernels = [info["native_kernels"] for info in infos]  # per actor: whether the C kernels run there
         self._observations = create_empty_array(self.single_observation_space, n=n, fn=np.zeros)
 
     @property
