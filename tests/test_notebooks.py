@@ -144,6 +144,19 @@ def test_notebook_04_trains_with_the_gae_lambda_it_is_given(tmp_path: Path) -> N
 
 
 @pytest.mark.notebook
+def test_notebook_04_trains_with_the_c_kernels_when_asked(tmp_path: Path) -> None:
+    import json
+
+    from esper_lib.envs import native
+
+    if not native.available():
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    run_notebook("04_short_training", parameters={"native_kernels": True, "train_seeds": [0]}, quick=True, out_root=tmp_path)
+    summary = json.loads((tmp_path / "04_short_training" / "run_summary.json").read_text())
+    assert summary["native_kernels"] is True  # recorded with the run: which kernels produced it
+
+
+@pytest.mark.notebook
 def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     import json
 
@@ -172,6 +185,9 @@ def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     run = json.loads((out / "run_summary.json").read_text())
     assert 0 < run["peak_rss_gib"] <= run["peak_total_gib_upper_bound"] < 3.0, "a quick run of notebook 04 must stay under 3 GiB"
     assert run["vector_env"] == "sync" and run["workers"] == 3 and run["eval_workers"] == 2  # the defaults
+    from esper_lib.envs import native
+
+    assert run["native_kernels"] is (native.switched_on() and native.available())  # off unless ESPER_NATIVE=1 here
     assert run["seed_group_size"] == 2
     training = pd.read_csv(out / "seed_0" / "training_episodes.csv")
     assert len(training) > 0 and {"reward_accuracy_delta", "reward_rent", "reward_terminal"} <= set(training.columns)
