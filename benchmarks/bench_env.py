@@ -1,6 +1,6 @@
 """Throughput of the morphogenetic env on this machine's CPU (one env step = one host epoch).
 
-    python benchmarks/bench_env.py [--steps N] [--num-envs K] [--controller random|wait|schedule|both|all] [--no-vector]
+    python benchmarks/bench_env.py [--steps N] [--num-envs K] [--controller random|wait|schedule|grown|both|all] [--no-vector]
                                    [--native off|on|both]
 
 Times ``--steps`` steps (after one warm-up step, resets excluded) of a single ``MorphoEnv`` at the
@@ -10,7 +10,8 @@ with the masked random controller (seeds germinate, train, blend and get pruned,
 includes seeds and counterfactuals); ``wait`` trains the bare host; ``schedule`` plays the best fixed
 schedule of ``docs/figures/headroom_best_schedule.json`` (seeds blended and fossilized, a NORM seed in
 every slot until the family spanned the styles, now one CONV_HEAVY seed: the cost of a policy that grows);
-``both`` = wait and random, ``all`` = the three. Each env runs torch with one
+``grown`` plays what notebook 04's trained policies grow (a NORM seed in every slot, ``GROWN_SCHEDULE``);
+``both`` = wait and random, ``all`` = the four. Each env runs torch with one
 thread. For the single env it also prints where a step's time goes: host training (the epoch of
 minibatch Adam), validation (the forward pass on the validation split) and counterfactuals (the
 ablated passes), measured by timing the env's own methods, so the same script measures older
@@ -53,7 +54,16 @@ def _split(obs: dict, i: int) -> dict:
 BEST_SCHEDULE_FILE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "headroom_best_schedule.json"
 
 
+# What notebook 04's trained policies grow (docs/figures/ppo_morpho_native_*, README "C kernels"): a NORM seed in
+# every slot, germinated at epochs 0, 1, 2, blended with LINEAR_MULTIPLY and fossilized.
+GROWN_SCHEDULE = {"slot": 0, "blueprint": "NORM", "germinate_at": 0, "tempo": "STANDARD", "style": "LINEAR_MULTIPLY",
+                  "alpha_target": "FULL", "fossilize_at": 0, "prune_at": None,
+                  "extra_seedings": [[1, "NORM", 1], [2, "NORM", 2]], "name": "three-norm"}
+
+
 def _controllers(kind: str, n: int) -> list:
+    if kind == "grown":
+        return [ScheduleController(schedule_from_dict(GROWN_SCHEDULE)) for _ in range(n)]
     if kind == "schedule":
         schedule = schedule_from_dict(json.loads(BEST_SCHEDULE_FILE.read_text())["schedule"])
         return [ScheduleController(schedule) for _ in range(n)]
@@ -141,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=32, help="timed steps per configuration")
     parser.add_argument("--num-envs", type=int, default=2, help="sub-envs of the vector envs")
-    parser.add_argument("--controller", choices=("random", "wait", "schedule", "both", "all"), default="both")
+    parser.add_argument("--controller", choices=("random", "wait", "schedule", "grown", "both", "all"), default="both")
     parser.add_argument("--no-vector", action="store_true", help="only the single env")
     parser.add_argument("--native", choices=("off", "on", "both"), default=None, help="kernel path (default: ESPER_NATIVE)")
     args = parser.parse_args()
@@ -162,7 +172,7 @@ def main() -> None:
         f"train_size={probe.train_size}, val_size={probe.val_size}, batch_size={probe.batch_size}), "
         f"{args.steps} timed steps"
     )
-    kinds = {"both": ("wait", "random"), "all": ("wait", "random", "schedule")}.get(args.controller, (args.controller,))
+    kinds = {"both": ("wait", "random"), "all": ("wait", "random", "schedule", "grown")}.get(args.controller, (args.controller,))
     print(
         f"{'controller':<11}{'configuration':<20}{'native':>7}{'env-steps/s':>12}{'ms/step':>9}"
         f"{'train':>8}{'valid':>8}{'counterf':>9}{'rest':>7}  (ms per step)"

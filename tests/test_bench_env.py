@@ -29,13 +29,25 @@ def test_schedule_controllers_play_the_best_fixed_schedule_within_the_masks():
     assert np.count_nonzero(env._stages()) == len(ctrls[0].schedule.seedings)  # every planned seed is in its slot
 
 
-def test_kind_all_times_the_three_controllers(monkeypatch, capsys):
+def test_kind_all_times_the_four_controllers(monkeypatch, capsys):
     bench = load_script("bench_env", folder="benchmarks")
     timed = []
     monkeypatch.setattr(bench, "bench_single", lambda env_fn, kind, steps: (timed.append(kind) or 10.0, dict.fromkeys(("train", "evaluate", "counterfactuals", "rest"), 1.0)))
     monkeypatch.setattr("sys.argv", ["bench_env.py", "--steps", "1", "--controller", "all", "--no-vector"])
     bench.main()
-    assert timed == ["wait", "random", "schedule"] and "schedule   MorphoEnv x1" in capsys.readouterr().out
+    assert timed == ["wait", "random", "schedule", "grown"] and "schedule   MorphoEnv x1" in capsys.readouterr().out
+
+
+def test_grown_controllers_grow_a_norm_seed_in_every_slot():
+    bench = load_script("bench_env", folder="benchmarks")
+    (ctrl,) = bench._controllers("grown", 1)
+    env = MorphoEnv(max_epochs=12, train_size=64, val_size=40, batch_size=32)
+    obs, _ = env.reset(seed=0)
+    done = False
+    while not done:
+        obs, _, done, _, info = env.step(ctrl.act(obs))
+        assert info["action_valid"]
+    assert [type(s.seed).__name__ for s in env.host.slots] == ["NormSeed"] * 3
 
 
 def test_training_layout_bench_times_both_layouts_with_the_same_updates(tmp_path):
