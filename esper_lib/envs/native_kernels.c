@@ -48,6 +48,9 @@ static void pad_image(const float *restrict x, float *restrict xp, const geom_t 
     typedef float v##VW __attribute__((vector_size(VW * sizeof(float))));                                          \
     static inline v##VW load##VW(const float *p) { v##VW v; memcpy(&v, p, sizeof v); return v; }                    \
     static inline void store##VW(float *p, v##VW v) { memcpy(p, &v, sizeof v); }                                    \
+    typedef int32_t vi##VW __attribute__((vector_size(VW * sizeof(int32_t))));                                     \
+    /* max(v, 0) lane by lane, NaN kept (NaN < 0 is false), as the scalar v < 0 ? 0 : v */                         \
+    static inline v##VW relu##VW(v##VW v) { return (v##VW)((vi##VW)v & ~(vi##VW)(v < (v##VW){0})); }              \
                                                                                                                     \
     /* MBK outputs o0.. of one chunk at output (i, j0): bias + sum over (c, ky, kx) of w * input. */                \
     DEFINE_FWD_BLOCK(VW, 8)                                                                                         \
@@ -142,10 +145,7 @@ static void pad_image(const float *restrict x, float *restrict xp, const geom_t 
                 }                                                                                                   \
             }                                                                                                       \
         for (int m = 0; m < MBK; m++) {                                                                             \
-            float *out = yn + (o0 + m) * g->HWo + i * g->Wo + j0;                                                   \
-            store##VW(out, acc[m]);                                                                                 \
-            if (relu) /* NaN kept: NaN < 0 is false */                                                              \
-                for (int l = 0; l < VW; l++) out[l] = out[l] < 0.0f ? 0.0f : out[l];                                \
+            store##VW(yn + (o0 + m) * g->HWo + i * g->Wo + j0, relu ? relu##VW(acc[m]) : acc[m]);                   \
         }                                                                                                           \
     }
 
@@ -160,6 +160,8 @@ static int vector_width(int64_t Wo) { return Wo % 8 == 0 ? 8 : Wo % 4 == 0 ? 4 :
 typedef float v16 __attribute__((vector_size(16 * sizeof(float))));
 static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+typedef int32_t vi16 __attribute__((vector_size(16 * sizeof(int32_t))));
+static inline v16 relu16(v16 v) { return (v16)((vi16)v & ~(vi16)(v < (v16){0})); }
 
 static int is_plane16(const geom_t *g) { return g->Ho == 4 && g->Wo == 4; }
 
@@ -182,10 +184,7 @@ static void im2col_plane16(const float *restrict xp, float *restrict P, const ge
             for (int m = 0; m < MBK; m++) acc[m] += w[(o0 + m) * g->R + r] * pv;                                    \
         }                                                                                                           \
         for (int m = 0; m < MBK; m++) {                                                                             \
-            float *out = yn + (o0 + m) * 16;                                                                        \
-            store16(out, acc[m]);                                                                                   \
-            if (relu)                                                                                               \
-                for (int l = 0; l < 16; l++) out[l] = out[l] < 0.0f ? 0.0f : out[l];                                \
+            store16(yn + (o0 + m) * 16, relu ? relu16(acc[m]) : acc[m]);                                            \
         }                                                                                                           \
     }
 DEFINE_PLANE_FWD_BLOCK(8)
@@ -237,20 +236,72 @@ static void grad_input_plane16(const float *restrict w, const float *restrict G,
             }
 }
 
+/* 8-wide output rows, an even number of them (the host's 8x8 maps): two output rows per 16-lane vector.
+ * Each input channel's padded rows are copied once per kernel column kx into S [C][K][Hp][8] (rows of 8,
+ * contiguous), so the two input rows a pair of output rows reads at tap (ky, kx) are one contiguous load.
+ * Every output accumulates bias + w * input over (c, ky, kx) in the same order as forward8: the same results. */
+static int is_rows8x2(const geom_t *g) { return g->Wo == 8 && g->Ho % 2 == 0; }
+
+static void shift_rows8(const float *restrict xp, float *restrict S, const geom_t *g) {
+    for (int64_t c = 0; c < g->C; c++)
+        for (int64_t kx = 0; kx < g->K; kx++)
+            for (int64_t r = 0; r < g->Hp; r++)
+                store8(S + ((c * g->K + kx) * g->Hp + r) * 8, load8(xp + (c * g->Hp + r) * g->Wp + kx));
+}
+
+#define DEFINE_ROWS8X2_BLOCK(MBK)                                                                                   \
+    static inline void rows8x2_block_##MBK(const float *restrict Sg, const float *restrict w, const float *restrict b, \
+                                           float *restrict yn, const geom_t *g, int64_t o0, int64_t i, int relu) {    \
+        v16 acc[MBK];                                                                                               \
+        for (int m = 0; m < MBK; m++) acc[m] = (v16){0} + (b ? b[o0 + m] : 0.0f);                                   \
+        for (int64_t c = 0; c < g->cg; c++)                                                                         \
+            for (int64_t ky = 0; ky < g->K; ky++) {                                                                 \
+                const float *wr = w + o0 * g->R + (c * g->K + ky) * g->K;                                           \
+                for (int64_t kx = 0; kx < g->K; kx++) {                                                             \
+                    v16 xv = load16(Sg + ((c * g->K + kx) * g->Hp + i + ky) * 8);                                   \
+                    for (int m = 0; m < MBK; m++) acc[m] += wr[m * g->R + kx] * xv;                                 \
+                }                                                                                                   \
+            }                                                                                                       \
+        for (int m = 0; m < MBK; m++) {                                                                             \
+            store16(yn + (o0 + m) * g->HWo + i * 8, relu ? relu16(acc[m]) : acc[m]);                                \
+        }                                                                                                           \
+    }
+DEFINE_ROWS8X2_BLOCK(8)
+DEFINE_ROWS8X2_BLOCK(4)
+DEFINE_ROWS8X2_BLOCK(1)
+
+static void forward_rows8x2(const float *restrict S, const float *restrict w, const float *restrict b, float *restrict yn,
+                            const geom_t *g, int relu) {
+    for (int64_t gi = 0; gi < g->groups; gi++) {
+        const float *Sg = S + gi * g->cg * g->K * g->Hp * 8;
+        int64_t o1 = (gi + 1) * g->og;
+        for (int64_t i = 0; i < g->Ho; i += 2) {
+            int64_t o = gi * g->og;
+            for (; o + 8 <= o1; o += 8) rows8x2_block_8(Sg, w, b, yn, g, o, i, relu);
+            for (; o + 4 <= o1; o += 4) rows8x2_block_4(Sg, w, b, yn, g, o, i, relu);
+            for (; o < o1; o++) rows8x2_block_1(Sg, w, b, yn, g, o, i, relu);
+        }
+    }
+}
+
 /* y[n, o] = act(b[o] + sum_{c in group(o), ky, kx} w[o, c, ky, kx] * x[n, c, shifted]); relu: act = max(., 0), NaN kept. */
 int conv2d_forward(const float *restrict x, const float *restrict w, const float *restrict b, float *restrict y,
                    int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t K, int64_t pad, int64_t groups,
                    int64_t relu) {
     geom_t g = geometry(N, C, H, W, O, K, pad, groups);
-    int plane = is_plane16(&g);
-    float *xp = (float *)calloc((size_t)(C * g.Hp * g.Wp + (plane ? C * g.KK * 16 : 0)), sizeof(float));
+    int plane = is_plane16(&g), rows2 = is_rows8x2(&g);
+    size_t scratch = (size_t)(plane ? C * g.KK * 16 : rows2 ? C * K * g.Hp * 8 : 0);
+    float *xp = (float *)calloc((size_t)(C * g.Hp * g.Wp) + scratch, sizeof(float));
     if (!xp) return 1;
     float *P = xp + C * g.Hp * g.Wp;
     int vw = vector_width(g.Wo);
     for (int64_t n = 0; n < N; n++) {
         pad_image(x + n * C * H * W, xp, &g);
         float *yn = y + n * O * g.HWo;
-        if (plane) {
+        if (rows2) {
+            shift_rows8(xp, P, &g);
+            forward_rows8x2(P, w, b, yn, &g, (int)relu);
+        } else if (plane) {
             im2col_plane16(xp, P, &g);
             forward_plane16(P, w, b, yn, &g, (int)relu);
         } else if (vw == 8) forward8(xp, w, b, yn, &g, (int)relu);
