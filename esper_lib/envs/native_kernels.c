@@ -285,28 +285,67 @@ static void forward_rows8x2(const float *restrict S, const float *restrict w, co
 }
 
 /* y[n, o] = act(b[o] + sum_{c in group(o), ky, kx} w[o, c, ky, kx] * x[n, c, shifted]); relu: act = max(., 0), NaN kept. */
+/* Weight and bias gradients of one image on 8-wide, even-height maps: pairs of output rows (16 lanes) against
+ * the shifted input rows of shift_rows8, added to 16-lane partial sums (lane = position within the row pair). */
+#define DEFINE_GRAD_ROWS8X2(KS)                                                                                     \
+    static void grad_weight_rows8x2_##KS(const float *restrict S, const float *restrict G, float *restrict wpart,    \
+                                         float *restrict bpart, const geom_t *g) {                                  \
+        for (int64_t o = 0; o < g->O; o++) {                                                                        \
+            const float *Go = G + o * g->HWo;                                                                       \
+            if (bpart) {                                                                                            \
+                v16 acc = load16(bpart + o * 16);                                                                   \
+                for (int64_t i = 0; i < g->Ho; i += 2) acc += load16(Go + i * 8);                                   \
+                store16(bpart + o * 16, acc);                                                                       \
+            }                                                                                                       \
+            if (!wpart) continue;                                                                                   \
+            const float *Sg = S + (o / g->og) * g->cg * KS * g->Hp * 8;                                             \
+            for (int64_t c = 0; c < g->cg; c++) {                                                                   \
+                float *part = wpart + (o * g->R + c * KS * KS) * 16;                                                \
+                v16 acc[KS * KS];                                                                                   \
+                for (int k = 0; k < KS * KS; k++) acc[k] = load16(part + k * 16);                                   \
+                for (int64_t i = 0; i < g->Ho; i += 2) {                                                            \
+                    v16 gv = load16(Go + i * 8);                                                                    \
+                    for (int ky = 0; ky < KS; ky++)                                                                 \
+                        for (int kx = 0; kx < KS; kx++)                                                             \
+                            acc[ky * KS + kx] += gv * load16(Sg + ((c * KS + kx) * g->Hp + i + ky) * 8);            \
+                }                                                                                                   \
+                for (int k = 0; k < KS * KS; k++) store16(part + k * 16, acc[k]);                                   \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+DEFINE_GRAD_ROWS8X2(1)
+DEFINE_GRAD_ROWS8X2(3)
+
+/* Floats of scratch that forward_padded needs for geometry g. */
+static int64_t forward_scratch(const geom_t *g) {
+    return is_rows8x2(g) ? g->C * g->K * g->Hp * 8 : is_plane16(g) ? g->C * g->KK * 16 : 0;
+}
+
+/* One image's convolution from its zero-padded copy xp, through the fastest kernel for its shape. */
+static void forward_padded(const float *restrict xp, float *restrict scratch, const float *restrict w, const float *restrict b,
+                           float *restrict yn, const geom_t *g, int relu) {
+    int vw = vector_width(g->Wo);
+    if (is_rows8x2(g)) {
+        shift_rows8(xp, scratch, g);
+        forward_rows8x2(scratch, w, b, yn, g, relu);
+    } else if (is_plane16(g)) {
+        im2col_plane16(xp, scratch, g);
+        forward_plane16(scratch, w, b, yn, g, relu);
+    } else if (vw == 8) forward8(xp, w, b, yn, g, relu);
+    else if (vw == 4) forward4(xp, w, b, yn, g, relu);
+    else forward1(xp, w, b, yn, g, relu);
+}
+
+/* y[n, o] = act(b[o] + sum_{c in group(o), ky, kx} w[o, c, ky, kx] * x[n, c, shifted]); relu: act = max(., 0), NaN kept. */
 int conv2d_forward(const float *restrict x, const float *restrict w, const float *restrict b, float *restrict y,
                    int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t K, int64_t pad, int64_t groups,
                    int64_t relu) {
     geom_t g = geometry(N, C, H, W, O, K, pad, groups);
-    int plane = is_plane16(&g), rows2 = is_rows8x2(&g);
-    size_t scratch = (size_t)(plane ? C * g.KK * 16 : rows2 ? C * K * g.Hp * 8 : 0);
-    float *xp = (float *)calloc((size_t)(C * g.Hp * g.Wp) + scratch, sizeof(float));
+    float *xp = (float *)calloc((size_t)(C * g.Hp * g.Wp + forward_scratch(&g)), sizeof(float));
     if (!xp) return 1;
-    float *P = xp + C * g.Hp * g.Wp;
-    int vw = vector_width(g.Wo);
     for (int64_t n = 0; n < N; n++) {
         pad_image(x + n * C * H * W, xp, &g);
-        float *yn = y + n * O * g.HWo;
-        if (rows2) {
-            shift_rows8(xp, P, &g);
-            forward_rows8x2(P, w, b, yn, &g, (int)relu);
-        } else if (plane) {
-            im2col_plane16(xp, P, &g);
-            forward_plane16(P, w, b, yn, &g, (int)relu);
-        } else if (vw == 8) forward8(xp, w, b, yn, &g, (int)relu);
-        else if (vw == 4) forward4(xp, w, b, yn, &g, (int)relu);
-        else forward1(xp, w, b, yn, &g, (int)relu);
+        forward_padded(xp, xp + C * g.Hp * g.Wp, w, b, y + n * O * g.HWo, &g, (int)relu);
     }
     free(xp);
     return 0;
@@ -320,14 +359,36 @@ int conv2d_backward(const float *restrict x, const float *restrict w, const floa
                     int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t K, int64_t pad, int64_t groups) {
     if (K != 1 && K != 3) return 2;
     geom_t g = geometry(N, C, H, W, O, K, pad, groups);
-    int plane = is_plane16(&g);
-    int vw = plane ? 16 : vector_width(g.Wo); /* lanes of the partial sums */
+    int plane = is_plane16(&g), rows2 = is_rows8x2(&g);
+    int vw = plane || rows2 ? 16 : vector_width(g.Wo); /* lanes of the partial sums */
     int64_t padded = C * g.Hp * g.Wp;
-    size_t floats = (size_t)(2 * padded + O * g.HWo + O * g.R * vw + O * vw + (plane ? C * g.KK * 16 : 0));
+    size_t floats = (size_t)(2 * padded + O * g.HWo + O * g.R * vw + O * vw + forward_scratch(&g));
     float *buf = (float *)calloc(floats, sizeof(float));
     if (!buf) return 1;
     float *xp = buf, *gxp = xp + padded, *G = gxp + padded, *wpart = G + O * g.HWo, *bpart = wpart + O * g.R * vw;
     float *P = bpart + O * vw;
+    /* input gradient as a forward convolution (needs K - 1 - pad >= 0): transposed, flipped weights wt
+     * [C, O/groups, K, K], the padded output gradient gpad and the forward kernel's scratch */
+    int64_t q = K - 1 - pad;
+    int gt_ok = gx && q >= 0;
+    geom_t gt = geometry(N, O, g.Ho, g.Wo, C, K, gt_ok ? q : 0, groups);
+    float *tbuf = NULL, *wt = NULL, *gpad = NULL, *gscratch = NULL;
+    if (gt_ok) {
+        tbuf = (float *)calloc((size_t)(C * g.og * g.KK + O * gt.Hp * gt.Wp + forward_scratch(&gt)), sizeof(float));
+        if (!tbuf) {
+            free(buf);
+            return 1;
+        }
+        wt = tbuf;
+        gpad = wt + C * g.og * g.KK;
+        gscratch = gpad + O * gt.Hp * gt.Wp;
+        for (int64_t c = 0; c < C; c++) {
+            int64_t gi = c / g.cg, cl = c - gi * g.cg;
+            for (int64_t ol = 0; ol < g.og; ol++)
+                for (int64_t k = 0; k < g.KK; k++)
+                    wt[(c * g.og + ol) * g.KK + k] = w[((gi * g.og + ol) * g.cg + cl) * g.KK + (g.KK - 1 - k)];
+        }
+    }
     for (int64_t n = 0; n < N; n++) {
         const float *gyn = gy + n * O * g.HWo;
         const float *Gn = gyn;
@@ -339,7 +400,11 @@ int conv2d_backward(const float *restrict x, const float *restrict w, const floa
         if (gw || gb) {
             if (gw) pad_image(x + n * C * H * W, xp, &g);
             float *wp = gw ? wpart : NULL, *bp = gb ? bpart : NULL;
-            if (plane) {
+            if (rows2) {
+                if (gw) shift_rows8(xp, P, &g);
+                if (K == 3) grad_weight_rows8x2_3(P, Gn, wp, bp, &g);
+                else grad_weight_rows8x2_1(P, Gn, wp, bp, &g);
+            } else if (plane) {
                 if (gw) im2col_plane16(xp, P, &g);
                 grad_weight_plane16(P, Gn, wp, bp, &g);
             } else if (K == 3) {
@@ -352,7 +417,12 @@ int conv2d_backward(const float *restrict x, const float *restrict w, const floa
                 else grad_weight1_1(xp, Gn, wp, bp, &g);
             }
         }
-        if (gx) {
+        if (gx && gt_ok) {
+            /* the input gradient is the convolution of the output gradient, padded by K - 1 - pad, with the
+             * weights transposed (in <-> out channels) and flipped: the forward kernels compute it */
+            pad_image(Gn, gpad, &gt);
+            forward_padded(gpad, gscratch, wt, NULL, gx + n * C * H * W, &gt, 0);
+        } else if (gx) {
             if (plane) {
                 grad_input_plane16(w, Gn, P, gxp, &g);
             } else if (K == 3) {
@@ -383,6 +453,7 @@ int conv2d_backward(const float *restrict x, const float *restrict w, const floa
             gb[o] = s;
         }
     free(buf);
+    free(tbuf);
     return 0;
 }
 

@@ -84,32 +84,24 @@ def _float32_cpu(t: torch.Tensor | None) -> bool:
     return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
 
 
-def _native_conv_ok(conv: nn.Conv2d, x: torch.Tensor, out_hw: tuple[int, int]) -> bool:
-    """Whether the opt-in C kernels (``esper_lib.envs.native``) compute this convolution.
-
-    They take contiguous float32 CPU tensors (input, weight, bias; no autocast) and square 1x1 or 3x3
-    kernels with equal padding on both sides, where they are the fastest path measured
-    (``benchmarks/bench_env.py --native both`` and tests/test_native_kernels.py): output rows a multiple
-    of 8 wide, or maps too large for the Toeplitz product (where the alternative is oneDNN). On 4x4 maps
-    the Toeplitz product stays.
-    """
+def _native_conv_ok(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether the opt-in C kernels (``esper_lib.envs.native``) compute this convolution: when they are switched
+    on, for contiguous float32 CPU tensors (input, weight, bias; no autocast) and square 1x1 or 3x3 kernels with
+    equal padding on both sides. They are at least as fast as the Toeplitz product and oneDNN on every map of
+    the env (``benchmarks/bench_native_kernels.py``)."""
     if not native.enabled():  # the default: no further checks
         return False
     kh, kw = conv.kernel_size
     if not (kh == kw and kh in (1, 3) and conv.padding[0] == conv.padding[1]):
         return False
-    if not (_float32_cpu(x) and _float32_cpu(conv.weight) and _float32_cpu(conv.bias)) or torch.is_autocast_enabled("cpu"):
-        return False
-    _, c, h, w = x.shape
-    toeplitz = c * h * w * conv.out_channels * out_hw[0] * out_hw[1] <= TOEPLITZ_MAX_ENTRIES
-    return out_hw[1] % 8 == 0 or not toeplitz
+    return _float32_cpu(x) and _float32_cpu(conv.weight) and _float32_cpu(conv.bias) and not torch.is_autocast_enabled("cpu")
 
 
 class SmallConv2d(nn.Conv2d):
     """``nn.Conv2d`` computed by ``toeplitz_conv2d`` on small maps (stride 1, dilation 1, zero padding).
 
     Any other configuration, or a map whose Toeplitz matrix is too large, goes through ``conv2d``. With the
-    opt-in C kernels on (``esper_lib.envs.native``), the maps where they are fastest use them
+    opt-in C kernels on (``esper_lib.envs.native``), every convolution they support uses them
     (``_native_conv_ok``); ``forward_relu`` then fuses the ReLU into the same call.
     """
 
@@ -135,8 +127,7 @@ class SmallConv2d(nn.Conv2d):
             return None
         if isinstance(self.padding, str):
             return None
-        out_hw = tuple(x.shape[2 + d] + 2 * self.padding[d] - self.kernel_size[d] + 1 for d in (0, 1))
-        if _native_conv_ok(self, x, out_hw):
+        if _native_conv_ok(self, x):
             return native.conv2d(x, self.weight, self.bias, self.padding[0], self.groups, relu)
         return None
 
