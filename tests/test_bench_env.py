@@ -113,3 +113,41 @@ def test_native_kernel_bench_times_every_layer_on_both_paths(capsys, monkeypatch
     out = capsys.readouterr().out
     assert all(what in out for what, *_ in bench.SHAPES) and "max-pool 2x2" in out
     assert "4->8 8x8 k3" in out and "oneDNN" in out  # the host's widest convolution is oneDNN's on the torch path
+
+
+def test_native_both_times_each_configuration_on_both_paths_and_prints_the_ratio(monkeypatch, capsys):
+    from esper_lib.envs import native
+
+    if not native.available():
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    monkeypatch.setenv("ESPER_NATIVE", "0")  # restored after the test (the bench sets it for worker processes)
+    before = native.switched_on()
+    bench = load_script("bench_env", folder="benchmarks")
+    seen = []
+
+    def fake_single(env_fn, kind, steps):
+        seen.append((kind, native.switched_on()))
+        return (20.0 if native.switched_on() else 10.0), dict.fromkeys(("train", "evaluate", "counterfactuals", "rest"), 1.0)
+
+    monkeypatch.setattr(bench, "bench_single", fake_single)
+    monkeypatch.setattr("sys.argv", ["bench_env.py", "--steps", "1", "--controller", "wait", "--no-vector", "--native", "both"])
+    try:
+        bench.main()
+    finally:
+        native.enable(before)
+    assert seen == [("wait", False), ("wait", True)]  # the torch path first, then the kernels
+    out = capsys.readouterr().out
+    assert "on/off" in out and "2.00x" in out
+
+
+def test_native_both_falls_back_to_the_torch_path_where_the_kernels_cannot_be_built(monkeypatch, capsys):
+    bench = load_script("bench_env", folder="benchmarks")
+    monkeypatch.setattr(bench, "native", None)  # as on a tree without the kernels
+    seen = []
+    monkeypatch.setattr(bench, "bench_single", lambda env_fn, kind, steps: (seen.append(kind) or 10.0, dict.fromkeys(("train", "evaluate", "counterfactuals", "rest"), 1.0)))
+    monkeypatch.setattr("sys.argv", ["bench_env.py", "--steps", "1", "--controller", "wait", "--no-vector", "--native", "both"])
+    bench.main()
+    assert seen == ["wait"] and "timing the torch path only" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["bench_env.py", "--steps", "1", "--native", "on"])
+    with pytest.raises(SystemExit):
+        bench.main()

@@ -318,3 +318,29 @@ def test_max_pool_picks_the_window_element_max_pool2d_picks_for_every_tie_and_na
     assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.nan_to_num(), ref.nan_to_num())
     g = torch.arange(1.0, 257.0).view(1, 1, 16, 16)  # distinct gradients show which element each window picked
     assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+def test_a_damaged_cached_library_is_rebuilt_and_the_cache_is_readable(monkeypatch, tmp_path):
+    import stat
+
+    monkeypatch.setenv("ESPER_NATIVE_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        path = native._build()
+        assert path.stat().st_mode & stat.S_IROTH  # other users of a shared cache can load it
+        path.write_bytes(b"not a shared library")
+        assert native.available()  # the damaged file is replaced by a fresh build
+        assert path.read_bytes() != b"not a shared library"
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+
+
+def test_a_compiler_command_with_arguments_is_split(monkeypatch, tmp_path):
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    monkeypatch.setenv("CC", f"{cc} -pipe")
+    monkeypatch.setenv("ESPER_NATIVE_CACHE", str(tmp_path))
+    assert native._compiler() == [cc, "-pipe"]
+    assert native._load(native._build()).conv2d_forward is not None
