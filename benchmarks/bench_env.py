@@ -98,7 +98,8 @@ class _PhaseTimer:
         """Time the counterfactual passes of the current host (call after each reset)."""
         host = self.env.host
         if host is not self._host:
-            self._wrap(host, "forward_ablated", "counterfactuals")
+            # forward_ablations: every ablation of an epoch in one call (older trees call forward_ablated per set)
+            self._wrap(host, "forward_ablations" if hasattr(host, "forward_ablations") else "forward_ablated", "counterfactuals")
             self._host = host
 
 

@@ -5,7 +5,10 @@
 For each layer shape of the default host and its seeds (minibatch 64), times forward + backward through
 autograd (``SmallConv2d.forward_relu`` / ``max_pool2x2``, as the env calls them) with the C kernels off,
 then on, in the same process, and prints the best of ``--repeats`` runs of ``--calls`` calls each (in us)
-with the path the torch side took (Toeplitz product or oneDNN).
+with the path the torch side took (Toeplitz product or oneDNN). A second table times the bare C calls (no
+autograd, no allocation): forward and backward (every gradient) per layer, with their arithmetic rate
+(2 flops per multiply-add; the backward does twice the forward's multiply-adds, one less input gradient for
+block 0 whose input needs none in the env but is computed here).
 """
 from __future__ import annotations
 
@@ -79,6 +82,24 @@ def main() -> None:
         times.append(best_us(lambda: max_pool2x2(x).sum().backward(), args.calls, args.repeats))
     native.enable(False)
     print(f"{'max-pool 2x2':<24}{'8 ch 8x8':<18}{times[0]:>10.0f} {'':<8}{times[1]:>7.0f} {'C':<5}{times[1] / times[0]:>7.2f}x")
+    bare_kernel_rates(args.calls * 3, args.repeats)
+
+
+def bare_kernel_rates(calls: int, repeats: int) -> None:
+    """Forward and backward of each layer as bare C calls, in us and GFLOP/s."""
+    lib, ptr = native._lib(), native._ptr
+    print(f"\n{'bare C calls':<24}{'shape':<18}{'forward us':>11}{'GFLOP/s':>9}{'backward us':>13}{'GFLOP/s':>9}")
+    for what, c_in, c_out, size, kernel, groups in SHAPES:
+        n, pad = 64, kernel // 2
+        x, w, b = torch.randn(n, c_in, size, size), torch.randn(c_out, c_in // groups, kernel, kernel), torch.randn(c_out)
+        y, gy = torch.empty(n, c_out, size, size), torch.randn(n, c_out, size, size)
+        gx, gw, gb = torch.empty_like(x), torch.empty_like(w), torch.empty_like(b)
+        dims = (n, c_in, size, size, c_out, kernel, pad, groups)
+        fwd = best_us(lambda: lib.conv2d_forward(ptr(x), ptr(w), ptr(b), ptr(y), *dims, 1), calls, repeats)
+        bwd = best_us(lambda: lib.conv2d_backward(ptr(x), ptr(w), ptr(gy), ptr(y), ptr(gx), ptr(gw), ptr(gb), *dims), calls, repeats)
+        flops = 2 * n * c_out * size * size * (c_in // groups) * kernel * kernel / 1e3  # per us = GFLOP/s
+        shape = f"{c_in}->{c_out} {size}x{size} k{kernel}" + (f" g{groups}" if groups > 1 else "")
+        print(f"{what:<24}{shape:<18}{fwd:>11.1f}{flops / fwd:>9.1f}{bwd:>13.1f}{2 * flops / bwd:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where a morphogenetic env step's time goes, op by op (torch profiler), on the torch path and the C kernels.
 
-    python benchmarks/profile_env.py [--controller wait|schedule] [--steps N] [--native off|on|both] [--top K]
+    python benchmarks/profile_env.py [--controller wait|schedule|grown] [--steps N] [--native off|on|both] [--top K]
 
 Plays ``--steps`` steps of one ``MorphoEnv`` at its defaults (after 4 warm-up steps, one torch thread)
 under ``torch.profiler`` and prints the ``--top`` ops by self CPU time, in ms per env step, with their
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ from esper_lib.envs.morpho import MorphoEnv
 from esper_lib.evaluation.baselines import AlwaysWaitController
 from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dict
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests)
+from bench_env import GROWN_SCHEDULE  # noqa: E402
+
 BEST_SCHEDULE_FILE = Path(__file__).resolve().parents[1] / "docs" / "figures" / "headroom_best_schedule.json"
 
 
@@ -30,6 +34,8 @@ def profile_steps(controller: str, steps: int, warmup: int = 4) -> list[tuple[st
     env = MorphoEnv()
     if controller == "schedule":
         ctrl = ScheduleController(schedule_from_dict(json.loads(BEST_SCHEDULE_FILE.read_text())["schedule"]))
+    elif controller == "grown":
+        ctrl = ScheduleController(schedule_from_dict(GROWN_SCHEDULE))
     else:
         ctrl = AlwaysWaitController()
     obs, _ = env.reset(seed=1)
@@ -44,7 +50,7 @@ def profile_steps(controller: str, steps: int, warmup: int = 4) -> list[tuple[st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--controller", choices=("wait", "schedule"), default="wait")
+    ap.add_argument("--controller", choices=("wait", "schedule", "grown"), default="wait")
     ap.add_argument("--steps", type=int, default=8, help="profiled env steps (after 4 warm-up steps)")
     ap.add_argument("--native", choices=("off", "on", "both"), default="both")
     ap.add_argument("--top", type=int, default=12, help="ops listed per table")

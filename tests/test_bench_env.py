@@ -90,9 +90,10 @@ def test_training_layout_bench_compares_the_kernel_paths(tmp_path, monkeypatch):
         assert (tmp_path / kernels / "sync-N" / "seed_0" / "metrics.csv").exists()
 
 
-def test_profile_env_lists_ops_per_step():
+@pytest.mark.parametrize("controller", ["wait", "grown"])
+def test_profile_env_lists_ops_per_step(controller):
     prof = load_script("profile_env", folder="benchmarks")
-    rows = prof.profile_steps("wait", steps=1, warmup=1)
+    rows = prof.profile_steps(controller, steps=1, warmup=1)
     assert rows and all(ms >= 0 and calls > 0 for _, ms, calls in rows)
     assert [r[1] for r in rows] == sorted((r[1] for r in rows), reverse=True)
     assert any(name == "aten::_fused_adam_" for name, _, _ in rows)  # the host's optimizer runs every minibatch
@@ -113,6 +114,8 @@ def test_native_kernel_bench_times_every_layer_on_both_paths(capsys, monkeypatch
     out = capsys.readouterr().out
     assert all(what in out for what, *_ in bench.SHAPES) and "max-pool 2x2" in out
     assert "4->8 8x8 k3" in out and "oneDNN" in out  # the host's widest convolution is oneDNN's on the torch path
+    bare = out.split("bare C calls")[1].splitlines()[1:]  # forward and backward us and GFLOP/s per layer
+    assert len(bare) == len(bench.SHAPES) and all(len(line.split()) >= 4 and float(line.split()[-1]) > 0 for line in bare)
 
 
 def test_native_both_times_each_configuration_on_both_paths_and_prints_the_ratio(monkeypatch, capsys):

@@ -680,3 +680,45 @@ def test_a_fresh_seed_blended_at_full_alpha_leaves_the_host_unchanged(style, blu
     slot.alpha = 1.0
     h = torch.randn(2, 8, 4, 4)
     assert torch.equal(slot(h), h)
+
+
+@pytest.mark.parametrize("native_kernels", [False, True])
+def test_forward_ablations_equal_separate_ablated_passes_bit_for_bit(native_kernels):
+    """The shared partial passes of ``forward_ablations`` give what each ablation's own pass gives."""
+    from esper_lib.constants import AlphaCurveAction, TempoAction
+    from esper_lib.envs import native
+    from esper_lib.envs.blueprints import ChannelGate
+    from esper_lib.envs.host import HostCNN
+    from esper_lib.envs.small_ops import run_sequential
+
+    if native_kernels and not native.available():
+        pytest.skip("no C compiler here")
+    before = native._enabled
+    native.enable(native_kernels)
+    try:
+        torch.manual_seed(14)
+        host = HostCNN((4, 8, 8))
+        for slot, bp in zip(host.slots, (BlueprintAction.CONV_HEAVY, BlueprintAction.NORM, BlueprintAction.CONV_LIGHT)):
+            seed = build_blueprint(bp, slot.channels)
+            for p in seed.parameters():
+                torch.nn.init.normal_(p, std=0.3)  # zero-initialised seeds would make every ablation equal
+            slot.germinate(seed, ChannelGate(slot.channels), bp, GerminationStyle.LINEAR_MULTIPLY, TempoAction.STANDARD, 1.0)
+            slot.advance(0)
+            slot.advance(0)
+            slot.set_alpha_target(0.6, 0, AlphaCurveAction.LINEAR, GerminationStyle.LINEAR_MULTIPLY)
+            assert slot.in_stream
+        sets = [{0}, {1}, {2}, {0, 1}, {0, 2}, {1, 2}, {0, 1, 2}]
+        with torch.inference_mode():
+            _, cache = host.forward_cached(torch.randn(40, 1, 8, 8))
+            shared = host.forward_ablations(cache, sets)
+            for ablate, out in zip(sets, shared):  # each ablation on its own, from the first ablated slot
+                h = cache[min(ablate)]
+                for k in range(min(ablate), 3):
+                    h = h if k == min(ablate) else run_sequential(host.blocks[k], h)
+                    h = h if k in ablate else host.slots[k](h)
+                assert torch.equal(out, host.head(h.mean(dim=(2, 3))))
+            assert len({tuple(o.flatten().tolist()) for o in shared}) == len(sets)  # the ablations differ
+            with pytest.raises(ValueError, match="at least one slot"):
+                host.forward_ablations(cache, [set()])
+    finally:
+        native.enable(before)

@@ -307,16 +307,21 @@ def test_the_environment_variable_switches_the_kernels_at_import(value, expected
     assert out == str(expected)
 
 
-def test_max_pool_picks_the_window_element_max_pool2d_picks_for_every_tie_and_nan_pattern():
+@pytest.mark.parametrize("width", [32, 8])  # 8: the host's maps, a vectorised path (65 row pairs: one left over)
+def test_max_pool_picks_the_window_element_max_pool2d_picks_for_every_tie_and_nan_pattern(width):
     """All 4^4 windows over {0, 1, 2, NaN}: the same value and the same gradient route as max_pool2d."""
     import itertools
 
     vals = [0.0, 1.0, 2.0, float("nan")]
     windows = torch.tensor(list(itertools.product(vals, repeat=4)))  # [256, 4] in row-major window order
-    x = windows.view(16, 16, 2, 2).permute(0, 2, 1, 3).reshape(1, 1, 32, 32).contiguous().requires_grad_(True)
+    per_row = width // 2
+    x = windows.view(256 // per_row, per_row, 2, 2).permute(0, 2, 1, 3).reshape(1, 1, 512 // per_row, width)
+    if width == 8:  # one more row pair: an odd number of row pairs
+        x = torch.cat([x, windows[:4].view(4, 2, 2).permute(1, 0, 2).reshape(1, 1, 2, 8)], dim=2)
+    x = x.contiguous().requires_grad_(True)
     y, ref = native.max_pool2x2(x), F.max_pool2d(x, 2)
     assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.nan_to_num(), ref.nan_to_num())
-    g = torch.arange(1.0, 257.0).view(1, 1, 16, 16)  # distinct gradients show which element each window picked
+    g = torch.arange(1.0, ref.numel() + 1.0).view(ref.shape)  # distinct gradients show which element each window picked
     assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
 
@@ -344,3 +349,138 @@ def test_a_compiler_command_with_arguments_is_split(monkeypatch, tmp_path):
     monkeypatch.setenv("ESPER_NATIVE_CACHE", str(tmp_path))
     assert native._compiler() == [cc, "-pipe"]
     assert native._load(native._build()).conv2d_forward is not None
+
+
+def test_conv_relu_pool_in_one_node_equals_conv_relu_then_pool_bit_for_bit():
+    """``pool=True`` (host block 1: conv, ReLU, max-pool as one autograd node) changes no value or gradient."""
+    torch.manual_seed(11)
+    x = torch.randn(64, 4, 8, 8, requires_grad=True)
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    fused = native.conv2d(x, w, b, 1, 1, True, pool=True)
+    apart = native.max_pool2x2(native.conv2d(x, w, b, 1, 1, True))
+    assert type(fused.grad_fn).__name__ == "_Conv2dBackward" and torch.equal(fused, apart)
+    g = torch.randn_like(fused)
+    for a, c in zip(torch.autograd.grad(fused, (x, w, b), g), torch.autograd.grad(apart, (x, w, b), g)):
+        assert torch.equal(a, c)
+    with torch.no_grad():
+        assert torch.equal(native.conv2d(x, w, b, 1, 1, True, pool=True), apart)
+    with pytest.raises(ValueError, match="even height and width"):
+        native.conv2d(torch.randn(2, 4, 7, 7), w, b, 1, 1, True, pool=True)
+
+
+def test_host_block_with_a_pool_runs_as_one_native_node(native_on):
+    host = HostCNN((4, 8, 8))
+    out = run_sequential(host.blocks[1], torch.randn(8, 4, 8, 8, requires_grad=True))
+    assert out.shape == (8, 8, 4, 4) and type(out.grad_fn).__name__ == "_Conv2dBackward"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_head_loss_matches_mean_pool_linear_and_cross_entropy(bias):
+    torch.manual_seed(12)
+    h = torch.randn(64, 8, 4, 4, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    b = torch.randn(10, requires_grad=True) if bias else None
+    y = torch.randint(0, 10, (64,))
+    loss, logits = native.head_loss(h, w, b, y)
+    ref_logits = F.linear(h.mean(dim=(2, 3)), w, b)
+    ref = F.cross_entropy(ref_logits, y)
+    assert not logits.requires_grad and loss.shape == ()
+    torch.testing.assert_close(logits, ref_logits.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    inputs = (h, w) if b is None else (h, w, b)
+    for a, c in zip(torch.autograd.grad(3.0 * loss, inputs), torch.autograd.grad(3.0 * ref, inputs)):  # a scaled loss too
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+
+
+def test_head_loss_refuses_bad_labels_and_shapes():
+    h, w, b = torch.randn(4, 8, 4, 4), torch.randn(10, 8), torch.randn(10)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 10\)"):
+        native.head_loss(h, w, b, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="y must be a contiguous int64"):
+        native.head_loss(h, w, b, torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="shapes do not match"):
+        native.head_loss(h, torch.randn(10, 7), b, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="h must be a 4-d contiguous float32"):
+        native.head_loss(h.double(), w, b, torch.zeros(4, dtype=torch.int64))
+
+
+def test_train_loss_is_forward_then_cross_entropy_bit_for_bit_on_the_torch_path_and_close_with_the_kernels():
+    torch.manual_seed(13)
+    host, x, y = HostCNN((4, 8, 8)), torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    native.enable(False)
+    loss, logits = host.train_loss(x, y)
+    assert torch.equal(logits, host(x)) and torch.equal(loss, F.cross_entropy(host(x), y))
+    native.enable(True)
+    loss_n, logits_n = host.train_loss(x, y)
+    assert type(loss_n.grad_fn).__name__ == "_HeadLossBackward"
+    torch.testing.assert_close(loss_n, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits_n, logits.detach(), rtol=1e-5, atol=1e-5)
+
+
+def _clip_adam_case(seed: int, scale: float) -> tuple[list[nn.Parameter], list[list[torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 1, 3, 3), (4,), (8, 4, 3, 3), (10, 8)]
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    grads = [[scale * torch.randn(s, generator=g) for s in shapes] for _ in range(5)]
+    return params, grads
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0])  # gradients below and above the clip norm
+def test_clip_adam_matches_clip_grad_norm_then_torch_adam(scale):
+    from esper_lib.envs.fused_adam import FusedAdam
+
+    ours, grads = _clip_adam_case(1, scale)
+    ref, _ = _clip_adam_case(1, scale)
+    opt, ref_opt = FusedAdam(ours, lr=5e-3), torch.optim.Adam(ref, lr=5e-3)
+    for step_grads in grads:
+        for p, q, gr in zip(ours, ref, step_grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        st = [opt.state_of(p) for p in ours]
+        norm = native.clip_adam_(ours, [s[0] for s in st], [s[1] for s in st], [s[2] for s in st], 5e-3, (0.9, 0.999), 1e-8, 5.0)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, 5.0)
+        ref_opt.step()
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-6, atol=0)
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)  # clipped in place, as clip_grad_norm_ does
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-6)  # steps of ~lr = 5e-3
+    assert float(opt.state_of(ours[0])[2]) == 5.0
+
+
+def test_clip_adam_refuses_what_it_cannot_read():
+    p = nn.Parameter(torch.randn(3))
+    m, v, t = torch.zeros(3), torch.zeros(3), torch.zeros(())
+    with pytest.raises(ValueError, match="needs a gradient"):
+        native.clip_adam_([p], [m], [v], [t], 1e-3, (0.9, 0.999), 1e-8, 5.0)
+    p.grad = torch.randn(3)
+    with pytest.raises(ValueError, match="exp_avg has shape"):
+        native.clip_adam_([p], [torch.zeros(4)], [v], [t], 1e-3, (0.9, 0.999), 1e-8, 5.0)
+    with pytest.raises(ValueError, match="one entry per parameter"):
+        native.clip_adam_([p], [m], [v], [], 1e-3, (0.9, 0.999), 1e-8, 5.0)
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        native.clip_adam_([p], [m], [v], [t], 1e-3, (0.9, 0.999), 1e-8, 0.0)
+
+
+def test_fused_adam_native_clip_and_step_only_with_the_kernels_on_and_skips_parameters_without_gradients():
+    from esper_lib.envs.fused_adam import FusedAdam
+
+    params = [nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(2, 3))]
+    opt = FusedAdam(params, lr=1e-2)
+    params[0].grad = torch.randn(4)
+    native.enable(False)
+    assert opt.native_clip_and_step(5.0) is None and float(opt.state_of(params[0])[2]) == 0.0
+    native.enable(True)
+    before = params[1].detach().clone()
+    norm = opt.native_clip_and_step(5.0)
+    torch.testing.assert_close(norm, params[0].grad.norm(), rtol=1e-6, atol=0)
+    assert float(opt.state_of(params[0])[2]) == 1.0 and float(opt.state_of(params[1])[2]) == 0.0
+    assert torch.equal(params[1].detach(), before)  # no gradient: untouched, as in FusedAdam.step
+    params[1].grad = torch.randn(3, 2).t()  # not contiguous: left to the torch path
+    assert opt.native_clip_and_step(5.0) is None
+
+
+def test_grad_norm_is_the_global_euclidean_norm():
+    grads = [torch.randn(3, 3), torch.randn(7), torch.randn(1)]
+    torch.testing.assert_close(native.grad_norm(grads), torch.cat([g.flatten() for g in grads]).norm(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="at least one"):
+        native.grad_norm([])

@@ -11,7 +11,8 @@ equal ``torch.optim.Adam(params, lr, fused=True)``'s bit for bit (``tests/test_f
 As in ``torch.optim.Adam``, a parameter whose ``.grad`` is None is skipped (its state and step
 count stay as they are), and a parameter that has never had a gradient starts from zero moments
 and step 0. ``adopt`` moves parameters and their state from another ``FusedAdam`` (a fossilized
-seed joins the host's optimizer with its moments and step counts).
+seed joins the host's optimizer with its moments and step counts). ``native_clip_and_step`` clips the
+gradients and steps in one call of the opt-in C kernels (``esper_lib.envs.native``), when they are on.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from esper_lib.envs import native
 
 
 class FusedAdam:
@@ -109,4 +112,21 @@ class FusedAdam:
             maximize=False,
             grad_scale=None,
             found_inf=None,
+        )
+
+    def native_clip_and_step(self, max_norm: float) -> torch.Tensor | None:
+        """Clip the gradients to global norm ``max_norm``, then ``step()``, in one call of the C kernels; returns
+        the norm before clipping (0-dim), or None (nothing done) when the kernels are off or a gradient is not
+        contiguous float32. The same updates as ``clip_grad_norm_`` then ``step()`` up to float rounding."""
+        if not native.enabled():
+            return None
+        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not idx:
+            return torch.zeros(())
+        params = [self.params[i] for i in idx]
+        if not all(p.grad.dtype == torch.float32 and p.grad.is_contiguous() for p in params):
+            return None
+        return native._clip_adam(
+            params, [self._exp_avgs[i] for i in idx], [self._exp_avg_sqs[i] for i in idx], [self._steps[i] for i in idx],
+            self.lr, self.betas, self.eps, max_norm,
         )

@@ -28,9 +28,11 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esper_lib.constants import SeedStage
+from esper_lib.envs import native
 from esper_lib.envs.blueprints import parameter_count
 from esper_lib.envs.lifecycle import SeedSlot
 from esper_lib.envs.small_ops import MaxPool2x2, SmallConv2d, run_sequential
@@ -118,15 +120,28 @@ class HostCNN(nn.Module):
         fossils = sum(s.param_count() for s in self.slots if s.stage == SeedStage.FOSSILIZED)
         return self.base_param_count + fossils
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, 1, 8, 8] -> [B, 10]`` logits with every slot per its stage."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, 8, 8] -> [B, C, 4, 4]``: the last slot's output (every slot per its stage), before the head."""
         h = x
         for block, slot in zip(self.blocks, self.slots):
             h = slot(run_sequential(block, h))
-        return self.head(h.mean(dim=(2, 3)))
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, 8, 8] -> [B, 10]`` logits with every slot per its stage."""
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+    def train_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F.cross_entropy(logits, y), logits)`` with ``logits = self(x)`` ``[B, 10]``; with the opt-in C kernels
+        on, the mean-pool, head and loss are one call (``native.head_loss``) whose logits carry no gradient."""
+        h = self.features(x)
+        if native.enabled() and _native_head_ok(h, self.head, y):
+            return native._head_loss(h, self.head.weight, self.head.bias, y)
+        logits = self.head(h.mean(dim=(2, 3)))
+        return F.cross_entropy(logits, y), logits
 
     def forward_cached(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits ``[B, 10]`` and each block's output before its slot (for ``forward_ablated``)."""
+        """Logits ``[B, 10]`` and each block's output before its slot (for ``forward_ablations``)."""
         cache, h = [], x
         for block, slot in zip(self.blocks, self.slots):
             h = run_sequential(block, h)
@@ -140,11 +155,49 @@ class HostCNN(nn.Module):
         Starts from the cached activation of the first ablated slot, so the unchanged prefix of the
         network is not recomputed.
         """
-        start = min(ablate)
-        h = cache[start]
-        for k in range(start, len(self.blocks)):
-            if k > start:
-                h = run_sequential(self.blocks[k], h)
-            if k not in ablate:
-                h = self.slots[k](h)
-        return self.head(h.mean(dim=(2, 3)))
+        return self.forward_ablations(cache, [ablate])[0]
+
+    def forward_ablations(self, cache: list[torch.Tensor], ablations: Sequence[frozenset[int] | set[int]]) -> list[torch.Tensor]:
+        """``forward_ablated`` for each set in ``ablations``, computing each partial pass they share once.
+
+        The activation after slot ``k`` depends only on which slots up to ``k`` are ablated: e.g. the ablations
+        ``{0}``, ``{0, 1}`` and ``{0, 2}`` share block 1's pass on ``cache[0]``. The same ops on the same inputs
+        as separate ``forward_ablated`` calls, so the same values bit for bit.
+        """
+        block_in: dict[tuple[int, frozenset[int]], torch.Tensor] = {}  # (k, ablated slots < k) -> input of slot k
+        slot_out: dict[tuple[int, frozenset[int]], torch.Tensor] = {}  # (k, ablated slots <= k) -> output of slot k
+        logits = []
+        for ablate in ablations:
+            ablate = frozenset(ablate)
+            if not ablate:
+                raise ValueError("each ablation needs at least one slot (the full forward is forward_cached's)")
+            start, h = min(ablate), None
+            for k in range(start, len(self.blocks)):
+                before = frozenset(i for i in ablate if i < k)
+                upto = before | ({k} if k in ablate else frozenset())
+                if (k, upto) in slot_out:
+                    h = slot_out[(k, upto)]
+                    continue
+                if (k, before) not in block_in:
+                    block_in[(k, before)] = cache[k] if k == start else run_sequential(self.blocks[k], h)
+                h = block_in[(k, before)]
+                if k not in ablate:
+                    h = self.slots[k](h)
+                slot_out[(k, upto)] = h
+            logits.append(self.head(h.mean(dim=(2, 3))))
+        return logits
+
+
+def _native_head_ok(h: torch.Tensor, head: nn.Linear, y: torch.Tensor) -> bool:
+    """Whether ``native.head_loss`` reads these tensors (contiguous float32 CPU, int64 labels, no autocast)."""
+    floats = (h, head.weight) if head.bias is None else (h, head.weight, head.bias)
+    return (
+        h.dim() == 4
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in floats)
+        and y.dtype == torch.int64
+        and y.device.type == "cpu"
+        and y.is_contiguous()
+        and y.shape == (h.shape[0],)
+        and h.shape[0] > 0
+        and not torch.is_autocast_enabled("cpu")
+    )

@@ -19,7 +19,8 @@ Counterfactuals. For every slot whose seed is in the host stream with alpha > 0 
 HOLDING, PRUNING, FOSSILIZED), the validation accuracy with that slot's alpha forced to 0 is
 measured (``contribution = acc - acc_without``); with two or more such slots, each pair is also
 ablated and ``interaction_i = sum_j (acc - acc_-i - acc_-j + acc_-ij)``. Ablated passes restart
-from cached activations at the first ablated slot. ``counterfactual_every=k`` measures every
+from cached activations at the first ablated slot, and a partial pass several ablations share is computed
+once (``HostCNN.forward_ablations``). ``counterfactual_every=k`` measures every
 ``k``-th epoch only (freshness then decays by 0.8 per epoch).
 
 Reward (each term in ``info["reward_terms"]``; the reward is their sum):
@@ -116,6 +117,7 @@ from esper_lib.constants import (
     head_sizes,
     state_dim_for,
 )
+from esper_lib.envs import native
 from esper_lib.envs.blueprints import ChannelGate, blueprint_mask, build_blueprint
 from esper_lib.envs.fused_adam import FusedAdam
 from esper_lib.envs.host import DigitsSplit, HostCNN, load_digits_split
@@ -489,7 +491,8 @@ class MorphoEnv(gym.Env):
         """One epoch of minibatch Adam; per-minibatch statistics stay tensors until the epoch ends.
 
         Per minibatch: forward, backward, the fossils' gradient norms (before the host clip rescales
-        them), the host's clip and Adam step, then each learning seed's norm, clip and Adam step.
+        them), the host's clip and Adam step, then each learning seed's norm, clip and Adam step (the
+        parameter sets are disjoint, so the order does not matter).
         The epoch's minibatches are gathered in one indexing op and split into views.
         """
         host, data = self.host, self._data
@@ -508,19 +511,16 @@ class MorphoEnv(gym.Env):
         xs = data.x_train[perm].split(self.batch_size)
         ys = data.y_train[perm].split(self.batch_size)
         for xb, yb in zip(xs, ys):
-            logits = host(xb)
-            loss = F.cross_entropy(logits, yb)
+            loss, logits = host.train_loss(xb, yb)
             _zero_grad(host_params)
             for s in learning:
                 _zero_grad(seed_opt_params[s.index])
             loss.backward()
             for s in fossils:  # measured before the host clip rescales them
                 seed_norms[s.index].append(_grad_norm(seed_params[s.index]))
-            host_norms.append(_clip_grad_norm_(host_params, MAX_GRAD_NORM))
+            host_norms.append(_clip_and_step(self._opt, host_params))
             for s in learning:
-                seed_norms[s.index].append(_clip_grad_norm_(seed_params[s.index], MAX_GRAD_NORM))
-                s.optimizer.step()
-            self._opt.step()
+                seed_norms[s.index].append(_clip_and_step(s.optimizer, seed_params[s.index]))
             losses.append(loss.detach() * len(yb))
             logits_all.append(logits.detach())
         n_seen, nb = len(perm), len(xs)
@@ -552,14 +552,15 @@ class MorphoEnv(gym.Env):
             if st.freshness is not None:
                 st.freshness *= FRESHNESS_DECAY
         if measure and active:
-            without = {i: _accuracy(host.forward_ablated(cache, {i}), y) for i in active}
+            pairs = [(i, j) for k, i in enumerate(active) for j in active[k + 1 :]]
+            ablated = host.forward_ablations(cache, [{i} for i in active] + [{i, j} for i, j in pairs])
+            without = {i: _accuracy(out, y) for i, out in zip(active, ablated)}
             inter = dict.fromkeys(active, 0.0)
-            for k, i in enumerate(active):
-                for j in active[k + 1 :]:
-                    both = _accuracy(host.forward_ablated(cache, {i, j}), y)
-                    term = acc - without[i] - without[j] + both
-                    inter[i] += term
-                    inter[j] += term
+            for (i, j), out in zip(pairs, ablated[len(active) :]):
+                both = _accuracy(out, y)
+                term = acc - without[i] - without[j] + both
+                inter[i] += term
+                inter[j] += term
             for i in active:
                 st = host.slots[i].stats
                 st.prev_contribution = st.contribution
@@ -670,6 +671,8 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
+    if native.enabled() and all(g.dtype == torch.float32 and g.is_contiguous() for g in grads):
+        return native._grad_norm(grads)  # one call instead of three ops (the opt-in C kernels)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
@@ -681,6 +684,17 @@ def _clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return total
+
+
+def _clip_and_step(opt: FusedAdam, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Clip the gradients of ``params`` (``opt``'s parameters, in its order) at ``MAX_GRAD_NORM``, then step ``opt``;
+    returns the norm before clipping. One C call when the opt-in kernels are on (``FusedAdam.native_clip_and_step``)."""
+    norm = opt.native_clip_and_step(MAX_GRAD_NORM)
+    if norm is not None:
+        return norm
+    norm = _clip_grad_norm_(params, MAX_GRAD_NORM)
+    opt.step()
+    return norm
 
 
 def _adam(params: list[torch.nn.Parameter], lr: float) -> FusedAdam:

@@ -1,11 +1,12 @@
-"""C kernels for the env's tiny convolutions and 2x2 max-pool, built on first use, called through ctypes.
+"""C kernels for the env's host training, built on first use, called through ctypes.
 
 At the host's sizes (8x8 maps, 1-16 channels, minibatches of 64) oneDNN spends ~100 us in every
 convolution call and ~330-450 us in every backward, far above the arithmetic (a few MFLOP); the
-direct loops of ``native_kernels.c`` do the same work in tens of microseconds. The first call compiles
-the source with the system C compiler (``cc``, or ``$CC``) into a cache folder
-(``$ESPER_NATIVE_CACHE``, else ``~/.cache/esper_lib``; a file name per source, flags, compiler and CPU,
-written atomically so parallel processes can race) and loads it.
+direct loops of ``native_kernels.c`` do the same work in tens of microseconds. Around them, a host
+minibatch was ~40 small torch ops (pooling, head, loss, clipping, Adam); the kernels here take several
+of them in one call each. The first call compiles the source with the system C compiler (``cc``, or
+``$CC``) into a cache folder (``$ESPER_NATIVE_CACHE``, else ``~/.cache/esper_lib``; a file name per
+source, flags, compiler and CPU, written atomically so parallel processes can race) and loads it.
 
 Opt-in (off by default, so the env's trajectories stay those of every reported run): ``ESPER_NATIVE=1``
 in the environment (read at import, inherited by worker processes) or ``native.enable(True)``. A failed
@@ -14,8 +15,14 @@ functions up to float rounding. The kernels are compiled without ``-ffast-math``
 fixed sequence of IEEE operations, vectorised across independent outputs only, so the results do not
 depend on the vector width the compiler picks (multiply-adds are fused on CPUs with FMA).
 
-Functions: ``conv2d`` (autograd-aware, optional fused ReLU) and ``max_pool2x2``; contiguous float32 CPU
-tensors only (anything else raises ValueError); ``available()``, ``enable()``, ``enabled()``.
+Functions (contiguous float32 CPU tensors only; anything else raises ValueError):
+
+- ``conv2d``: autograd-aware, optional fused ReLU and 2x2 max-pool; ``max_pool2x2``;
+- ``head_loss``: the host's mean-pool, linear classifier and cross-entropy, forward and backward in one
+  call each;
+- ``clip_adam_``: gradient clipping and an Adam step over a list of parameters in one call;
+  ``grad_norm``: the global norm of a list of gradients;
+- ``available()``, ``enable()``, ``enabled()``.
 """
 from __future__ import annotations
 
@@ -133,6 +140,14 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.maxpool2x2_forward.restype = None
     lib.maxpool2x2_backward.argtypes = [_PTR] * 3 + [_I64] * 3
     lib.maxpool2x2_backward.restype = None
+    lib.head_loss_forward.argtypes = [_PTR] * 8 + [_I64] * 4
+    lib.head_loss_forward.restype = ctypes.c_int
+    lib.head_loss_backward.argtypes = [ctypes.c_float] + [_PTR] * 7 + [_I64] * 4
+    lib.head_loss_backward.restype = ctypes.c_int
+    lib.clip_adam.argtypes = [_I64] + [_PTR] * 6 + [ctypes.c_double] * 5 + [_PTR]
+    lib.clip_adam.restype = None
+    lib.grad_norm.argtypes = [_I64, _PTR, _PTR]
+    lib.grad_norm.restype = ctypes.c_float
     return lib
 
 
@@ -182,59 +197,99 @@ def _check_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, groups: int, relu: bool) -> torch.Tensor:
     """``[N, C, H, W] -> [N, O, H', W']``: ``conv2d`` (stride 1, zero ``padding``), then ReLU if ``relu``. No autograd."""
     _check_conv(x, weight, bias, padding, groups)
+    return _conv_forward(x, weight, bias, padding, groups, relu)
+
+
+def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, groups: int, relu: bool) -> torch.Tensor:
+    """``conv2d_forward`` for inputs already checked (``_check_conv``, or ``SmallConv2d``'s own checks)."""
     n, c, h, w = x.shape
     o, _, k, _ = weight.shape
-    y = torch.empty(n, o, h + 2 * padding - k + 1, w + 2 * padding - k + 1, dtype=torch.float32, device="cpu")
-    if _lib().conv2d_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), n, c, h, w, o, k, padding, groups, int(relu)):
+    y = torch.empty(n, o, h + 2 * padding - k + 1, w + 2 * padding - k + 1, dtype=torch.float32)
+    if _lib().conv2d_forward(x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), n, c, h, w, o, k, padding, groups, int(relu)):
         raise MemoryError("conv2d_forward: out of memory")
     return y
 
 
+def _pool_forward(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2x2 max-pool of a contiguous float32 ``[N, C, H, W]``: the pooled map and each window's argmax (0-3)."""
+    n, c, h, w = y.shape
+    out = torch.empty(n, c, h // 2, w // 2, dtype=torch.float32)
+    idx = torch.empty(n, c, h // 2, w // 2, dtype=torch.uint8)
+    _lib().maxpool2x2_forward(y.data_ptr(), out.data_ptr(), idx.data_ptr(), n * c, h, w)
+    return out, idx
+
+
+def _pool_backward(gout: torch.Tensor, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    n, c, h, w = shape
+    gout = gout.contiguous()  # held by a name: a temporary could be freed before the kernel reads it
+    gx = torch.empty(shape, dtype=torch.float32)
+    _lib().maxpool2x2_backward(gout.data_ptr(), idx.data_ptr(), gx.data_ptr(), n * c, h, w)
+    return gx
+
+
 class _Conv2d(torch.autograd.Function):
+    """Convolution (checked inputs), optional fused ReLU, optional 2x2 max-pool of the result."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, padding: int, groups: int, relu: bool):  # type: ignore[override]
-        y = conv2d_forward(x, weight, bias, padding, groups, relu)
-        ctx.padding, ctx.groups, ctx.relu, ctx.has_bias = padding, groups, relu, bias is not None
-        ctx.save_for_backward(x, weight, y if relu else None)
-        return y
+    def forward(ctx, x, weight, bias, padding: int, groups: int, relu: bool, pool: bool = False):  # type: ignore[override]
+        y = _conv_forward(x, weight, bias, padding, groups, relu)
+        ctx.padding, ctx.groups, ctx.has_bias, ctx.y_shape = padding, groups, bias is not None, y.shape
+        if not pool:
+            ctx.save_for_backward(x, weight, y if relu else None, None)
+            return y
+        out, idx = _pool_forward(y)
+        ctx.save_for_backward(x, weight, y if relu else None, idx)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):  # type: ignore[override]
-        x, weight, y = ctx.saved_tensors
+        x, weight, y, idx = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gy = gy.contiguous()
+        gy = _pool_backward(gy, idx, ctx.y_shape) if idx is not None else gy.contiguous()
         gx = torch.empty_like(x) if need_x else None
         gw = torch.empty_like(weight) if need_w else None
-        gb = torch.empty(weight.shape[0], dtype=torch.float32, device="cpu") if need_b and ctx.has_bias else None
+        gb = torch.empty(weight.shape[0], dtype=torch.float32) if need_b and ctx.has_bias else None
         n, c, h, w = x.shape
         o, _, k, _ = weight.shape
         rc = _lib().conv2d_backward(
-            _ptr(x), _ptr(weight), _ptr(gy), _ptr(y), _ptr(gx), _ptr(gw), _ptr(gb), n, c, h, w, o, k, ctx.padding, ctx.groups
+            x.data_ptr(), weight.data_ptr(), gy.data_ptr(), _ptr(y), _ptr(gx), _ptr(gw), _ptr(gb), n, c, h, w, o, k, ctx.padding, ctx.groups
         )
         if rc:
             raise MemoryError("conv2d_backward: out of memory")
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, groups: int = 1, relu: bool = False) -> torch.Tensor:
-    """``conv2d`` (stride 1, 1x1 or 3x3 kernel, zero ``padding``), then ReLU if ``relu``; differentiable once.
+def conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, groups: int = 1, relu: bool = False, pool: bool = False
+) -> torch.Tensor:
+    """``conv2d`` (stride 1, 1x1 or 3x3 kernel, zero ``padding``), then ReLU if ``relu``, then ``max_pool2x2`` if
+    ``pool`` (an output of even height and width); differentiable once.
 
     Inputs: contiguous float32 CPU tensors, ``x`` ``[N, C, H, W]``, ``weight`` ``[O, C/groups, K, K]``, ``bias``
     ``[O]`` or None; anything else raises ValueError (``SmallConv2d`` falls back to torch before that).
     """
+    _check_conv(x, weight, bias, padding, groups)
+    h, w = x.shape[2] + 2 * padding - weight.shape[2] + 1, x.shape[3] + 2 * padding - weight.shape[3] + 1
+    if pool and (h % 2 or w % 2):
+        raise ValueError(f"pool=True needs an output of even height and width, got {h}x{w}")
+    return _conv2d(x, weight, bias, padding, groups, relu, pool)
+
+
+def _conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, groups: int, relu: bool, pool: bool
+) -> torch.Tensor:
+    """``conv2d`` for checked inputs (``SmallConv2d`` checks them itself, per call)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _Conv2d.apply(x, weight, bias, padding, groups, relu)
-    return conv2d_forward(x, weight, bias, padding, groups, relu)
+        return _Conv2d.apply(x, weight, bias, padding, groups, relu, pool)
+    y = _conv_forward(x, weight, bias, padding, groups, relu)
+    return _pool_forward(y)[0] if pool else y
 
 
 class _NativeMaxPool2x2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):  # type: ignore[override]
-        n, c, h, w = x.shape
-        y = torch.empty(n, c, h // 2, w // 2, dtype=torch.float32, device="cpu")
-        idx = torch.empty(n, c, h // 2, w // 2, dtype=torch.uint8, device="cpu")
-        _lib().maxpool2x2_forward(_ptr(x), _ptr(y), _ptr(idx), n * c, h, w)
+        y, idx = _pool_forward(x)
         ctx.save_for_backward(idx)
         ctx.shape = x.shape
         return y
@@ -243,13 +298,144 @@ class _NativeMaxPool2x2(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):  # type: ignore[override]
         (idx,) = ctx.saved_tensors
-        n, c, h, w = ctx.shape
-        gx = torch.empty(ctx.shape, dtype=torch.float32, device="cpu")
-        _lib().maxpool2x2_backward(_ptr(gy.contiguous()), _ptr(idx), _ptr(gx), n * c, h, w)
-        return gx
+        return _pool_backward(gy, idx, ctx.shape)
 
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)`` (floor mode) of a contiguous float32 CPU ``[N, C, H, W]``; differentiable once."""
     _check("x", x, 4)
     return _NativeMaxPool2x2.apply(x)
+
+
+class _HeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, y):  # type: ignore[override]
+        n, c, hh, ww = h.shape
+        k = weight.shape[0]
+        hmean = torch.empty(n, c, dtype=torch.float32)
+        logits = torch.empty(n, k, dtype=torch.float32)
+        probs = torch.empty(n, k, dtype=torch.float32)
+        loss = torch.empty((), dtype=torch.float32)
+        rc = _lib().head_loss_forward(
+            h.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), hmean.data_ptr(), logits.data_ptr(),
+            probs.data_ptr(), loss.data_ptr(), n, c, hh * ww, k,
+        )
+        if rc:
+            raise ValueError(f"y must hold class indices in [0, {k}), got values in [{int(y.min())}, {int(y.max())}]")
+        ctx.save_for_backward(probs, y, hmean, weight)
+        ctx.h_shape, ctx.has_bias = h.shape, bias is not None
+        ctx.mark_non_differentiable(logits)
+        return loss, logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gloss, _glogits):  # type: ignore[override]
+        probs, y, hmean, weight = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, c, hh, ww = ctx.h_shape
+        k = weight.shape[0]
+        gh = torch.empty(ctx.h_shape, dtype=torch.float32) if need_h else None
+        gw = torch.empty_like(weight) if need_w else None
+        gb = torch.empty(k, dtype=torch.float32) if need_b and ctx.has_bias else None
+        if _lib().head_loss_backward(
+            float(gloss), probs.data_ptr(), y.data_ptr(), hmean.data_ptr(), weight.data_ptr(), _ptr(gh), _ptr(gw), _ptr(gb), n, c, hh * ww, k
+        ):
+            raise MemoryError("head_loss_backward: out of memory")
+        return gh, gw, gb, None
+
+
+def head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The host's classifier and its loss in one call: ``(F.cross_entropy(logits, y), logits)`` with
+    ``logits = F.linear(h.mean(dim=(2, 3)), weight, bias)``; the loss is differentiable once, the logits are not.
+
+    ``h`` ``[N, C, H, W]``, ``weight`` ``[K, C]``, ``bias`` ``[K]`` or None: contiguous float32 CPU; ``y`` ``[N]``
+    int64 class indices in ``[0, K)``. Anything else raises ValueError.
+    """
+    _check("h", h, 4)
+    _check("weight", weight, 2)
+    _check("bias", bias, 1)
+    if h.shape[0] < 1 or weight.shape[1] != h.shape[1] or (bias is not None and bias.shape[0] != weight.shape[0]):
+        raise ValueError(
+            f"shapes do not match: h {tuple(h.shape)} (N >= 1), weight {tuple(weight.shape)} [K, C], bias "
+            f"{None if bias is None else tuple(bias.shape)} [K]"
+        )
+    if y.dtype != torch.int64 or y.device.type != "cpu" or not y.is_contiguous() or y.shape != (h.shape[0],):
+        raise ValueError(f"y must be a contiguous int64 CPU tensor of shape ({h.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+    return _head_loss(h, weight, bias, y)
+
+
+def _head_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``head_loss`` for checked inputs (``HostCNN.train_loss`` checks them itself)."""
+    return _HeadLoss.apply(h, weight, bias, y)
+
+
+def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
+    return (_PTR * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def clip_adam_(
+    params: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    max_norm: float,
+) -> torch.Tensor:
+    """Clip the gradients of ``params`` to global norm ``max_norm``, then one Adam step, in one call; returns the
+    norm before clipping (0-dim float32). The state lists are ``FusedAdam``'s (moments, 0-dim step counts).
+
+    Every parameter must have a gradient; all tensors contiguous float32 CPU, each state entry shaped like its
+    parameter. The same updates as ``clip_grad_norm_`` then ``torch.optim.Adam`` up to float rounding.
+    """
+    if not (len(params) == len(exp_avgs) == len(exp_avg_sqs) == len(steps)):
+        raise ValueError("params, exp_avgs, exp_avg_sqs and steps must have one entry per parameter")
+    grads = [p.grad for p in params]
+    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        if g is None:
+            raise ValueError("clip_adam_: every parameter needs a gradient (skip those without one)")
+        for name, a in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+            _check(name, a)
+            if a.shape != p.shape:
+                raise ValueError(f"{name} has shape {tuple(a.shape)}, its parameter {tuple(p.shape)}")
+        _check("step", t, 0)
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    return _clip_adam(params, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, max_norm)
+
+
+def _clip_adam(
+    params: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    max_norm: float,
+) -> torch.Tensor:
+    """``clip_adam_`` for checked inputs (``FusedAdam`` keeps its state valid and checks the gradients)."""
+    norm = torch.empty((), dtype=torch.float32)
+    sizes = (ctypes.c_int64 * len(params))(*[p.numel() for p in params])
+    _lib().clip_adam(
+        len(params), _pointers(params), _pointers([p.grad for p in params]), _pointers(exp_avgs), _pointers(exp_avg_sqs),
+        _pointers(steps), sizes, float(lr), float(betas[0]), float(betas[1]), float(eps), float(max_norm), norm.data_ptr(),
+    )
+    return norm
+
+
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norm of ``grads`` together (0-dim float32), as ``clip_grad_norm_`` measures it, in one call;
+    contiguous float32 CPU tensors (anything else raises ValueError), at least one."""
+    if not grads:
+        raise ValueError("grad_norm needs at least one tensor")
+    for g in grads:
+        _check("grad", g)
+    return _grad_norm(grads)
+
+
+def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """``grad_norm`` for checked inputs."""
+    sizes = (ctypes.c_int64 * len(grads))(*[g.numel() for g in grads])
+    return torch.tensor(_lib().grad_norm(len(grads), _pointers(grads), sizes), dtype=torch.float32)

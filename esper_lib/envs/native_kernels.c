@@ -459,39 +459,61 @@ int conv2d_backward(const float *restrict x, const float *restrict w, const floa
 
 /* 2x2/2 max-pool (floor mode) of M planes of H x W: y and the window index (0..3, row-major) of the maximum.
  * As torch's max_pool2d: a later value replaces the current maximum when it is larger or NaN, so the first
- * maximum wins and a NaN wins over numbers. With H and W even the window is reduced in two vectorised passes
- * (each row's pairs, then each pair of rows: the same rule applied as (a, b), (c, d), then the two winners,
- * which gives the sequential result); otherwise one scalar pass. */
+ * maximum wins and a NaN wins over numbers. With H and W even the rule is applied as (a, b), (c, d), then the
+ * two winners, which gives the sequential result without branches; otherwise the window is scanned in order. */
 void maxpool2x2_forward(const float *restrict x, float *restrict y, uint8_t *restrict idx, int64_t M, int64_t H, int64_t W) {
     int64_t Ho = H / 2, Wo = W / 2;
-    if (H % 2 == 0 && W % 2 == 0) {
-        int64_t E = M * H * Wo; /* horizontal pairs */
-        float *hmax = (float *)malloc((size_t)E * sizeof(float));
-        uint8_t *hsel = (uint8_t *)malloc((size_t)E);
-        if (hmax && hsel) {
+    if (W == 8 && H % 2 == 0) {
+        /* the host's 8x8 maps: two windows rows (2 x 16 floats) per step, 8 outputs from 16-lane shuffles */
+        const vi16 pick_even = {0, 2, 4, 6, 16, 18, 20, 22, 8, 10, 12, 14, 24, 26, 28, 30};
+        const vi16 pick_odd = {1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25, 27, 29, 31};
+        const vi16 swap_halves = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+        int64_t pairs = M * Ho, r = 0;
+        for (; r + 2 <= pairs; r += 2) {
+            v16 x0 = load16(x + r * 16), x1 = load16(x + r * 16 + 16);
+            v16 ac = __builtin_shuffle(x0, x1, pick_even), bd = __builtin_shuffle(x0, x1, pick_odd);
+            vi16 sel = (bd > ac) | (bd != bd);                  /* [ts | bs], -1 where the odd column wins */
+            v16 tu = (v16)(((vi16)bd & sel) | ((vi16)ac & ~sel)); /* [top winners | bottom winners] */
+            v16 ut = __builtin_shuffle(tu, swap_halves);
+            vi16 lower = (ut > tu) | (ut != ut);
+            v16 best = (v16)(((vi16)ut & lower) | ((vi16)tu & ~lower));
+            vi16 sel_swapped = __builtin_shuffle(sel, swap_halves);
+            vi16 k = (lower & (2 - sel_swapped)) | (~lower & -sel);
+            memcpy(y + r * 4, &best, 8 * sizeof(float));
+            for (int l = 0; l < 8; l++) idx[r * 4 + l] = (uint8_t)k[l];
+        }
+        if (r == pairs) return;
+        x += r * 16; y += r * 4; idx += r * 4; M = 1; H = 2 * (pairs - r); Ho = H / 2;
+    }
+    if (H % 2 == 0 && W % 2 == 0 && W <= 1024) {
+        /* in chunks of rows: the maxima of the horizontal pairs (a contiguous, vectorised pass), then of
+         * the two pair maxima of each window */
+        enum { CHUNK = 2048 };
+        float hmax[CHUNK];
+        uint8_t hsel[CHUNK];
+        int64_t rows = CHUNK / (W / 2) / 2 * 2, total = M * H; /* an even number of rows per chunk */
+        for (int64_t r0 = 0; r0 < total; r0 += rows) {
+            int64_t nr = total - r0 < rows ? total - r0 : rows, E = nr * Wo;
+            const float *xc = x + r0 * W;
             for (int64_t e = 0; e < E; e++) {
-                float a = x[2 * e], b = x[2 * e + 1];
+                float a = xc[2 * e], b = xc[2 * e + 1];
                 uint8_t t = (b > a) | (b != b);
                 hmax[e] = t ? b : a;
                 hsel[e] = t;
             }
-            for (int64_t r = 0; r < M * Ho; r++) {
+            for (int64_t r = 0; r < nr / 2; r++) {
                 const float *top = hmax + 2 * r * Wo, *bot = top + Wo;
                 const uint8_t *ts = hsel + 2 * r * Wo, *bs = ts + Wo;
-                float *yr = y + r * Wo;
-                uint8_t *ir = idx + r * Wo;
+                float *yr = y + (r0 / 2 + r) * Wo;
+                uint8_t *ir = idx + (r0 / 2 + r) * Wo;
                 for (int64_t j = 0; j < Wo; j++) {
                     uint8_t t = (bot[j] > top[j]) | (bot[j] != bot[j]);
                     yr[j] = t ? bot[j] : top[j];
                     ir[j] = t ? (uint8_t)(2 + bs[j]) : ts[j];
                 }
             }
-            free(hmax);
-            free(hsel);
-            return;
         }
-        free(hmax);
-        free(hsel);
+        return;
     }
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * H * W;
@@ -524,4 +546,109 @@ void maxpool2x2_backward(const float *restrict gy, const uint8_t *restrict idx, 
                 uint8_t k = idx[q];
                 gx[m * H * W + (2 * i + (k >> 1)) * W + 2 * j + (k & 1)] = gy[q];
             }
+}
+
+/* The host's classifier and loss for N images: hmean[n, c] = mean over the HW positions of h[n, c];
+ * logits = hmean w^T + b ([N, K], b may be NULL); probs = softmax(logits); loss = mean over n of
+ * logsumexp(logits[n]) - logits[n, y[n]] (cross-entropy). Returns 0, or 3 when a label is outside [0, K). */
+int head_loss_forward(const float *restrict h, const float *restrict w, const float *restrict b, const int64_t *restrict y,
+                      float *restrict hmean, float *restrict logits, float *restrict probs, float *restrict loss,
+                      int64_t N, int64_t C, int64_t HW, int64_t K) {
+    double total = 0.0;
+    for (int64_t n = 0; n < N; n++) {
+        if (y[n] < 0 || y[n] >= K) return 3;
+        float *hm = hmean + n * C, *ln = logits + n * K, *pn = probs + n * K;
+        for (int64_t c = 0; c < C; c++) {
+            const float *hc = h + (n * C + c) * HW;
+            float s = 0.0f;
+            for (int64_t q = 0; q < HW; q++) s += hc[q];
+            hm[c] = s / (float)HW;
+        }
+        float top = -INFINITY;
+        for (int64_t k = 0; k < K; k++) {
+            float a = b ? b[k] : 0.0f;
+            for (int64_t c = 0; c < C; c++) a += hm[c] * w[k * C + c];
+            ln[k] = a;
+            if (a > top || a != a) top = a;
+        }
+        double se = 0.0;
+        for (int64_t k = 0; k < K; k++) {
+            pn[k] = expf(ln[k] - top);
+            se += pn[k];
+        }
+        for (int64_t k = 0; k < K; k++) pn[k] = (float)(pn[k] / se);
+        total += (double)top + log(se) - (double)ln[y[n]];
+    }
+    *loss = (float)(total / (double)N);
+    return 0;
+}
+
+/* Gradients of head_loss_forward for the loss gradient gloss: gh [N, C, HW] (NULL: not needed), gw [K, C]
+ * and gb [K] (NULL: not needed), from the forward's hmean and probs. Written, not accumulated. Returns 0, or 1
+ * when out of memory. */
+int head_loss_backward(float gloss, const float *restrict probs, const int64_t *restrict y, const float *restrict hmean,
+                        const float *restrict w, float *restrict gh, float *restrict gw, float *restrict gb,
+                        int64_t N, int64_t C, int64_t HW, int64_t K) {
+    float scale = gloss / (float)N;
+    if (gw) memset(gw, 0, (size_t)(K * C) * sizeof(float));
+    if (gb) memset(gb, 0, (size_t)K * sizeof(float));
+    float *d = (float *)malloc((size_t)(K > 0 ? K : 1) * sizeof(float));
+    if (!d) return 1;
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t k = 0; k < K; k++) d[k] = (probs[n * K + k] - (k == y[n] ? 1.0f : 0.0f)) * scale;
+        for (int64_t k = 0; k < K; k++) {
+            if (gb) gb[k] += d[k];
+            if (gw)
+                for (int64_t c = 0; c < C; c++) gw[k * C + c] += d[k] * hmean[n * C + c];
+        }
+        if (gh)
+            for (int64_t c = 0; c < C; c++) {
+                float g = 0.0f;
+                for (int64_t k = 0; k < K; k++) g += d[k] * w[k * C + c];
+                g /= (float)HW;
+                float *ghc = gh + (n * C + c) * HW;
+                for (int64_t q = 0; q < HW; q++) ghc[q] = g;
+            }
+    }
+    free(d);
+    return 0;
+}
+
+/* Euclidean norm of n gradient tensors together (accumulated in double, rounded to float). */
+float grad_norm(int64_t n, float *const *grads, const int64_t *sizes) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < sizes[i]; j++) acc += (double)grads[i][j] * (double)grads[i][j];
+    return (float)sqrt(acc);
+}
+
+/* Gradient clipping then one Adam step (no weight decay) for n parameter tensors, in place: the global
+ * norm of the gradients (accumulated in double) goes to *norm; the gradients are scaled by
+ * min(1, max_norm / (norm + 1e-6)) (written back, as clip_grad_norm_ does); then for each tensor i the
+ * step count *steps[i] grows by one and p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+ * with m = beta1 m + (1 - beta1) g and v = beta2 v + (1 - beta2) g^2. A non-finite norm propagates as in torch. */
+void clip_adam(int64_t n, float *const *params, float *const *grads, float *const *exp_avgs, float *const *exp_avg_sqs,
+               float *const *steps, const int64_t *sizes, double lr, double beta1, double beta2, double eps,
+               double max_norm, float *norm) {
+    float total = grad_norm(n, grads, sizes);
+    float coef = (float)max_norm / (total + 1e-6f);
+    if (coef > 1.0f) coef = 1.0f;
+    *norm = total;
+    float b1 = (float)beta1, b2 = (float)beta2, e = (float)eps;
+    for (int64_t i = 0; i < n; i++) {
+        float t = *steps[i] + 1.0f;
+        *steps[i] = t;
+        float step_size = (float)(lr / (1.0 - pow(beta1, t)));
+        float bc2_sqrt = (float)sqrt(1.0 - pow(beta2, t));
+        float *p = params[i], *g = grads[i], *m = exp_avgs[i], *v = exp_avg_sqs[i];
+        for (int64_t j = 0; j < sizes[i]; j++) {
+            float gj = g[j] * coef;
+            g[j] = gj;
+            float mj = b1 * m[j] + (1.0f - b1) * gj;
+            float vj = b2 * v[j] + (1.0f - b2) * gj * gj;
+            m[j] = mj;
+            v[j] = vj;
+            p[j] -= step_size * mj / (sqrtf(vj) / bc2_sqrt + e);
+        }
+    }
 }

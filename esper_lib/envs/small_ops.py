@@ -86,14 +86,19 @@ def _float32_cpu(t: torch.Tensor | None) -> bool:
 
 def _native_conv_ok(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether the opt-in C kernels (``esper_lib.envs.native``) compute this convolution: when they are switched
-    on, for contiguous float32 CPU tensors (input, weight, bias; no autocast) and square 1x1 or 3x3 kernels with
-    equal padding on both sides. They are faster than the Toeplitz product and oneDNN on the env's maps, or
-    as fast within noise (the host's 4x4 block; ``benchmarks/bench_native_kernels.py``)."""
+    on, for a ``[N, C, H, W]`` input with the layer's channels and contiguous float32 CPU tensors (input, weight,
+    bias; no autocast), stride 1, dilation 1, zero padding equal on both sides and a square 1x1 or 3x3 kernel.
+    They are faster than the Toeplitz product and oneDNN on the env's maps, or as fast within noise (the host's
+    4x4 block; ``benchmarks/bench_native_kernels.py``). Checked per call, so ``native``'s own checks are skipped."""
     if not native.enabled():  # the default: no further checks
         return False
-    kh, kw = conv.kernel_size
-    if not (kh == kw and kh in (1, 3) and conv.padding[0] == conv.padding[1]):
+    if x.dim() != 4 or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
         return False
+    kh, kw = conv.kernel_size
+    if isinstance(conv.padding, str) or not (kh == kw and kh in (1, 3) and conv.padding[0] == conv.padding[1]):
+        return False
+    if x.shape[1] != conv.in_channels or min(x.shape[2], x.shape[3]) + 2 * conv.padding[0] < kh:
+        return False  # torch raises its own error, or returns an empty map
     return _float32_cpu(x) and _float32_cpu(conv.weight) and _float32_cpu(conv.bias) and not torch.is_autocast_enabled("cpu")
 
 
@@ -102,7 +107,8 @@ class SmallConv2d(nn.Conv2d):
 
     Any other configuration, or a map whose Toeplitz matrix is too large, goes through ``conv2d``. With the
     opt-in C kernels on (``esper_lib.envs.native``), every convolution they support uses them
-    (``_native_conv_ok``); ``forward_relu`` then fuses the ReLU into the same call.
+    (``_native_conv_ok``); ``forward_relu`` then fuses the ReLU into the same call, and ``forward_relu_pool``
+    the ReLU and a following 2x2 max-pool.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +118,13 @@ class SmallConv2d(nn.Conv2d):
         """``relu(self(x))``; one fused call on the native path."""
         return self._conv(x, relu=True)
 
+    def forward_relu_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``max_pool2x2(relu(self(x)))``; one autograd node on the native path (values identical either way)."""
+        y = self._native_call(x, relu=True, pool=True)
+        if y is not None:
+            return y
+        return max_pool2x2(self._conv(x, relu=True))
+
     def _conv(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
         y = self._native_call(x, relu)
         if y is not None:
@@ -119,17 +132,15 @@ class SmallConv2d(nn.Conv2d):
         y = self._linear_conv(x)
         return F.relu(y) if relu else y
 
-    def _native_call(self, x: torch.Tensor, relu: bool) -> torch.Tensor | None:
-        """The native kernel's result (ReLU applied if ``relu``) when it applies, else None."""
-        if not native.enabled():  # the default: nothing else to check
+    def _native_call(self, x: torch.Tensor, relu: bool, pool: bool = False) -> torch.Tensor | None:
+        """The native kernel's result (ReLU applied if ``relu``, then max-pooled if ``pool``) when it applies, else None."""
+        if not _native_conv_ok(self, x):
             return None
-        if x.dim() != 4 or self.stride != (1, 1) or self.dilation != (1, 1) or self.padding_mode != "zeros":
+        pad, k = self.padding[0], self.kernel_size[0]
+        out_h, out_w = x.shape[2] + 2 * pad - k + 1, x.shape[3] + 2 * pad - k + 1
+        if pool and (out_h % 2 or out_w % 2):  # the fused pool takes even maps (max_pool2x2 handles odd ones)
             return None
-        if isinstance(self.padding, str):
-            return None
-        if _native_conv_ok(self, x):
-            return native.conv2d(x, self.weight, self.bias, self.padding[0], self.groups, relu)
-        return None
+        return native._conv2d(x, self.weight, self.bias, pad, self.groups, relu, pool)
 
     def _linear_conv(self, x: torch.Tensor) -> torch.Tensor:
         plain = (
@@ -181,18 +192,23 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
 
 
 def run_sequential(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``seq(x)``, with each ``SmallConv2d`` followed by an ``nn.ReLU`` run as one ``forward_relu`` call.
+    """``seq(x)``, with each ``SmallConv2d`` followed by an ``nn.ReLU`` run as one ``forward_relu`` call (and
+    ``SmallConv2d``, ``nn.ReLU``, ``MaxPool2x2`` as one ``forward_relu_pool`` call).
 
     The same values as ``seq(x)`` (bit for bit unless the native kernels are on, which fuse the pair).
-    Forward hooks registered on the paired modules are not called (the project registers none).
+    Forward hooks registered on the fused modules are not called (the project registers none).
     """
     mods = list(seq)
     k = 0
     while k < len(mods):
         m = mods[k]
         if isinstance(m, SmallConv2d) and k + 1 < len(mods) and type(mods[k + 1]) is nn.ReLU:
-            x = m.forward_relu(x)
-            k += 2
+            if k + 2 < len(mods) and type(mods[k + 2]) is MaxPool2x2:
+                x = m.forward_relu_pool(x)
+                k += 3
+            else:
+                x = m.forward_relu(x)
+                k += 2
         else:
             x = m(x)
             k += 1
