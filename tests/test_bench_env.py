@@ -157,3 +157,18 @@ def test_native_both_falls_back_to_the_torch_path_where_the_kernels_cannot_be_bu
     monkeypatch.setattr("sys.argv", ["bench_env.py", "--steps", "1", "--native", "on"])
     with pytest.raises(SystemExit):
         bench.main()
+
+
+def test_batched_hosts_study_times_both_layouts(capsys, monkeypatch):
+    from esper_lib.envs import native
+
+    if not native.available():
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    before = native.switched_on()
+    study = load_script("study_batched_hosts", folder="benchmarks")
+    monkeypatch.setattr("sys.argv", ["study_batched_hosts.py", "--hosts", "2", "--calls", "1", "--repeats", "1"])
+    study.main()
+    assert native.switched_on() == before  # the switch is restored
+    out = capsys.readouterr().out
+    assert "one host after another" in out and "batched" in out and "block 2" in out
+    assert "% of it" in out
