@@ -270,12 +270,47 @@ DEFINE_ROWS8X2_BLOCK(8)
 DEFINE_ROWS8X2_BLOCK(4)
 DEFINE_ROWS8X2_BLOCK(1)
 
+/* The same for two row pairs (i, i + 2) at once: each weight is loaded once for twice the multiply-adds. */
+#define DEFINE_ROWS8X4_BLOCK(MBK)                                                                                   \
+    static inline void rows8x4_block_##MBK(const float *restrict Sg, const float *restrict w, const float *restrict b, \
+                                           float *restrict yn, const geom_t *g, int64_t o0, int64_t i, int relu) {    \
+        v16 acc[MBK][2];                                                                                            \
+        for (int m = 0; m < MBK; m++) acc[m][0] = acc[m][1] = (v16){0} + (b ? b[o0 + m] : 0.0f);                    \
+        for (int64_t c = 0; c < g->cg; c++)                                                                         \
+            for (int64_t ky = 0; ky < g->K; ky++) {                                                                 \
+                const float *wr = w + o0 * g->R + (c * g->K + ky) * g->K;                                           \
+                for (int64_t kx = 0; kx < g->K; kx++) {                                                             \
+                    const float *row = Sg + ((c * g->K + kx) * g->Hp + i + ky) * 8;                                 \
+                    v16 x0 = load16(row), x1 = load16(row + 16);                                                    \
+                    for (int m = 0; m < MBK; m++) {                                                                 \
+                        float wm = wr[m * g->R + kx];                                                               \
+                        acc[m][0] += wm * x0;                                                                       \
+                        acc[m][1] += wm * x1;                                                                       \
+                    }                                                                                               \
+                }                                                                                                   \
+            }                                                                                                       \
+        for (int m = 0; m < MBK; m++) {                                                                             \
+            store16(yn + (o0 + m) * g->HWo + i * 8, relu ? relu16(acc[m][0]) : acc[m][0]);                          \
+            store16(yn + (o0 + m) * g->HWo + (i + 2) * 8, relu ? relu16(acc[m][1]) : acc[m][1]);                    \
+        }                                                                                                           \
+    }
+DEFINE_ROWS8X4_BLOCK(8)
+DEFINE_ROWS8X4_BLOCK(4)
+DEFINE_ROWS8X4_BLOCK(1)
+
 static void forward_rows8x2(const float *restrict S, const float *restrict w, const float *restrict b, float *restrict yn,
                             const geom_t *g, int relu) {
     for (int64_t gi = 0; gi < g->groups; gi++) {
         const float *Sg = S + gi * g->cg * g->K * g->Hp * 8;
         int64_t o1 = (gi + 1) * g->og;
-        for (int64_t i = 0; i < g->Ho; i += 2) {
+        int64_t i = 0;
+        for (; i + 4 <= g->Ho; i += 4) {
+            int64_t o = gi * g->og;
+            for (; o + 8 <= o1; o += 8) rows8x4_block_8(Sg, w, b, yn, g, o, i, relu);
+            for (; o + 4 <= o1; o += 4) rows8x4_block_4(Sg, w, b, yn, g, o, i, relu);
+            for (; o < o1; o++) rows8x4_block_1(Sg, w, b, yn, g, o, i, relu);
+        }
+        for (; i < g->Ho; i += 2) {
             int64_t o = gi * g->og;
             for (; o + 8 <= o1; o += 8) rows8x2_block_8(Sg, w, b, yn, g, o, i, relu);
             for (; o + 4 <= o1; o += 4) rows8x2_block_4(Sg, w, b, yn, g, o, i, relu);
@@ -297,8 +332,31 @@ static void forward_rows8x2(const float *restrict S, const float *restrict w, co
                 for (int64_t i = 0; i < g->Ho; i += 2) acc += load16(Go + i * 8);                                   \
                 store16(bpart + o * 16, acc);                                                                       \
             }                                                                                                       \
-            if (!wpart) continue;                                                                                   \
-            const float *Sg = S + (o / g->og) * g->cg * KS * g->Hp * 8;                                             \
+        }                                                                                                           \
+        if (!wpart) return;                                                                                         \
+        for (int64_t o = 0; o < g->O; o++) {                                                                        \
+            const float *Go = G + o * g->HWo, *Sg = S + (o / g->og) * g->cg * KS * g->Hp * 8;                       \
+            if (o + 1 < g->O && (o + 1) / g->og == o / g->og) {                                                     \
+                /* two output channels of one group: each shifted input row is loaded once for both */              \
+                const float *Go1 = Go + g->HWo;                                                                     \
+                for (int64_t c = 0; c < g->cg; c++) {                                                               \
+                    float *part0 = wpart + (o * g->R + c * KS * KS) * 16, *part1 = part0 + g->R * 16;               \
+                    v16 acc0[KS * KS], acc1[KS * KS];                                                               \
+                    for (int k = 0; k < KS * KS; k++) acc0[k] = load16(part0 + k * 16), acc1[k] = load16(part1 + k * 16); \
+                    for (int64_t i = 0; i < g->Ho; i += 2) {                                                        \
+                        v16 gv0 = load16(Go + i * 8), gv1 = load16(Go1 + i * 8);                                    \
+                        for (int ky = 0; ky < KS; ky++)                                                             \
+                            for (int kx = 0; kx < KS; kx++) {                                                       \
+                                v16 sv = load16(Sg + ((c * KS + kx) * g->Hp + i + ky) * 8);                         \
+                                acc0[ky * KS + kx] += gv0 * sv;                                                     \
+                                acc1[ky * KS + kx] += gv1 * sv;                                                     \
+                            }                                                                                       \
+                    }                                                                                               \
+                    for (int k = 0; k < KS * KS; k++) store16(part0 + k * 16, acc0[k]), store16(part1 + k * 16, acc1[k]); \
+                }                                                                                                   \
+                o++;                                                                                                \
+                continue;                                                                                           \
+            }                                                                                                       \
             for (int64_t c = 0; c < g->cg; c++) {                                                                   \
                 float *part = wpart + (o * g->R + c * KS * KS) * 16;                                                \
                 v16 acc[KS * KS];                                                                                   \
