@@ -53,6 +53,8 @@ def native_on():
         (3, 4, 6, 5, 10, 3, 1, 2, True, True),  # not square
         (2, 3, 3, 7, 12, 1, 0, 1, False, False),  # not square, 1x1
         (2, 2, 4, 16, 8, 3, 1, 1, True, True),  # taller than wide, 8-wide rows
+        (13, 8, 6, 4, 4, 3, 1, 2, True, True),  # 4x4 planes: a partial chunk of images for the weight gradient
+        (3, 4, 5, 2, 2, 1, 1, 1, False, True),  # 1x1, padding 1: a 4x4 output whose input gradient takes the plane path
     ],
 )
 def test_conv2d_matches_torch_values_and_gradients(n, c_in, c_out, h, w, kernel, padding, groups, relu, bias):

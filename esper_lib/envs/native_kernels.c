@@ -202,16 +202,31 @@ static void forward_plane16(const float *restrict P, const float *restrict w, co
     }
 }
 
-/* Weight and bias gradients of one image, added to 16-lane partial sums (lane = output position). */
-static void grad_weight_plane16(const float *restrict P, const float *restrict G, float *restrict wpart,
-                                float *restrict bpart, const geom_t *g) {
+/* Weight and bias gradients of nc images (unfolded planes P, `stride` floats apart; output gradients Gs[j]),
+ * added to 16-lane partial sums (lane = output position), image after image: the partial sums stay in
+ * registers across the images of a chunk instead of being stored after each one. */
+static void grad_weight_plane16_chunk(const float *restrict P, int64_t stride, const float *const *Gs, int64_t nc,
+                                      float *restrict wpart, float *restrict bpart, const geom_t *g) {
+    enum { RB = 8 }; /* partial sums held in registers at a time */
     for (int64_t o = 0; o < g->O; o++) {
-        v16 gv = load16(G + o * 16);
-        if (bpart) store16(bpart + o * 16, load16(bpart + o * 16) + gv);
+        if (bpart) {
+            v16 acc = load16(bpart + o * 16);
+            for (int64_t j = 0; j < nc; j++) acc += load16(Gs[j] + o * 16);
+            store16(bpart + o * 16, acc);
+        }
         if (!wpart) continue;
         const float *Pg = P + (o / g->og) * g->R * 16;
         float *part = wpart + o * g->R * 16;
-        for (int64_t r = 0; r < g->R; r++) store16(part + r * 16, load16(part + r * 16) + gv * load16(Pg + r * 16));
+        for (int64_t r0 = 0; r0 < g->R; r0 += RB) {
+            int64_t nr = g->R - r0 < RB ? g->R - r0 : RB;
+            v16 acc[RB];
+            for (int64_t k = 0; k < nr; k++) acc[k] = load16(part + (r0 + k) * 16);
+            for (int64_t j = 0; j < nc; j++) {
+                v16 gv = load16(Gs[j] + o * 16);
+                for (int64_t k = 0; k < nr; k++) acc[k] += gv * load16(Pg + j * stride + (r0 + k) * 16);
+            }
+            for (int64_t k = 0; k < nr; k++) store16(part + (r0 + k) * 16, acc[k]);
+        }
     }
 }
 
@@ -419,12 +434,17 @@ int conv2d_backward(const float *restrict x, const float *restrict w, const floa
     geom_t g = geometry(N, C, H, W, O, K, pad, groups);
     int plane = is_plane16(&g), rows2 = is_rows8x2(&g);
     int vw = plane || rows2 ? 16 : vector_width(g.Wo); /* lanes of the partial sums */
-    int64_t padded = C * g.Hp * g.Wp;
-    size_t floats = (size_t)(2 * padded + O * g.HWo + O * g.R * vw + O * vw + forward_scratch(&g));
+    int64_t padded = C * g.Hp * g.Wp, scratch = forward_scratch(&g);
+    /* 4x4 maps: the weight gradient runs over chunks of CHUNK images (their planes stay in L1), so the output
+     * gradients and unfolded planes of a chunk are kept; P's last slot is scratch for the input gradient */
+    enum { CHUNK = 8 };
+    int64_t chunk = plane ? CHUNK : 1;
+    size_t floats = (size_t)(2 * padded + chunk * O * g.HWo + O * g.R * vw + O * vw + (chunk + 1) * scratch);
     float *buf = (float *)calloc(floats, sizeof(float));
     if (!buf) return 1;
-    float *xp = buf, *gxp = xp + padded, *G = gxp + padded, *wpart = G + O * g.HWo, *bpart = wpart + O * g.R * vw;
-    float *P = bpart + O * vw;
+    float *xp = buf, *gxp = xp + padded, *G = gxp + padded, *wpart = G + chunk * O * g.HWo, *bpart = wpart + O * g.R * vw;
+    float *P = bpart + O * vw, *P_scratch = P + chunk * scratch;
+    const float *Gs[CHUNK];
     /* input gradient as a forward convolution (needs K - 1 - pad >= 0): transposed, flipped weights wt
      * [C, O/groups, K, K], the padded output gradient gpad and the forward kernel's scratch */
     int64_t q = K - 1 - pad;
@@ -450,10 +470,12 @@ int conv2d_backward(const float *restrict x, const float *restrict w, const floa
     for (int64_t n = 0; n < N; n++) {
         const float *gyn = gy + n * O * g.HWo;
         const float *Gn = gyn;
+        int64_t slot = n % chunk;
         if (y) {
             const float *yn = y + n * O * g.HWo;
-            for (int64_t q = 0; q < O * g.HWo; q++) G[q] = yn[q] <= 0.0f ? 0.0f : gyn[q];
-            Gn = G;
+            float *Gd = G + slot * O * g.HWo;
+            for (int64_t q = 0; q < O * g.HWo; q++) Gd[q] = yn[q] <= 0.0f ? 0.0f : gyn[q];
+            Gn = Gd;
         }
         if (gw || gb) {
             if (gw) pad_image(x + n * C * H * W, xp, &g);
@@ -463,8 +485,9 @@ int conv2d_backward(const float *restrict x, const float *restrict w, const floa
                 if (K == 3) grad_weight_rows8x2_3(P, Gn, wp, bp, &g);
                 else grad_weight_rows8x2_1(P, Gn, wp, bp, &g);
             } else if (plane) {
-                if (gw) im2col_plane16(xp, P, &g);
-                grad_weight_plane16(P, Gn, wp, bp, &g);
+                if (gw) im2col_plane16(xp, P + slot * scratch, &g);
+                Gs[slot] = Gn;
+                if (slot == chunk - 1 || n == N - 1) grad_weight_plane16_chunk(P, scratch, Gs, slot + 1, wp, bp, &g);
             } else if (K == 3) {
                 if (vw == 8) grad_weight8_3(xp, Gn, wp, bp, &g);
                 else if (vw == 4) grad_weight4_3(xp, Gn, wp, bp, &g);
@@ -482,7 +505,7 @@ int conv2d_backward(const float *restrict x, const float *restrict w, const floa
             forward_padded(gpad, gscratch, wt, NULL, gx + n * C * H * W, &gt, 0);
         } else if (gx) {
             if (plane) {
-                grad_input_plane16(w, Gn, P, gxp, &g);
+                grad_input_plane16(w, Gn, P_scratch, gxp, &g);
             } else if (K == 3) {
                 if (vw == 8) grad_input8_3(w, Gn, gxp, &g);
                 else if (vw == 4) grad_input4_3(w, Gn, gxp, &g);
