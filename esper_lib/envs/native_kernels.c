@@ -207,26 +207,40 @@ static void forward_plane16(const float *restrict P, const float *restrict w, co
  * registers across the images of a chunk instead of being stored after each one. */
 static void grad_weight_plane16_chunk(const float *restrict P, int64_t stride, const float *const *Gs, int64_t nc,
                                       float *restrict wpart, float *restrict bpart, const geom_t *g) {
-    enum { RB = 8 }; /* partial sums held in registers at a time */
-    for (int64_t o = 0; o < g->O; o++) {
-        if (bpart) {
+    enum { RB = 8 }; /* partial sums per output channel held in registers at a time */
+    if (bpart)
+        for (int64_t o = 0; o < g->O; o++) {
             v16 acc = load16(bpart + o * 16);
             for (int64_t j = 0; j < nc; j++) acc += load16(Gs[j] + o * 16);
             store16(bpart + o * 16, acc);
         }
-        if (!wpart) continue;
+    if (!wpart) return;
+    for (int64_t o = 0; o < g->O; o++) {
         const float *Pg = P + (o / g->og) * g->R * 16;
-        float *part = wpart + o * g->R * 16;
+        /* two output channels of one group at once: each unfolded row is loaded once for both */
+        int two = o + 1 < g->O && (o + 1) / g->og == o / g->og;
+        float *part0 = wpart + o * g->R * 16, *part1 = part0 + g->R * 16;
         for (int64_t r0 = 0; r0 < g->R; r0 += RB) {
             int64_t nr = g->R - r0 < RB ? g->R - r0 : RB;
-            v16 acc[RB];
-            for (int64_t k = 0; k < nr; k++) acc[k] = load16(part + (r0 + k) * 16);
-            for (int64_t j = 0; j < nc; j++) {
-                v16 gv = load16(Gs[j] + o * 16);
-                for (int64_t k = 0; k < nr; k++) acc[k] += gv * load16(Pg + j * stride + (r0 + k) * 16);
+            v16 acc0[RB], acc1[RB];
+            for (int64_t k = 0; k < nr; k++) {
+                acc0[k] = load16(part0 + (r0 + k) * 16);
+                acc1[k] = two ? load16(part1 + (r0 + k) * 16) : (v16){0};
             }
-            for (int64_t k = 0; k < nr; k++) store16(part + (r0 + k) * 16, acc[k]);
+            for (int64_t j = 0; j < nc; j++) {
+                v16 gv0 = load16(Gs[j] + o * 16), gv1 = two ? load16(Gs[j] + (o + 1) * 16) : (v16){0};
+                for (int64_t k = 0; k < nr; k++) {
+                    v16 pv = load16(Pg + j * stride + (r0 + k) * 16);
+                    acc0[k] += gv0 * pv;
+                    acc1[k] += gv1 * pv;
+                }
+            }
+            for (int64_t k = 0; k < nr; k++) {
+                store16(part0 + (r0 + k) * 16, acc0[k]);
+                if (two) store16(part1 + (r0 + k) * 16, acc1[k]);
+            }
         }
+        o += two;
     }
 }
 
