@@ -278,72 +278,56 @@ static void shift_rows8(const float *restrict xp, float *restrict S, const geom_
                 store8(S + ((c * g->K + kx) * g->Hp + r) * 8, load8(xp + (c * g->Hp + r) * g->Wp + kx));
 }
 
-#define DEFINE_ROWS8X2_BLOCK(MBK)                                                                                   \
-    static inline void rows8x2_block_##MBK(const float *restrict Sg, const float *restrict w, const float *restrict b, \
-                                           float *restrict yn, const geom_t *g, int64_t o0, int64_t i, int relu) {    \
-        v16 acc[MBK];                                                                                               \
-        for (int m = 0; m < MBK; m++) acc[m] = (v16){0} + (b ? b[o0 + m] : 0.0f);                                   \
-        for (int64_t c = 0; c < g->cg; c++)                                                                         \
-            for (int64_t ky = 0; ky < g->K; ky++) {                                                                 \
-                const float *wr = w + o0 * g->R + (c * g->K + ky) * g->K;                                           \
-                for (int64_t kx = 0; kx < g->K; kx++) {                                                             \
-                    v16 xv = load16(Sg + ((c * g->K + kx) * g->Hp + i + ky) * 8);                                   \
-                    for (int m = 0; m < MBK; m++) acc[m] += wr[m * g->R + kx] * xv;                                 \
-                }                                                                                                   \
-            }                                                                                                       \
-        for (int m = 0; m < MBK; m++) {                                                                             \
-            store16(yn + (o0 + m) * g->HWo + i * 8, relu ? relu16(acc[m]) : acc[m]);                                \
-        }                                                                                                           \
-    }
-DEFINE_ROWS8X2_BLOCK(8)
-DEFINE_ROWS8X2_BLOCK(4)
-DEFINE_ROWS8X2_BLOCK(1)
-
-/* The same for two row pairs (i, i + 2) at once: each weight is loaded once for twice the multiply-adds. */
-#define DEFINE_ROWS8X4_BLOCK(MBK)                                                                                   \
-    static inline void rows8x4_block_##MBK(const float *restrict Sg, const float *restrict w, const float *restrict b, \
-                                           float *restrict yn, const geom_t *g, int64_t o0, int64_t i, int relu) {    \
-        v16 acc[MBK][2];                                                                                            \
-        for (int m = 0; m < MBK; m++) acc[m][0] = acc[m][1] = (v16){0} + (b ? b[o0 + m] : 0.0f);                    \
+/* MBK output channels x RP row pairs (rows i, i + 2, ... of 8 outputs x 2 rows each) per call: each
+ * weight is loaded once for RP vectors and each shifted input row once for MBK channels. */
+#define DEFINE_ROWS8_BLOCK(MBK, RP)                                                                                 \
+    static inline void rows8_block_##MBK##x##RP(const float *restrict Sg, const float *restrict w,                  \
+                                                const float *restrict b, float *restrict yn, const geom_t *g,       \
+                                                int64_t o0, int64_t i, int relu) {                                  \
+        v16 acc[MBK][RP];                                                                                           \
+        for (int m = 0; m < MBK; m++)                                                                               \
+            for (int r = 0; r < RP; r++) acc[m][r] = (v16){0} + (b ? b[o0 + m] : 0.0f);                             \
         for (int64_t c = 0; c < g->cg; c++)                                                                         \
             for (int64_t ky = 0; ky < g->K; ky++) {                                                                 \
                 const float *wr = w + o0 * g->R + (c * g->K + ky) * g->K;                                           \
                 for (int64_t kx = 0; kx < g->K; kx++) {                                                             \
                     const float *row = Sg + ((c * g->K + kx) * g->Hp + i + ky) * 8;                                 \
-                    v16 x0 = load16(row), x1 = load16(row + 16);                                                    \
+                    v16 xv[RP];                                                                                     \
+                    for (int r = 0; r < RP; r++) xv[r] = load16(row + 16 * r);                                      \
                     for (int m = 0; m < MBK; m++) {                                                                 \
                         float wm = wr[m * g->R + kx];                                                               \
-                        acc[m][0] += wm * x0;                                                                       \
-                        acc[m][1] += wm * x1;                                                                       \
+                        for (int r = 0; r < RP; r++) acc[m][r] += wm * xv[r];                                       \
                     }                                                                                               \
                 }                                                                                                   \
             }                                                                                                       \
-        for (int m = 0; m < MBK; m++) {                                                                             \
-            store16(yn + (o0 + m) * g->HWo + i * 8, relu ? relu16(acc[m][0]) : acc[m][0]);                          \
-            store16(yn + (o0 + m) * g->HWo + (i + 2) * 8, relu ? relu16(acc[m][1]) : acc[m][1]);                    \
-        }                                                                                                           \
+        for (int m = 0; m < MBK; m++)                                                                               \
+            for (int r = 0; r < RP; r++)                                                                            \
+                store16(yn + (o0 + m) * g->HWo + (i + 2 * r) * 8, relu ? relu16(acc[m][r]) : acc[m][r]);           \
     }
-DEFINE_ROWS8X4_BLOCK(8)
-DEFINE_ROWS8X4_BLOCK(4)
-DEFINE_ROWS8X4_BLOCK(1)
+DEFINE_ROWS8_BLOCK(8, 2)
+DEFINE_ROWS8_BLOCK(8, 1)
+DEFINE_ROWS8_BLOCK(4, 4)
+DEFINE_ROWS8_BLOCK(4, 1)
+DEFINE_ROWS8_BLOCK(1, 4)
+DEFINE_ROWS8_BLOCK(1, 1)
 
+/* Blocks of 8 output channels take 2 row pairs at a time, smaller blocks 4 (16 accumulators either way). */
 static void forward_rows8x2(const float *restrict S, const float *restrict w, const float *restrict b, float *restrict yn,
                             const geom_t *g, int relu) {
     for (int64_t gi = 0; gi < g->groups; gi++) {
         const float *Sg = S + gi * g->cg * g->K * g->Hp * 8;
-        int64_t o1 = (gi + 1) * g->og;
-        int64_t i = 0;
-        for (; i + 4 <= g->Ho; i += 4) {
-            int64_t o = gi * g->og;
-            for (; o + 8 <= o1; o += 8) rows8x4_block_8(Sg, w, b, yn, g, o, i, relu);
-            for (; o + 4 <= o1; o += 4) rows8x4_block_4(Sg, w, b, yn, g, o, i, relu);
-            for (; o < o1; o++) rows8x4_block_1(Sg, w, b, yn, g, o, i, relu);
+        int64_t o = gi * g->og, o1 = (gi + 1) * g->og, i;
+        for (; o + 8 <= o1; o += 8) {
+            for (i = 0; i + 4 <= g->Ho; i += 4) rows8_block_8x2(Sg, w, b, yn, g, o, i, relu);
+            for (; i < g->Ho; i += 2) rows8_block_8x1(Sg, w, b, yn, g, o, i, relu);
         }
-        for (; i < g->Ho; i += 2) {
-            int64_t o = gi * g->og;
-            for (; o + 8 <= o1; o += 8) rows8x2_block_8(Sg, w, b, yn, g, o, i, relu);
-            for (; o + 4 <= o1; o += 4) rows8x2_block_4(Sg, w, b, yn, g, o, i, relu);
-            for (; o < o1; o++) rows8x2_block_1(Sg, w, b, yn, g, o, i, relu);
+        for (; o + 4 <= o1; o += 4) {
+            for (i = 0; i + 8 <= g->Ho; i += 8) rows8_block_4x4(Sg, w, b, yn, g, o, i, relu);
+            for (; i < g->Ho; i += 2) rows8_block_4x1(Sg, w, b, yn, g, o, i, relu);
+        }
+        for (; o < o1; o++) {
+            for (i = 0; i + 8 <= g->Ho; i += 8) rows8_block_1x4(Sg, w, b, yn, g, o, i, relu);
+            for (; i < g->Ho; i += 2) rows8_block_1x1(Sg, w, b, yn, g, o, i, relu);
         }
     }
 }
