@@ -202,12 +202,41 @@ static void forward_plane16(const float *restrict P, const float *restrict w, co
     }
 }
 
+/* NR (compile-time) rows r0.. of the partial sums of output channel o, and of o + 1 when TWO (then each
+ * unfolded row is loaded once for both), over the nc images of a chunk: the sums stay in registers. */
+#define DEFINE_PLANE_GW_BLOCK(NR, TWO)                                                                              \
+    static inline void plane_gw_block_##NR##_##TWO(const float *restrict Pg, int64_t stride,                        \
+                                                   const float *const *Gs, int64_t nc, int64_t o,                   \
+                                                   float *restrict part0, float *restrict part1, int64_t r0) {      \
+        v16 acc0[NR], acc1[NR];                                                                                     \
+        for (int k = 0; k < NR; k++) {                                                                              \
+            acc0[k] = load16(part0 + (r0 + k) * 16);                                                                \
+            acc1[k] = TWO ? load16(part1 + (r0 + k) * 16) : (v16){0};                                               \
+        }                                                                                                           \
+        for (int64_t j = 0; j < nc; j++) {                                                                          \
+            v16 gv0 = load16(Gs[j] + o * 16), gv1 = TWO ? load16(Gs[j] + (o + 1) * 16) : (v16){0};                  \
+            const float *pj = Pg + j * stride + r0 * 16;                                                            \
+            for (int k = 0; k < NR; k++) {                                                                          \
+                v16 pv = load16(pj + k * 16);                                                                       \
+                acc0[k] += gv0 * pv;                                                                                \
+                if (TWO) acc1[k] += gv1 * pv;                                                                       \
+            }                                                                                                       \
+        }                                                                                                           \
+        for (int k = 0; k < NR; k++) {                                                                              \
+            store16(part0 + (r0 + k) * 16, acc0[k]);                                                                \
+            if (TWO) store16(part1 + (r0 + k) * 16, acc1[k]);                                                       \
+        }                                                                                                           \
+    }
+DEFINE_PLANE_GW_BLOCK(8, 1)
+DEFINE_PLANE_GW_BLOCK(8, 0)
+DEFINE_PLANE_GW_BLOCK(1, 1)
+DEFINE_PLANE_GW_BLOCK(1, 0)
+
 /* Weight and bias gradients of nc images (unfolded planes P, `stride` floats apart; output gradients Gs[j]),
  * added to 16-lane partial sums (lane = output position), image after image: the partial sums stay in
  * registers across the images of a chunk instead of being stored after each one. */
 static void grad_weight_plane16_chunk(const float *restrict P, int64_t stride, const float *const *Gs, int64_t nc,
                                       float *restrict wpart, float *restrict bpart, const geom_t *g) {
-    enum { RB = 8 }; /* partial sums per output channel held in registers at a time */
     if (bpart)
         for (int64_t o = 0; o < g->O; o++) {
             v16 acc = load16(bpart + o * 16);
@@ -217,28 +246,16 @@ static void grad_weight_plane16_chunk(const float *restrict P, int64_t stride, c
     if (!wpart) return;
     for (int64_t o = 0; o < g->O; o++) {
         const float *Pg = P + (o / g->og) * g->R * 16;
-        /* two output channels of one group at once: each unfolded row is loaded once for both */
-        int two = o + 1 < g->O && (o + 1) / g->og == o / g->og;
+        int two = o + 1 < g->O && (o + 1) / g->og == o / g->og; /* o + 1 in the same group */
         float *part0 = wpart + o * g->R * 16, *part1 = part0 + g->R * 16;
-        for (int64_t r0 = 0; r0 < g->R; r0 += RB) {
-            int64_t nr = g->R - r0 < RB ? g->R - r0 : RB;
-            v16 acc0[RB], acc1[RB];
-            for (int64_t k = 0; k < nr; k++) {
-                acc0[k] = load16(part0 + (r0 + k) * 16);
-                acc1[k] = two ? load16(part1 + (r0 + k) * 16) : (v16){0};
-            }
-            for (int64_t j = 0; j < nc; j++) {
-                v16 gv0 = load16(Gs[j] + o * 16), gv1 = two ? load16(Gs[j] + (o + 1) * 16) : (v16){0};
-                for (int64_t k = 0; k < nr; k++) {
-                    v16 pv = load16(Pg + j * stride + (r0 + k) * 16);
-                    acc0[k] += gv0 * pv;
-                    acc1[k] += gv1 * pv;
-                }
-            }
-            for (int64_t k = 0; k < nr; k++) {
-                store16(part0 + (r0 + k) * 16, acc0[k]);
-                if (two) store16(part1 + (r0 + k) * 16, acc1[k]);
-            }
+        int64_t r0 = 0;
+        for (; r0 + 8 <= g->R; r0 += 8) {
+            if (two) plane_gw_block_8_1(Pg, stride, Gs, nc, o, part0, part1, r0);
+            else plane_gw_block_8_0(Pg, stride, Gs, nc, o, part0, part1, r0);
+        }
+        for (; r0 < g->R; r0++) {
+            if (two) plane_gw_block_1_1(Pg, stride, Gs, nc, o, part0, part1, r0);
+            else plane_gw_block_1_0(Pg, stride, Gs, nc, o, part0, part1, r0);
         }
         o += two;
     }
