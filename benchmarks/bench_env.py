@@ -1,7 +1,7 @@
 """Throughput of the morphogenetic env on this machine's CPU (one env step = one host epoch).
 
     python benchmarks/bench_env.py [--steps N] [--num-envs K] [--controller random|wait|schedule|grown|both|all] [--no-vector]
-                                   [--native off|on|both]
+                                   [--native off|on|both] [--env-threads T]
 
 Times ``--steps`` steps (after one warm-up step, resets excluded) of a single ``MorphoEnv`` at the
 env's defaults, of a ``SyncVectorEnv`` and of an ``AsyncVectorEnv`` of ``--num-envs`` copies, and
@@ -11,8 +11,8 @@ includes seeds and counterfactuals); ``wait`` trains the bare host; ``schedule``
 schedule of ``docs/figures/headroom_best_schedule.json`` (seeds blended and fossilized, a NORM seed in
 every slot until the family spanned the styles, now one CONV_HEAVY seed: the cost of a policy that grows);
 ``grown`` plays what notebook 04's trained policies grow (a NORM seed in every slot, ``GROWN_SCHEDULE``);
-``both`` = wait and random, ``all`` = the four. Each env runs torch with one
-thread. For the single env it also prints where a step's time goes: host training (the epoch of
+``both`` = wait and random, ``all`` = the four. Each env runs torch with ``--env-threads`` threads
+(default 1, the env's default). For the single env it also prints where a step's time goes: host training (the epoch of
 minibatch Adam), validation (the forward pass on the validation split) and counterfactuals (the
 ablated passes), measured by timing the env's own methods, so the same script measures older
 versions of the env too (run it with another ``PYTHONPATH`` to compare, interleaved).
@@ -155,9 +155,10 @@ def main() -> None:
     parser.add_argument("--controller", choices=("random", "wait", "schedule", "grown", "both", "all"), default="both")
     parser.add_argument("--no-vector", action="store_true", help="only the single env")
     parser.add_argument("--native", choices=("off", "on", "both"), default=None, help="kernel path (default: ESPER_NATIVE)")
+    parser.add_argument("--env-threads", type=int, default=1, help="torch threads inside each env's steps (MorphoEnv num_threads)")
     args = parser.parse_args()
-    if args.steps < 1 or args.num_envs < 1:
-        parser.error("--steps and --num-envs must be >= 1")
+    if args.steps < 1 or args.num_envs < 1 or args.env_threads < 1:
+        parser.error("--steps, --num-envs and --env-threads must be >= 1")
     modes = {"off": (False,), "on": (True,), "both": (False, True), None: (native is not None and native.enabled(),)}[args.native]
     if True in modes and (native is None or not native.available()):
         if args.native == "on":
@@ -165,13 +166,13 @@ def main() -> None:
         print("note: the C kernels could not be built here (see the warning above): timing the torch path only")
         modes = (False,)
 
-    env_fn = functools.partial(make_morpho_env)  # the env's defaults
+    env_fn = functools.partial(make_morpho_env, num_threads=args.env_threads)  # the env's defaults otherwise
     probe = env_fn()
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"MorphoEnv defaults (host {probe.host_channels}, max_epochs={probe.max_epochs}, "
         f"train_size={probe.train_size}, val_size={probe.val_size}, batch_size={probe.batch_size}), "
-        f"{args.steps} timed steps"
+        f"{args.steps} timed steps, {args.env_threads} torch thread(s) per env"
     )
     kinds = {"both": ("wait", "random"), "all": ("wait", "random", "schedule", "grown")}.get(args.controller, (args.controller,))
     print(

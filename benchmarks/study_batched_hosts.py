@@ -17,8 +17,9 @@ Not the env's code path: a measurement to size the next step, not a result.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +28,10 @@ from esper_lib.envs import native
 from esper_lib.envs.fused_adam import FusedAdam
 from esper_lib.envs.host import HostCNN
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (tests)
+from bench_native_kernels import best_us  # noqa: E402
+
 N = 64  # minibatch
-
-
-def best_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
-    """Best mean time per call over ``repeats`` runs of ``calls`` calls (after a warm-up), in microseconds."""
-    for _ in range(min(calls, 20)):
-        fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        runs.append((time.perf_counter() - start) / calls * 1e6)
-    return min(runs)
 
 
 def minibatch_steps(hosts: int) -> tuple[Callable[[], None], Callable[[], None]]:

@@ -38,6 +38,19 @@ def test_kind_all_times_the_four_controllers(monkeypatch, capsys):
     assert timed == ["wait", "random", "schedule", "grown"] and "schedule   MorphoEnv x1" in capsys.readouterr().out
 
 
+def test_env_threads_reach_the_env_and_the_header(monkeypatch, capsys):
+    bench = load_script("bench_env", folder="benchmarks")
+    made = []
+    monkeypatch.setattr(bench, "make_morpho_env", lambda **kw: made.append(kw) or MorphoEnv(**kw))
+    monkeypatch.setattr("sys.argv", ["bench_env.py", "--steps", "1", "--controller", "wait", "--no-vector", "--env-threads", "2"])
+    bench.main()
+    assert made and all(kw["num_threads"] == 2 for kw in made)
+    assert "2 torch thread(s) per env" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["bench_env.py", "--env-threads", "0"])
+    with pytest.raises(SystemExit):
+        bench.main()
+
+
 def test_grown_controllers_grow_a_norm_seed_in_every_slot():
     bench = load_script("bench_env", folder="benchmarks")
     (ctrl,) = bench._controllers("grown", 1)

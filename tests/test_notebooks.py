@@ -135,6 +135,22 @@ def test_notebook_04_names_a_bad_learning_parameter(tmp_path: Path, name: str, v
 
 
 @pytest.mark.notebook
+def test_notebook_04_names_a_native_kernels_value_that_is_not_a_bool(tmp_path: Path) -> None:
+    """The runner refuses it before any cell runs; papermill called directly meets the notebook's own check."""
+    import papermill
+
+    from esper_lib.notebooks.runner import REPO_ROOT, default_kernel, notebook_path
+
+    with pytest.raises(ValueError, match=r"parameter 'native_kernels' of notebook '04_short_training' must be bool"):
+        run_notebook("04_short_training", parameters={"native_kernels": "yes"}, quick=True, out_root=tmp_path)
+    with pytest.raises(papermill.PapermillExecutionError, match="parameter native_kernels must be True or False"):
+        papermill.execute_notebook(
+            str(notebook_path("04_short_training")), str(tmp_path / "out.ipynb"), parameters={"native_kernels": "yes"},
+            kernel_name=default_kernel(), cwd=str(REPO_ROOT), progress_bar=False,
+        )
+
+
+@pytest.mark.notebook
 def test_notebook_04_trains_with_the_gae_lambda_it_is_given(tmp_path: Path) -> None:
     from esper_lib.ppo import load_trained
 

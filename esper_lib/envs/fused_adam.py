@@ -126,7 +126,7 @@ class FusedAdam:
         params = [self.params[i] for i in idx]
         if not all(p.grad.dtype == torch.float32 and p.grad.is_contiguous() for p in params):
             return None
-        return native._clip_adam(
+        return native.clip_adam_(
             params, [self._exp_avgs[i] for i in idx], [self._exp_avg_sqs[i] for i in idx], [self._steps[i] for i in idx],
-            self.lr, self.betas, self.eps, max_norm,
+            self.lr, self.betas, self.eps, max_norm, check=False,
         )

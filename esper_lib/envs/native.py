@@ -382,40 +382,30 @@ def clip_adam_(
     betas: tuple[float, float],
     eps: float,
     max_norm: float,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """Clip the gradients of ``params`` to global norm ``max_norm``, then one Adam step, in one call; returns the
     norm before clipping (0-dim float32). The state lists are ``FusedAdam``'s (moments, 0-dim step counts).
 
     Every parameter must have a gradient; all tensors contiguous float32 CPU, each state entry shaped like its
-    parameter. The same updates as ``clip_grad_norm_`` then ``torch.optim.Adam`` up to float rounding.
+    parameter (anything else raises ValueError; ``check=False`` skips these checks, for ``FusedAdam``, which keeps
+    its state valid and checks the gradients itself). The same updates as ``clip_grad_norm_`` then
+    ``torch.optim.Adam`` up to float rounding.
     """
-    if not (len(params) == len(exp_avgs) == len(exp_avg_sqs) == len(steps)):
-        raise ValueError("params, exp_avgs, exp_avg_sqs and steps must have one entry per parameter")
-    grads = [p.grad for p in params]
-    for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        if g is None:
-            raise ValueError("clip_adam_: every parameter needs a gradient (skip those without one)")
-        for name, a in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
-            _check(name, a)
-            if a.shape != p.shape:
-                raise ValueError(f"{name} has shape {tuple(a.shape)}, its parameter {tuple(p.shape)}")
-        _check("step", t, 0)
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-    return _clip_adam(params, exp_avgs, exp_avg_sqs, steps, lr, betas, eps, max_norm)
-
-
-def _clip_adam(
-    params: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    max_norm: float,
-) -> torch.Tensor:
-    """``clip_adam_`` for checked inputs (``FusedAdam`` keeps its state valid and checks the gradients)."""
+    if check:
+        if not (len(params) == len(exp_avgs) == len(exp_avg_sqs) == len(steps)):
+            raise ValueError("params, exp_avgs, exp_avg_sqs and steps must have one entry per parameter")
+        for p, m, v, t in zip(params, exp_avgs, exp_avg_sqs, steps):
+            if p.grad is None:
+                raise ValueError("clip_adam_: every parameter needs a gradient (skip those without one)")
+            for name, a in (("param", p), ("grad", p.grad), ("exp_avg", m), ("exp_avg_sq", v)):
+                _check(name, a)
+                if a.shape != p.shape:
+                    raise ValueError(f"{name} has shape {tuple(a.shape)}, its parameter {tuple(p.shape)}")
+            _check("step", t, 0)
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
     norm = torch.empty((), dtype=torch.float32)
     sizes = (ctypes.c_int64 * len(params))(*[p.numel() for p in params])
     _lib().clip_adam(
