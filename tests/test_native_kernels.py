@@ -486,3 +486,131 @@ def test_grad_norm_is_the_global_euclidean_norm():
     torch.testing.assert_close(native.grad_norm(grads), torch.cat([g.flatten() for g in grads]).norm(), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="at least one"):
         native.grad_norm([])
+
+
+def _host_epoch_reference(host: HostCNN, opt, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """The minibatch loop of ``MorphoEnv._train_epoch`` for a plain host, with the kernels on."""
+    losses, norms, logits = [], [], []
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        loss, lg = host.train_loss(xb, yb)
+        for p in opt.params:
+            p.grad = None
+        loss.backward()
+        norms.append(opt.native_clip_and_step(5.0))
+        losses.append(loss.detach())
+        logits.append(lg)
+    return torch.stack(losses), torch.stack(norms), torch.cat(logits)
+
+
+@pytest.mark.parametrize(
+    "channels, pool_after, n, batch_size",
+    [
+        ((4, 8, 8), (1,), 200, 64),  # the env's host; a last minibatch of 8
+        ((16, 32, 32), (1,), 128, 64),  # HostCNN's defaults
+        ((3, 5), (0,), 37, 16),  # two blocks, the pool after the first, odd sizes
+        ((4, 6, 6, 5), (0, 1), 50, 50),  # two pools (8x8 -> 4x4 -> 2x2), one minibatch
+    ],
+)
+def test_host_epoch_equals_the_minibatch_loop_bit_for_bit(native_on, channels, pool_after, n, batch_size):
+    from esper_lib.envs.fused_adam import FusedAdam
+
+    torch.manual_seed(0)
+    host_a = HostCNN(channels, pool_after)
+    host_b = HostCNN(channels, pool_after)
+    host_b.load_state_dict(host_a.state_dict())
+    opt_a, opt_b = FusedAdam(host_a.host_parameters(), 5e-3), FusedAdam(host_b.host_parameters(), 5e-3)
+    blocks = host_a.plain_blocks()
+    assert blocks == [(1, i in pool_after) for i in range(len(channels))]
+    for epoch in range(3):
+        x = torch.randn(n, 1, 8, 8) * (1 + 10 * (epoch == 1))  # epoch 1: gradients above the clip norm
+        y = torch.randint(0, 10, (n,))
+        ref = _host_epoch_reference(host_a, opt_a, x, y, batch_size)
+        out = opt_b.native_host_epoch(x, y, batch_size, blocks, 5.0)
+        for r, o in zip(ref, out):
+            assert torch.equal(r, o)
+        for pa, pb in zip(opt_a.params, opt_b.params):
+            assert torch.equal(pa.detach(), pb.detach()) and torch.equal(pa.grad, pb.grad)
+            sa, sb = opt_a.state_of(pa), opt_b.state_of(pb)
+            assert all(torch.equal(u, v) for u, v in zip(sa, sb))
+    assert float(opt_b.state_of(opt_b.params[0])[2]) == 3 * -(-n // batch_size)
+
+
+def test_host_epoch_refuses_bad_input_before_any_update(native_on):
+    from esper_lib.envs.fused_adam import FusedAdam
+
+    host = HostCNN((4, 8, 8))
+    opt = FusedAdam(host.host_parameters(), 5e-3)
+    blocks = host.plain_blocks()
+    before = [p.detach().clone() for p in opt.params]
+    x, y = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 10\)"):
+        opt.native_host_epoch(x, torch.cat([y[:-1], torch.tensor([10])]), 8, blocks, 5.0)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(opt.params, before))  # the bad label is in the last minibatch
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        opt.native_host_epoch(x, y, 0, blocks, 5.0)
+    with pytest.raises(ValueError, match="y must be a contiguous int64"):
+        opt.native_host_epoch(x, y.int(), 8, blocks, 5.0)
+    with pytest.raises(ValueError, match="x must be a 4-d contiguous float32"):
+        opt.native_host_epoch(x.double(), y, 8, blocks, 5.0)
+    with pytest.raises(ValueError, match="2 tensors per block"):
+        opt.native_host_epoch(x, y, 8, blocks[:2], 5.0)
+    with pytest.raises(ValueError, match=r"block 0: weight \(4, 1, 3, 3\) must be \[O, 3, K, K\]"):
+        native.host_epoch(torch.randn(4, 3, 8, 8), y[:4], 2, opt.params, blocks, opt._exp_avgs, opt._exp_avg_sqs, opt._steps,
+                          5e-3, (0.9, 0.999), 1e-8, 5.0)
+    with pytest.raises(ValueError, match="odd map"):
+        opt.native_host_epoch(torch.randn(4, 1, 5, 5), y[:4], 2, blocks, 5.0)  # block 1 pools a 5x5 map
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        opt.native_host_epoch(x, y, 8, blocks, 0.0)
+    native.enable(False)
+    assert opt.native_host_epoch(x, y, 8, blocks, 5.0) is None
+
+
+def test_plain_blocks_only_while_every_slot_passes_through():
+    from esper_lib.constants import AlphaCurveAction, BlueprintAction, GerminationStyle, TempoAction
+    from esper_lib.envs.blueprints import ChannelGate, NormSeed
+
+    host = HostCNN((4, 8, 8))
+    assert host.plain_blocks() == [(1, False), (1, True), (1, False)]
+    assert HostCNN((4, 8), pool_after=()).plain_blocks() == [(1, False), (1, False)]
+    slot = host.slots[1]
+    slot.germinate(NormSeed(8), ChannelGate(8), BlueprintAction.NORM, GerminationStyle.LINEAR_ADD, TempoAction.STANDARD, 1.0)
+    assert slot.passes_through and host.plain_blocks() is not None  # GERMINATED: not yet trained, not in the stream
+    slot.advance(3)
+    assert not slot.passes_through and host.plain_blocks() is None  # TRAINING: the seed learns on the host's loss
+    slot.advance(3)
+    assert slot.alpha == 0.0 and slot.passes_through  # BLENDING, before the ramp's first epoch
+    slot.begin_epoch()
+    assert slot.in_stream and not slot.passes_through and host.plain_blocks() is None
+    slot.prune(0, AlphaCurveAction.LINEAR)
+    assert slot.passes_through and host.plain_blocks() is not None
+    host.head = nn.Linear(8, 10, bias=False)
+    assert host.plain_blocks() is None
+    other = HostCNN((4, 8, 8))
+    other.blocks[2][0] = SmallConv2d(8, 8, 3, padding=1, groups=2)
+    assert other.plain_blocks() is None
+
+
+def test_env_trains_a_plain_host_in_one_call_with_the_results_of_the_minibatch_loop(native_on, monkeypatch):
+    from esper_lib.evaluation.baselines import RandomMaskedController
+
+    def episode() -> list:
+        env = MorphoEnv(max_epochs=10, train_size=150, val_size=64)
+        ctrl = RandomMaskedController(seed=4, wait_prob=0.3)
+        obs, _ = env.reset(seed=11)
+        out, done = [], False
+        while not done:
+            obs, reward, term, trunc, info = env.step(ctrl.act(obs))
+            done = term or trunc
+            out += [repr(obs), reward, info["val_accuracy"], *[p.detach().clone() for p in env.host.parameters()]]
+        return out
+
+    plain_epochs = []
+    original = MorphoEnv._plain_epoch
+    monkeypatch.setattr(MorphoEnv, "_plain_epoch", lambda self, x, y: plain_epochs.append(original(self, x, y)) or plain_epochs[-1])
+    fused = episode()
+    monkeypatch.setattr(MorphoEnv, "_plain_epoch", lambda self, x, y: False)
+    loop = episode()
+    assert True in plain_epochs and len(plain_epochs) < 10  # some epochs plain, some with a seed learning or fossilized
+    assert len(fused) == len(loop)
+    for a, b in zip(fused, loop):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b

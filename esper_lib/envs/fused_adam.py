@@ -12,7 +12,8 @@ As in ``torch.optim.Adam``, a parameter whose ``.grad`` is None is skipped (its 
 count stay as they are), and a parameter that has never had a gradient starts from zero moments
 and step 0. ``adopt`` moves parameters and their state from another ``FusedAdam`` (a fossilized
 seed joins the host's optimizer with its moments and step counts). ``native_clip_and_step`` clips the
-gradients and steps in one call of the opt-in C kernels (``esper_lib.envs.native``), when they are on.
+gradients and steps in one call of the opt-in C kernels (``esper_lib.envs.native``), when they are on;
+``native_host_epoch`` runs a whole epoch of a plain host's training with them.
 """
 from __future__ import annotations
 
@@ -129,4 +130,17 @@ class FusedAdam:
         return native.clip_adam_(
             params, [self._exp_avgs[i] for i in idx], [self._exp_avg_sqs[i] for i in idx], [self._steps[i] for i in idx],
             self.lr, self.betas, self.eps, max_norm, check=False,
+        )
+
+    def native_host_epoch(
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, blocks: list[tuple[int, bool]], max_norm: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``native.host_epoch`` over this optimizer's parameters (a plain host's ``host_parameters()``, in order;
+        ``blocks`` from ``HostCNN.plain_blocks()``) and its state: ``(losses [nb], norms [nb], logits [N, Kc])``,
+        or None (nothing done) when the kernels are off."""
+        if not native.enabled():
+            return None
+        return native.host_epoch(
+            x, y, batch_size, self.params, blocks, self._exp_avgs, self._exp_avg_sqs, self._steps, self.lr, self.betas,
+            self.eps, max_norm,
         )

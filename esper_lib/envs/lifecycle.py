@@ -209,6 +209,12 @@ class SeedSlot(nn.Module):
     def learning(self) -> bool:
         return self.stage in SEED_LEARNING_STAGES
 
+    @property
+    def passes_through(self) -> bool:
+        """True when ``forward`` returns its input as it is, gradients included (no seed, or one neither in
+        TRAINING nor in the stream)."""
+        return self.seed is None or (self.stage != SeedStage.TRAINING and not self.in_stream)
+
     def seed_parameters(self) -> list[nn.Parameter]:
         """Parameters the seed uses (its body, plus its gate under GATED_GATE)."""
         if self.seed is None:

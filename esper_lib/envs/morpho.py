@@ -508,8 +508,10 @@ class MorphoEnv(gym.Env):
         losses: list[torch.Tensor] = []
         logits_all: list[torch.Tensor] = []
         perm = torch.cat(self._batches())
-        xs = data.x_train[perm].split(self.batch_size)
-        ys = data.y_train[perm].split(self.batch_size)
+        x_epoch, y_epoch = data.x_train[perm], data.y_train[perm]
+        if not learning and not fossils and self._plain_epoch(x_epoch, y_epoch):
+            return
+        xs, ys = x_epoch.split(self.batch_size), y_epoch.split(self.batch_size)
         for xb, yb in zip(xs, ys):
             loss, logits = host.train_loss(xb, yb)
             _zero_grad(host_params)
@@ -524,7 +526,7 @@ class MorphoEnv(gym.Env):
             losses.append(loss.detach() * len(yb))
             logits_all.append(logits.detach())
         n_seen, nb = len(perm), len(xs)
-        correct = (torch.cat(logits_all).argmax(1) == data.y_train[perm]).sum()
+        correct = (torch.cat(logits_all).argmax(1) == y_epoch).sum()
         self._train_loss = float(torch.stack(losses).sum()) / n_seen
         self._train_acc = float(correct) / n_seen
         self._host_grad_norm = float(torch.stack(host_norms).sum()) / nb
@@ -534,6 +536,29 @@ class MorphoEnv(gym.Env):
                 norm = float(torch.stack(seed_norms[s.index]).sum()) / nb
                 st.prev_grad_health = st.grad_health
                 st.grad_norm, st.grad_health = norm, grad_health(norm)
+
+    def _plain_epoch(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """The epoch in one call of the opt-in C kernels (``FusedAdam.native_host_epoch``) when no seed joins the
+        host's training (``HostCNN.plain_blocks``); True when done. The same results as the minibatch loop of
+        ``_train_epoch`` with the kernels on, bit for bit.
+
+        ``x`` ``[N, 1, 8, 8]``, ``y`` ``[N]``: the epoch's images and labels in minibatch order.
+        """
+        if not native.enabled():
+            return False
+        blocks = self.host.plain_blocks()
+        if blocks is None or [id(p) for p in self._opt.params] != [id(p) for p in self.host.host_parameters()]:
+            return False
+        out = self._opt.native_host_epoch(x, y, self.batch_size, blocks, MAX_GRAD_NORM)
+        if out is None:
+            return False
+        losses, norms, logits = out
+        sizes = torch.tensor([len(t) for t in y.split(self.batch_size)], dtype=torch.float32)
+        n_seen, nb = len(y), len(norms)
+        self._train_loss = float((losses * sizes).sum()) / n_seen
+        self._train_acc = float((logits.argmax(1) == y).sum()) / n_seen
+        self._host_grad_norm = float(norms.sum()) / nb
+        return True
 
     @torch.inference_mode()
     def _evaluate(self) -> tuple[float, float]:

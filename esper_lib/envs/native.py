@@ -22,6 +22,8 @@ Functions (contiguous float32 CPU tensors only; anything else raises ValueError)
   call each;
 - ``clip_adam_``: gradient clipping and an Adam step over a list of parameters in one call;
   ``grad_norm``: the global norm of a list of gradients;
+- ``host_epoch``: a whole epoch of minibatch training (forward, backward, clipping, Adam) of a plain host
+  (convolution blocks and the head, no seed) in one call, the same results as the calls above bit for bit;
 - ``available()``, ``enable()``, ``enabled()``.
 """
 from __future__ import annotations
@@ -148,6 +150,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.clip_adam.restype = None
     lib.grad_norm.argtypes = [_I64, _PTR, _PTR]
     lib.grad_norm.restype = ctypes.c_float
+    lib.host_epoch.argtypes = [_PTR] * 2 + [_I64] * 6 + [_PTR, _I64] + [_PTR] * 5 + [ctypes.c_double] * 5 + [_PTR] * 3
+    lib.host_epoch.restype = ctypes.c_int
     return lib
 
 
@@ -429,3 +433,96 @@ def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """``grad_norm`` for checked inputs."""
     sizes = (ctypes.c_int64 * len(grads))(*[g.numel() for g in grads])
     return torch.tensor(_lib().grad_norm(len(grads), _pointers(grads), sizes), dtype=torch.float32)
+
+
+def host_epoch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    params: list[torch.Tensor],
+    blocks: list[tuple[int, bool]],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    max_norm: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One epoch of minibatch Adam of a plain host in one call: per minibatch of ``batch_size`` consecutive rows
+    (the last may be shorter), each block's convolution + ReLU (+ 2x2 max-pool), the head's mean-pool, linear
+    classifier and cross-entropy, their backward, then ``clip_adam_`` at ``max_norm``.
+
+    Args:
+        x: ``[N, C, H, W]`` images in minibatch order; y: ``[N]`` int64 labels.
+        params: ``[w_0, b_0, ..., w_{L-1}, b_{L-1}, head_w, head_b]``: conv weights ``[O, C, K, K]`` (K 1 or 3,
+            groups 1), their biases ``[O]``, the head's ``[Kc, C_L]`` and ``[Kc]``; updated in place.
+        blocks: per block ``(padding, pool)``.
+        exp_avgs, exp_avg_sqs, steps: the Adam state of each parameter (``FusedAdam``'s), updated in place.
+
+    Returns ``(losses [nb], norms [nb], logits [N, Kc])``: each minibatch's mean loss and gradient norm before
+    clipping, and the logits. Each parameter's ``.grad`` holds the last minibatch's clipped gradient. The same
+    values bit for bit as ``HostCNN.train_loss``, ``backward`` and ``FusedAdam.native_clip_and_step`` per
+    minibatch with the kernels on (``tests/test_native_kernels.py``). Bad input raises ValueError.
+    """
+    n_blocks = len(blocks)
+    if n_blocks < 1 or n_blocks > 16 or len(params) != 2 * n_blocks + 2:
+        raise ValueError(f"params must hold 2 tensors per block and 2 for the head (1-16 blocks), got {len(params)} for {n_blocks} blocks")
+    if not (len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(params)):
+        raise ValueError("params, exp_avgs, exp_avg_sqs and steps must have one entry per parameter")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    _check("x", x, 4)
+    if x.shape[0] < 1:
+        raise ValueError("x must hold at least one image")
+    if y.dtype != torch.int64 or y.device.type != "cpu" or not y.is_contiguous() or y.shape != (x.shape[0],):
+        raise ValueError(f"y must be a contiguous int64 CPU tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+    channels, spec = x.shape[1], []
+    for i, (pad, pool) in enumerate(blocks):
+        w, b = params[2 * i], params[2 * i + 1]
+        _check(f"params[{2 * i}]", w, 4)
+        _check(f"params[{2 * i + 1}]", b, 1)
+        o, c, k, k2 = w.shape
+        if c != channels or k != k2 or k not in (1, 3) or b.shape != (o,) or not isinstance(pad, int) or pad < 0:
+            raise ValueError(
+                f"block {i}: weight {tuple(w.shape)} must be [O, {channels}, K, K] with K 1 or 3, bias [O], padding an int >= 0; "
+                f"got bias {tuple(b.shape)}, padding {pad!r}"
+            )
+        spec += [o, k, pad, int(bool(pool))]
+        channels = o
+    hw, hb = params[-2], params[-1]
+    _check("head weight", hw, 2)
+    _check("head bias", hb, 1)
+    if hw.shape[1] != channels or hb.shape != (hw.shape[0],):
+        raise ValueError(f"head weight {tuple(hw.shape)} must be [Kc, {channels}] and head bias [Kc], got {tuple(hb.shape)}")
+    for i, (p, m, v, t) in enumerate(zip(params, exp_avgs, exp_avg_sqs, steps)):
+        _check(f"exp_avgs[{i}]", m)
+        _check(f"exp_avg_sqs[{i}]", v)
+        _check(f"steps[{i}]", t, 0)
+        if m.shape != p.shape or v.shape != p.shape:
+            raise ValueError(f"the Adam state of params[{i}] must have its shape {tuple(p.shape)}")
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    n = x.shape[0]
+    nb = -(-n // batch_size)
+    grads = [torch.empty_like(p) for p in params]
+    losses = torch.empty(nb, dtype=torch.float32)
+    norms = torch.empty(nb, dtype=torch.float32)
+    logits = torch.empty(n, hw.shape[0], dtype=torch.float32)
+    spec_arr = (ctypes.c_int64 * len(spec))(*spec)
+    rc = _lib().host_epoch(
+        x.data_ptr(), y.data_ptr(), n, batch_size, x.shape[1], x.shape[2], x.shape[3], n_blocks, spec_arr, hw.shape[0],
+        _pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs), _pointers(steps),
+        float(lr), float(betas[0]), float(betas[1]), float(eps), float(max_norm),
+        losses.data_ptr(), norms.data_ptr(), logits.data_ptr(),
+    )
+    if rc == 1:
+        raise MemoryError("host_epoch: out of memory")
+    if rc == 2:
+        raise ValueError(f"host_epoch: a block leaves no output, or a pooled block an odd map (blocks {blocks}, x {tuple(x.shape)})")
+    if rc == 3:
+        raise ValueError(f"y must hold class indices in [0, {hw.shape[0]}), got values in [{int(y.min())}, {int(y.max())}]")
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.grad = g
+    return losses, norms, logits

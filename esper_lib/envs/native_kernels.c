@@ -748,3 +748,105 @@ void clip_adam(int64_t n, float *const *params, float *const *grads, float *cons
         }
     }
 }
+
+/* One epoch of minibatch Adam for a plain host (every slot passes its input through, no seed learns): L blocks
+ * of convolution (bias, zero padding) + ReLU, block l followed by a 2x2 max-pool when spec[4 l + 3], then the
+ * mean-pool, linear classifier and cross-entropy of head_loss_forward. x [N, C0, H0, W0] and y [N] are the epoch's
+ * images and labels in minibatch order; minibatch b holds rows [b B, min(N, (b + 1) B)). spec[4 l .. 4 l + 3]:
+ * block l's output channels O, kernel K, padding and pool flag. Parameters, gradients and Adam state come in the
+ * order conv weight and bias of blocks 0..L-1, then the head's weight [Kc, C] and bias [Kc] (2 L + 2 tensors).
+ *
+ * Per minibatch the same kernels run in the same order, on the same values, as the autograd path of the native
+ * kernels (conv2d with fused ReLU and pool, head_loss, then the backward of each, then clip_adam), so every result
+ * is the same bit for bit. Outputs: losses [nb] (each minibatch's mean loss), norms [nb] (the gradient norm before
+ * clipping), logits [N, Kc]; grads hold the last minibatch's clipped gradients. Returns 0, 1 when out of memory,
+ * 2 for an unsupported kernel size or an odd map before a pool, 3 for a label outside [0, Kc). */
+int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, int64_t B, int64_t C0, int64_t H0, int64_t W0,
+               int64_t L, const int64_t *spec, int64_t Kc, float *const *params, float *const *grads, float *const *exp_avgs,
+               float *const *exp_avg_sqs, float *const *steps, double lr, double beta1, double beta2, double eps,
+               double max_norm, float *restrict losses, float *restrict norms, float *restrict logits) {
+    enum { MAXL = 16 };
+    if (L < 1 || L > MAXL || B < 1 || N < 1) return 2;
+    for (int64_t i = 0; i < N; i++)
+        if (y[i] < 0 || y[i] >= Kc) return 3; /* before any update */
+    int64_t C[MAXL + 1], H[MAXL + 1], W[MAXL + 1], Ho[MAXL], Wo[MAXL];
+    int64_t size_in[MAXL + 1], size_conv[MAXL];
+    C[0] = C0; H[0] = H0; W[0] = W0;
+    int64_t total = 0;
+    for (int64_t l = 0; l < L; l++) {
+        int64_t O = spec[4 * l], K = spec[4 * l + 1], pad = spec[4 * l + 2], pool = spec[4 * l + 3];
+        if (K != 1 && K != 3) return 2;
+        Ho[l] = H[l] + 2 * pad - K + 1;
+        Wo[l] = W[l] + 2 * pad - K + 1;
+        if (Ho[l] < 1 || Wo[l] < 1 || (pool && (Ho[l] % 2 || Wo[l] % 2))) return 2;
+        C[l + 1] = O;
+        H[l + 1] = pool ? Ho[l] / 2 : Ho[l];
+        W[l + 1] = pool ? Wo[l] / 2 : Wo[l];
+        size_conv[l] = B * O * Ho[l] * Wo[l];
+        size_in[l + 1] = B * C[l + 1] * H[l + 1] * W[l + 1];
+        /* conv output, pooled output, the gradient of the block's output, the gradient of the conv output (pool) */
+        total += 2 * size_conv[l] + 2 * size_in[l + 1];
+    }
+    int64_t CL = C[L], HWL = H[L] * W[L];
+    total += B * CL + B * Kc + 1; /* hmean, probs, loss */
+    float *buf = (float *)calloc((size_t)total, sizeof(float));
+    int64_t idx_total = 0;
+    for (int64_t l = 0; l < L; l++) idx_total += spec[4 * l + 3] ? size_in[l + 1] : 0;
+    uint8_t *ibuf = (uint8_t *)malloc((size_t)(idx_total > 0 ? idx_total : 1));
+    if (!buf || !ibuf) {
+        free(buf);
+        free(ibuf);
+        return 1;
+    }
+    float *conv_out[MAXL], *block_out[MAXL + 1], *grad_out[MAXL], *grad_full[MAXL];
+    uint8_t *pool_idx[MAXL];
+    float *p = buf;
+    uint8_t *q = ibuf;
+    for (int64_t l = 0; l < L; l++) {
+        int pool = (int)spec[4 * l + 3];
+        conv_out[l] = p; p += size_conv[l];
+        block_out[l + 1] = pool ? p : conv_out[l]; p += size_in[l + 1];
+        grad_out[l] = p; p += size_in[l + 1];
+        grad_full[l] = pool ? p : grad_out[l]; p += size_conv[l];
+        pool_idx[l] = pool ? q : NULL; q += pool ? size_in[l + 1] : 0;
+    }
+    float *hmean = p; p += B * CL;
+    float *probs = p; p += B * Kc;
+    float *loss = p; p += 1;
+    (void)p;
+    int64_t nb = (N + B - 1) / B, n_params = 2 * L + 2;
+    int64_t sizes[2 * MAXL + 2];
+    for (int64_t l = 0; l < L; l++) {
+        sizes[2 * l] = spec[4 * l] * C[l] * spec[4 * l + 1] * spec[4 * l + 1];
+        sizes[2 * l + 1] = spec[4 * l];
+    }
+    sizes[2 * L] = Kc * CL;
+    sizes[2 * L + 1] = Kc;
+    int rc = 0;
+    for (int64_t b = 0; b < nb && !rc; b++) {
+        int64_t start = b * B, n = N - start < B ? N - start : B;
+        block_out[0] = (float *)(x + start * C0 * H0 * W0);
+        const int64_t *yb = y + start;
+        for (int64_t l = 0; l < L && !rc; l++) {
+            int64_t O = spec[4 * l], K = spec[4 * l + 1], pad = spec[4 * l + 2];
+            rc = conv2d_forward(block_out[l], params[2 * l], params[2 * l + 1], conv_out[l], n, C[l], H[l], W[l], O, K, pad, 1, 1);
+            if (!rc && spec[4 * l + 3]) maxpool2x2_forward(conv_out[l], block_out[l + 1], pool_idx[l], n * O, Ho[l], Wo[l]);
+        }
+        if (rc) break;
+        rc = head_loss_forward(block_out[L], params[2 * L], params[2 * L + 1], yb, hmean, logits + start * Kc, probs, loss, n, CL, HWL, Kc);
+        if (rc) break;
+        losses[b] = *loss;
+        rc = head_loss_backward(1.0f, probs, yb, hmean, params[2 * L], grad_out[L - 1], grads[2 * L], grads[2 * L + 1], n, CL, HWL, Kc);
+        for (int64_t l = L - 1; l >= 0 && !rc; l--) {
+            int64_t O = spec[4 * l], K = spec[4 * l + 1], pad = spec[4 * l + 2];
+            if (spec[4 * l + 3]) maxpool2x2_backward(grad_out[l], pool_idx[l], grad_full[l], n * O, Ho[l], Wo[l]);
+            rc = conv2d_backward(block_out[l], params[2 * l], grad_full[l], conv_out[l], l > 0 ? grad_out[l - 1] : NULL,
+                                 grads[2 * l], grads[2 * l + 1], n, C[l], H[l], W[l], O, K, pad, 1);
+        }
+        if (rc) break;
+        clip_adam(n_params, params, grads, exp_avgs, exp_avg_sqs, steps, sizes, lr, beta1, beta2, eps, max_norm, norms + b);
+    }
+    free(buf);
+    free(ibuf);
+    return rc;
+}
