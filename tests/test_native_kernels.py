@@ -519,15 +519,16 @@ def test_host_epoch_equals_the_minibatch_loop_bit_for_bit(native_on, channels, p
     host_b = HostCNN(channels, pool_after)
     host_b.load_state_dict(host_a.state_dict())
     opt_a, opt_b = FusedAdam(host_a.host_parameters(), 5e-3), FusedAdam(host_b.host_parameters(), 5e-3)
-    blocks = host_a.plain_blocks()
+    blocks = host_a.native_blocks()
     assert blocks == [(1, i in pool_after) for i in range(len(channels))]
     for epoch in range(3):
         x = torch.randn(n, 1, 8, 8) * (1 + 10 * (epoch == 1))  # epoch 1: gradients above the clip norm
         y = torch.randint(0, 10, (n,))
         ref = _host_epoch_reference(host_a, opt_a, x, y, batch_size)
-        out = opt_b.native_host_epoch(x, y, batch_size, blocks, 5.0)
-        for r, o in zip(ref, out):
+        losses, norms, seed_norms, logits = opt_b.native_host_epoch(x, y, batch_size, blocks, 5.0)
+        for r, o in zip(ref, (losses, norms, logits)):
             assert torch.equal(r, o)
+        assert not seed_norms.any()
         for pa, pb in zip(opt_a.params, opt_b.params):
             assert torch.equal(pa.detach(), pb.detach()) and torch.equal(pa.grad, pb.grad)
             sa, sb = opt_a.state_of(pa), opt_b.state_of(pb)
@@ -540,7 +541,7 @@ def test_host_epoch_refuses_bad_input_before_any_update(native_on):
 
     host = HostCNN((4, 8, 8))
     opt = FusedAdam(host.host_parameters(), 5e-3)
-    blocks = host.plain_blocks()
+    blocks = host.native_blocks()
     before = [p.detach().clone() for p in opt.params]
     x, y = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
     with pytest.raises(ValueError, match=r"class indices in \[0, 10\)"):
@@ -552,11 +553,25 @@ def test_host_epoch_refuses_bad_input_before_any_update(native_on):
         opt.native_host_epoch(x, y.int(), 8, blocks, 5.0)
     with pytest.raises(ValueError, match="x must be a 4-d contiguous float32"):
         opt.native_host_epoch(x.double(), y, 8, blocks, 5.0)
-    with pytest.raises(ValueError, match="2 tensors per block"):
-        opt.native_host_epoch(x, y, 8, blocks[:2], 5.0)
+    state = (opt._exp_avgs, opt._exp_avg_sqs, opt._steps)
+    with pytest.raises(ValueError, match="start with 2 tensors per block"):
+        native.host_epoch(x, y, 8, opt.params[:5], blocks, *[a[:5] for a in state], 5e-3, (0.9, 0.999), 1e-8, 5.0)
+    with pytest.raises(ValueError, match="slots have one entry per block"):
+        opt.native_host_epoch(x, y, 8, blocks, 5.0, slots=[None, None])
+    bad = native.NormSeedSlot("blending", 0, 4, 0.5, [torch.zeros(8)] * 4)
+    with pytest.raises(ValueError, match=r"slots\[1\].mode must be one of"):
+        opt.native_host_epoch(x, y, 8, blocks, 5.0, slots=[None, bad, None])
+    bad = native.NormSeedSlot("stream", 0, 3, 0.5, [torch.zeros(8)] * 4)
+    with pytest.raises(ValueError, match=r"groups a divisor of 8 channels"):
+        opt.native_host_epoch(x, y, 8, blocks, 5.0, slots=[None, bad, None])
+    bad = native.NormSeedSlot("stream", 0, 4, 0.5, [torch.zeros(8)] * 4)
+    with pytest.raises(ValueError, match=r"the Adam state of its 4 parameters"):
+        opt.native_host_epoch(x, y, 8, blocks, 5.0, slots=[None, bad, None])
+    bad = native.NormSeedSlot("fossil", 0, 4, 0.5, [torch.zeros(8)] * 4)
+    with pytest.raises(ValueError, match=r"a fossil's parameters must be among params"):
+        opt.native_host_epoch(x, y, 8, blocks, 5.0, slots=[None, bad, None])
     with pytest.raises(ValueError, match=r"block 0: weight \(4, 1, 3, 3\) must be \[O, 3, K, K\]"):
-        native.host_epoch(torch.randn(4, 3, 8, 8), y[:4], 2, opt.params, blocks, opt._exp_avgs, opt._exp_avg_sqs, opt._steps,
-                          5e-3, (0.9, 0.999), 1e-8, 5.0)
+        native.host_epoch(torch.randn(4, 3, 8, 8), y[:4], 2, opt.params, blocks, *state, 5e-3, (0.9, 0.999), 1e-8, 5.0)
     with pytest.raises(ValueError, match="odd map"):
         opt.native_host_epoch(torch.randn(4, 1, 5, 5), y[:4], 2, blocks, 5.0)  # block 1 pools a 5x5 map
     with pytest.raises(ValueError, match="max_norm must be > 0"):
@@ -565,29 +580,51 @@ def test_host_epoch_refuses_bad_input_before_any_update(native_on):
     assert opt.native_host_epoch(x, y, 8, blocks, 5.0) is None
 
 
-def test_plain_blocks_only_while_every_slot_passes_through():
-    from esper_lib.constants import AlphaCurveAction, BlueprintAction, GerminationStyle, TempoAction
-    from esper_lib.envs.blueprints import ChannelGate, NormSeed
-
+def test_native_blocks_take_conv_relu_and_pool_blocks_only():
+    assert HostCNN((4, 8, 8)).native_blocks() == [(1, False), (1, True), (1, False)]
+    assert HostCNN((4, 8), pool_after=()).native_blocks() == [(1, False), (1, False)]
     host = HostCNN((4, 8, 8))
-    assert host.plain_blocks() == [(1, False), (1, True), (1, False)]
-    assert HostCNN((4, 8), pool_after=()).plain_blocks() == [(1, False), (1, False)]
-    slot = host.slots[1]
-    slot.germinate(NormSeed(8), ChannelGate(8), BlueprintAction.NORM, GerminationStyle.LINEAR_ADD, TempoAction.STANDARD, 1.0)
-    assert slot.passes_through and host.plain_blocks() is not None  # GERMINATED: not yet trained, not in the stream
-    slot.advance(3)
-    assert not slot.passes_through and host.plain_blocks() is None  # TRAINING: the seed learns on the host's loss
-    slot.advance(3)
-    assert slot.alpha == 0.0 and slot.passes_through  # BLENDING, before the ramp's first epoch
-    slot.begin_epoch()
-    assert slot.in_stream and not slot.passes_through and host.plain_blocks() is None
-    slot.prune(0, AlphaCurveAction.LINEAR)
-    assert slot.passes_through and host.plain_blocks() is not None
     host.head = nn.Linear(8, 10, bias=False)
-    assert host.plain_blocks() is None
-    other = HostCNN((4, 8, 8))
-    other.blocks[2][0] = SmallConv2d(8, 8, 3, padding=1, groups=2)
-    assert other.plain_blocks() is None
+    assert host.native_blocks() is None
+    host = HostCNN((4, 8, 8))
+    host.blocks[2][0] = SmallConv2d(8, 8, 3, padding=1, groups=2)
+    assert host.native_blocks() is None
+    host = HostCNN((4, 8, 8))
+    host.blocks[1] = nn.Sequential(SmallConv2d(4, 8, 3, padding=1), nn.Tanh())
+    assert host.native_blocks() is None
+
+
+def test_native_slot_describes_each_stage_of_a_norm_seed_and_refuses_other_seeds():
+    from esper_lib.constants import AlphaCurveAction, BlueprintAction, GerminationStyle, TempoAction
+    from esper_lib.envs.blueprints import ChannelGate, ConvLightSeed, NormSeed
+    from esper_lib.envs.fused_adam import FusedAdam
+    from esper_lib.envs.lifecycle import SeedSlot
+    from esper_lib.envs.morpho import _native_slot
+
+    host_opt = FusedAdam([nn.Parameter(torch.zeros(3))], 1e-3)
+    slot = SeedSlot(1, 8)
+    assert slot.passes_through and _native_slot(slot, host_opt) is None  # empty
+    seed, gate = NormSeed(8), ChannelGate(8)
+    slot.germinate(seed, gate, BlueprintAction.NORM, GerminationStyle.SIGMOID_ADD, TempoAction.STANDARD, 1.0)
+    slot.optimizer = FusedAdam([*seed.parameters(), *gate.parameters()], 0.05)
+    assert slot.passes_through and _native_slot(slot, host_opt) is None  # GERMINATED: not trained, not in the stream
+    slot.advance(3)
+    spec = _native_slot(slot, host_opt)
+    assert not slot.passes_through and (spec.mode, spec.style, spec.groups, spec.lr) == ("training", 2, 4, 0.05)
+    assert spec.params == [seed.norm.weight, seed.norm.bias, gate.weight, gate.bias]
+    slot.advance(3)
+    assert slot.alpha == 0.0 and slot.passes_through and _native_slot(slot, host_opt) is False  # learns, no gradient
+    slot.begin_epoch()
+    spec = _native_slot(slot, host_opt)
+    assert spec.mode == "stream" and spec.alpha == slot.alpha > 0
+    slot.optimizer = FusedAdam([*seed.parameters(), *gate.parameters()], 0.05, betas=(0.8, 0.9))
+    assert _native_slot(slot, host_opt) is False  # one Adam setting for all (the env's)
+    slot.prune(0, AlphaCurveAction.LINEAR)
+    assert slot.passes_through and _native_slot(slot, host_opt) is None
+    other = SeedSlot(0, 8)
+    other.germinate(ConvLightSeed(8), ChannelGate(8), BlueprintAction.CONV_LIGHT, GerminationStyle.LINEAR_ADD, TempoAction.FAST, 1.0)
+    other.advance(3)
+    assert _native_slot(other, host_opt) is False
 
 
 def test_env_trains_a_plain_host_in_one_call_with_the_results_of_the_minibatch_loop(native_on, monkeypatch):
@@ -605,12 +642,72 @@ def test_env_trains_a_plain_host_in_one_call_with_the_results_of_the_minibatch_l
         return out
 
     plain_epochs = []
-    original = MorphoEnv._plain_epoch
-    monkeypatch.setattr(MorphoEnv, "_plain_epoch", lambda self, x, y: plain_epochs.append(original(self, x, y)) or plain_epochs[-1])
+    original = MorphoEnv._native_epoch
+    monkeypatch.setattr(MorphoEnv, "_native_epoch", lambda self, x, y: plain_epochs.append(original(self, x, y)) or plain_epochs[-1])
     fused = episode()
-    monkeypatch.setattr(MorphoEnv, "_plain_epoch", lambda self, x, y: False)
+    monkeypatch.setattr(MorphoEnv, "_native_epoch", lambda self, x, y: False)
     loop = episode()
-    assert True in plain_epochs and len(plain_epochs) < 10  # some epochs plain, some with a seed learning or fossilized
+    assert True in plain_epochs and False in plain_epochs  # plain epochs, and epochs with seeds of other blueprints
     assert len(fused) == len(loop)
     for a, b in zip(fused, loop):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def _norm_seed_env(style: int, seed_lr: float) -> MorphoEnv:
+    """An env whose slots hold NORM seeds of ``style``, trained a few epochs (the minibatch loop): slot 0 TRAINING,
+    slot 1 BLENDING (alpha between 0 and 1), slot 2 FOSSILIZED at alpha 0.7."""
+    from esper_lib.constants import AlphaSpeedAction, AlphaTargetAction, BlueprintAction, LifecycleOp, TempoAction
+
+    env = MorphoEnv(max_epochs=30, train_size=100, val_size=32, seed_lr=seed_lr)
+    env.reset(seed=7)
+    env._native_epoch = lambda x, y: False  # the setup runs the minibatch loop
+    act = {"blueprint": int(BlueprintAction.NORM), "style": style, "tempo": int(TempoAction.STANDARD),
+           "alpha_target": int(AlphaTargetAction.SEVENTY), "alpha_speed": int(AlphaSpeedAction.INSTANT), "alpha_curve": 0}
+    for k in range(3):
+        env._execute(LifecycleOp.GERMINATE, {**act, "slot": k})
+        env._execute(LifecycleOp.ADVANCE, {**act, "slot": k})
+    for _ in range(2):
+        env._train_epoch()
+    for k in (1, 2):
+        env._execute(LifecycleOp.ADVANCE, {**act, "slot": k})
+        env.host.slots[k].begin_epoch()
+    env._train_epoch()
+    env._execute(LifecycleOp.SET_ALPHA_TARGET, {**act, "slot": 2})
+    env._execute(LifecycleOp.FOSSILIZE, {**act, "slot": 2})
+    del env._native_epoch
+    return env
+
+
+@pytest.mark.parametrize("style", [0, 1, 2, 3])  # LINEAR_ADD, LINEAR_MULTIPLY, SIGMOID_ADD, GATED_GATE
+def test_host_epoch_with_norm_seeds_matches_the_minibatch_loop(native_on, style):
+    from esper_lib.constants import SeedStage
+
+    fused, loop = _norm_seed_env(style, 0.05), _norm_seed_env(style, 0.05)
+    stages = [s.stage for s in fused.host.slots]
+    assert stages == [SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.FOSSILIZED]
+    assert 0 < fused.host.slots[1].alpha < 1 and fused.host.slots[2].alpha == pytest.approx(0.7)
+    assert all(float(s.seed.norm.weight.detach().abs().max()) > 1e-3 for s in fused.host.slots)  # the seeds have learned
+    loop._native_epoch = lambda x, y: False
+    calls = []
+    original = fused._native_epoch
+    fused._native_epoch = lambda x, y: calls.append(original(x, y)) or calls[-1]
+    for _ in range(2):
+        fused._train_epoch()
+        loop._train_epoch()
+    assert calls == [True, True]
+    assert fused._train_loss == pytest.approx(loop._train_loss, rel=1e-5)
+    assert fused._train_acc == loop._train_acc
+    assert fused._host_grad_norm == pytest.approx(loop._host_grad_norm, rel=1e-4)
+    for a, b in zip(fused.host.slots, loop.host.slots):
+        assert a.stats.grad_norm == pytest.approx(b.stats.grad_norm, rel=1e-4, abs=1e-7)
+        pa, pb = a.seed_parameters(), b.seed_parameters()
+        assert [p.grad is None for p in pa] == [p.grad is None for p in pb]
+        for p, q in zip(pa, pb):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    for p, q in zip(fused._opt.params, loop._opt.params):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    for a, b in ((fused._opt, loop._opt), (fused.host.slots[1].optimizer, loop.host.slots[1].optimizer)):
+        for p, q in zip(a.params, b.params):
+            for u, v in zip(a.state_of(p), b.state_of(q)):
+                torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-8)

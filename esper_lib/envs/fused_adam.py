@@ -133,14 +133,24 @@ class FusedAdam:
         )
 
     def native_host_epoch(
-        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, blocks: list[tuple[int, bool]], max_norm: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``native.host_epoch`` over this optimizer's parameters (a plain host's ``host_parameters()``, in order;
-        ``blocks`` from ``HostCNN.plain_blocks()``) and its state: ``(losses [nb], norms [nb], logits [N, Kc])``,
-        or None (nothing done) when the kernels are off."""
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        blocks: list[tuple[int, bool]],
+        max_norm: float,
+        slots: list[native.NormSeedSlot | None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``native.host_epoch`` over this optimizer's parameters (a host's ``host_parameters()`` in order, then any
+        fossil's; ``blocks`` from ``HostCNN.native_blocks()``) and its state: ``(losses [nb], norms [nb], seed_norms
+        [L, nb], logits [N, Kc])``, or None (nothing done) when the kernels are off."""
         if not native.enabled():
             return None
         return native.host_epoch(
             x, y, batch_size, self.params, blocks, self._exp_avgs, self._exp_avg_sqs, self._steps, self.lr, self.betas,
-            self.eps, max_norm,
+            self.eps, max_norm, slots,
         )
+
+    def norm_seed_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """``(exp_avgs, exp_avg_sqs, steps)``, for ``native.NormSeedSlot`` (a learning seed's own optimizer)."""
+        return self._exp_avgs, self._exp_avg_sqs, self._steps

@@ -140,14 +140,14 @@ class HostCNN(nn.Module):
         logits = self.head(h.mean(dim=(2, 3)))
         return F.cross_entropy(logits, y), logits
 
-    def plain_blocks(self) -> list[tuple[int, bool]] | None:
-        """Per block ``(padding, pool)`` when ``native.host_epoch`` can train this host: every slot passes its
-        input through (``SeedSlot.passes_through``), every block is a ``SmallConv2d`` (with bias, 1x1 or 3x3, stride
-        1, groups 1) + ReLU, optionally + ``MaxPool2x2``, the head has a bias, and every host parameter is
-        float32, contiguous and on the CPU; else None. The parameters are then ``host_parameters()``, in order."""
-        if not all(s.passes_through for s in self.slots) or self.head.bias is None:
+    def native_blocks(self) -> list[tuple[int, bool]] | None:
+        """Per block ``(padding, pool)`` when ``native.host_epoch`` can run this host's blocks: every block is a
+        ``SmallConv2d`` (with bias, 1x1 or 3x3, stride 1, groups 1) + ReLU, optionally + ``MaxPool2x2``, the head has a
+        bias, and every host parameter is float32, contiguous and on the CPU; else None. (The slots are the env's
+        to check.) The parameters are then ``host_parameters()``, in order."""
+        if self.head.bias is None:
             return None
-        plain = []
+        blocks = []
         for block in self.blocks:
             mods = list(block)
             if len(mods) not in (2, 3) or type(mods[1]) is not nn.ReLU or (len(mods) == 3 and type(mods[2]) is not MaxPool2x2):
@@ -165,10 +165,10 @@ class HostCNN(nn.Module):
                 or conv.kernel_size not in ((1, 1), (3, 3))
             ):
                 return None
-            plain.append((conv.padding[0], len(mods) == 3))
+            blocks.append((conv.padding[0], len(mods) == 3))
         if not all(p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous() for p in self.host_parameters()):
             return None
-        return plain
+        return blocks
 
     def forward_cached(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits ``[B, 10]`` and each block's output before its slot (for ``forward_ablations``)."""

@@ -118,7 +118,7 @@ from esper_lib.constants import (
     state_dim_for,
 )
 from esper_lib.envs import native
-from esper_lib.envs.blueprints import ChannelGate, blueprint_mask, build_blueprint
+from esper_lib.envs.blueprints import ChannelGate, NormSeed, blueprint_mask, build_blueprint
 from esper_lib.envs.fused_adam import FusedAdam
 from esper_lib.envs.host import DigitsSplit, HostCNN, load_digits_split
 from esper_lib.envs.lifecycle import SeedSlot
@@ -509,7 +509,7 @@ class MorphoEnv(gym.Env):
         logits_all: list[torch.Tensor] = []
         perm = torch.cat(self._batches())
         x_epoch, y_epoch = data.x_train[perm], data.y_train[perm]
-        if not learning and not fossils and self._plain_epoch(x_epoch, y_epoch):
+        if self._native_epoch(x_epoch, y_epoch):
             return
         xs, ys = x_epoch.split(self.batch_size), y_epoch.split(self.batch_size)
         for xb, yb in zip(xs, ys):
@@ -537,27 +537,43 @@ class MorphoEnv(gym.Env):
                 st.prev_grad_health = st.grad_health
                 st.grad_norm, st.grad_health = norm, grad_health(norm)
 
-    def _plain_epoch(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """The epoch in one call of the opt-in C kernels (``FusedAdam.native_host_epoch``) when no seed joins the
-        host's training (``HostCNN.plain_blocks``); True when done. The same results as the minibatch loop of
-        ``_train_epoch`` with the kernels on, bit for bit.
+    def _native_epoch(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """The epoch in one call of the opt-in C kernels (``FusedAdam.native_host_epoch``) when every slot passes its
+        input through or holds a NORM seed (``_native_slot``); True when done. Without seeds the same results as the
+        minibatch loop of ``_train_epoch`` with the kernels on bit for bit, with NORM seeds up to float rounding.
 
         ``x`` ``[N, 1, 8, 8]``, ``y`` ``[N]``: the epoch's images and labels in minibatch order.
         """
         if not native.enabled():
             return False
-        blocks = self.host.plain_blocks()
-        if blocks is None or [id(p) for p in self._opt.params] != [id(p) for p in self.host.host_parameters()]:
+        blocks = self.host.native_blocks()
+        if blocks is None:
             return False
-        out = self._opt.native_host_epoch(x, y, self.batch_size, blocks, MAX_GRAD_NORM)
+        slots = [_native_slot(s, self._opt) for s in self.host.slots]
+        if any(s is False for s in slots):
+            return False
+        host_params = self.host.host_parameters()  # first in the host optimizer, then the fossils' (C reads them so)
+        fossil_params = [p for s in slots if s and s.mode == "fossil" for p in s.params[: 4 if s.style == 3 else 2]]
+        opt_params = self._opt.params
+        if list(map(id, opt_params[: len(host_params)])) != list(map(id, host_params)) or sorted(
+            map(id, opt_params[len(host_params) :])
+        ) != sorted(map(id, fossil_params)):
+            return False
+        out = self._opt.native_host_epoch(x, y, self.batch_size, blocks, MAX_GRAD_NORM, slots)
         if out is None:
             return False
-        losses, norms, logits = out
+        losses, norms, seed_norms, logits = out
         sizes = torch.tensor([len(t) for t in y.split(self.batch_size)], dtype=torch.float32)
         n_seen, nb = len(y), len(norms)
         self._train_loss = float((losses * sizes).sum()) / n_seen
         self._train_acc = float((logits.argmax(1) == y).sum()) / n_seen
         self._host_grad_norm = float(norms.sum()) / nb
+        for s, native_slot in zip(self.host.slots, slots):
+            if native_slot is not None:
+                st = s.stats
+                norm = float(seed_norms[s.index].sum()) / nb
+                st.prev_grad_health = st.grad_health
+                st.grad_norm, st.grad_health = norm, grad_health(norm)
         return True
 
     @torch.inference_mode()
@@ -684,6 +700,29 @@ class MorphoEnv(gym.Env):
         if st.freshness is not None:
             state[fi[p + "counterfactual_freshness"]] = st.freshness
         state[fi[p + "interaction"]] = np.clip(st.interaction * 100.0 / 10.0, -1.0, 1.0)
+
+
+def _native_slot(slot: SeedSlot, host_opt: FusedAdam) -> native.NormSeedSlot | None | bool:
+    """What ``native.host_epoch`` needs of ``slot``: None when it passes its input through and no seed learns or is
+    fossilized there; a ``native.NormSeedSlot`` for a NORM seed that learns (TRAINING, or in the stream) or a fossil
+    in the stream; False for anything else (the epoch then runs the minibatch loop)."""
+    fossil = slot.stage == SeedStage.FOSSILIZED
+    if slot.passes_through and not slot.learning and not fossil:
+        return None
+    seed, gate = slot.seed, slot.gate
+    if type(seed) is not NormSeed or type(gate) is not ChannelGate or seed.norm.eps != 1e-5 or not seed.norm.affine:
+        return False
+    params = [seed.norm.weight, seed.norm.bias, gate.weight, gate.bias]
+    if slot.stage == SeedStage.TRAINING or (slot.learning and slot.in_stream):
+        opt = slot.optimizer
+        if opt is None or opt.params != params or opt.betas != host_opt.betas or opt.eps != host_opt.eps:
+            return False
+        m, v, t = opt.norm_seed_state()
+        mode = "training" if slot.stage == SeedStage.TRAINING else "stream"
+        return native.NormSeedSlot(mode, int(slot.style), seed.norm.num_groups, slot.alpha, params, list(m), list(v), list(t), opt.lr)
+    if fossil and slot.in_stream:
+        return native.NormSeedSlot("fossil", int(slot.style), seed.norm.num_groups, slot.alpha, params)
+    return False
 
 
 def _zero_grad(params: list[torch.nn.Parameter]) -> None:

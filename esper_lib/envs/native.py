@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -150,7 +151,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.clip_adam.restype = None
     lib.grad_norm.argtypes = [_I64, _PTR, _PTR]
     lib.grad_norm.restype = ctypes.c_float
-    lib.host_epoch.argtypes = [_PTR] * 2 + [_I64] * 6 + [_PTR, _I64] + [_PTR] * 5 + [ctypes.c_double] * 5 + [_PTR] * 3
+    lib.host_epoch.argtypes = (
+        [_PTR] * 2 + [_I64] * 6 + [_PTR, _I64, _I64] + [_PTR] * 6 + [_PTR] * 3 + [_PTR] * 5 + [ctypes.c_double] * 5 + [_PTR] * 4
+    )
     lib.host_epoch.restype = ctypes.c_int
     return lib
 
@@ -435,6 +438,90 @@ def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.tensor(_lib().grad_norm(len(grads), _pointers(grads), sizes), dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class NormSeedSlot:
+    """A NORM seed (``blueprints.NormSeed``: GroupNorm, eps 1e-5, affine) in a host slot, for ``host_epoch``.
+
+    Attributes:
+        mode: ``"training"`` (TRAINING: learns, the host does not see it), ``"stream"`` (in the stream with
+            ``alpha`` and learning) or ``"fossil"`` (in the stream, its parameters in the host's optimizer).
+        style: the ``GerminationStyle`` value (0 LINEAR_ADD, 1 LINEAR_MULTIPLY, 2 SIGMOID_ADD, 3 GATED_GATE).
+        groups: the GroupNorm's groups.
+        alpha: the blend weight (ignored while training).
+        params: ``[gamma [C], beta [C], gate_w [1, C, 1, 1], gate_b [1, C, 1, 1]]``.
+        exp_avgs, exp_avg_sqs, steps: the seed's own Adam state for ``params`` (learning seeds; empty for a fossil).
+        lr: the seed's Adam learning rate (learning seeds).
+    """
+
+    mode: str
+    style: int
+    groups: int
+    alpha: float
+    params: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    steps: list[torch.Tensor] = field(default_factory=list)
+    lr: float = 0.0
+
+
+_SLOT_MODES = {"training": 1, "stream": 2, "fossil": 3}
+
+
+def _slot_arrays(
+    slots: list[NormSeedSlot | None], params: list[torch.Tensor], grads: list[torch.Tensor], channels: list[int]
+) -> tuple[list[int], list[float], list[float], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Check ``slots`` and lay them out for the C call: (slot_spec, alphas, lrs, seed tensors (params, grads, m, v,
+    steps; 4 per slot each), the learning seeds' gradient tensors to hand back as ``.grad``)."""
+    spec: list[int] = []
+    alphas, lrs = [], []
+    arrays: list[list[torch.Tensor]] = [[], [], [], [], []]
+    host_grad = {id(p): g for p, g in zip(params, grads)}
+    for i, (slot, c) in enumerate(zip(slots, channels)):
+        if slot is None:
+            spec += [0, 0, 1, 0]
+            alphas.append(0.0)
+            lrs.append(0.0)
+            scratch = torch.zeros(1)
+            for a in arrays:
+                a += [scratch] * 4
+            continue
+        if slot.mode not in _SLOT_MODES:
+            raise ValueError(f"slots[{i}].mode must be one of {sorted(_SLOT_MODES)}, got {slot.mode!r}")
+        if slot.style not in (0, 1, 2, 3) or not isinstance(slot.groups, int) or slot.groups < 1 or c % slot.groups:
+            raise ValueError(f"slots[{i}]: style must be 0-3 and groups a divisor of {c} channels, got {slot.style!r}, {slot.groups!r}")
+        if len(slot.params) != 4:
+            raise ValueError(f"slots[{i}].params must be [gamma, beta, gate_w, gate_b], got {len(slot.params)} tensors")
+        for k, t in enumerate(slot.params):
+            _check(f"slots[{i}].params[{k}]", t)
+            if t.numel() != c:
+                raise ValueError(f"slots[{i}].params[{k}] must have {c} entries (the block's channels), got {t.numel()}")
+        n_step = 4 if slot.style == 3 else 2
+        if slot.mode == "fossil":
+            if any(id(t) not in host_grad for t in slot.params[:n_step]):
+                raise ValueError(f"slots[{i}]: a fossil's parameters must be among params (the host optimizer's)")
+            seed_grads = [host_grad[id(t)] for t in slot.params[:n_step]] + [torch.zeros(c)] * (4 - n_step)
+            state = [[torch.zeros(c)] * 4, [torch.zeros(c)] * 4, [torch.zeros(())] * 4]
+        else:
+            if not (len(slot.exp_avgs) == len(slot.exp_avg_sqs) == len(slot.steps) == 4):
+                raise ValueError(f"slots[{i}]: a learning seed needs the Adam state of its 4 parameters")
+            for k in range(4):
+                _check(f"slots[{i}].exp_avgs[{k}]", slot.exp_avgs[k])
+                _check(f"slots[{i}].exp_avg_sqs[{k}]", slot.exp_avg_sqs[k])
+                _check(f"slots[{i}].steps[{k}]", slot.steps[k], 0)
+                if slot.exp_avgs[k].numel() != c or slot.exp_avg_sqs[k].numel() != c:
+                    raise ValueError(f"slots[{i}]: the Adam state must match the parameters' {c} entries")
+            if not slot.lr > 0:
+                raise ValueError(f"slots[{i}].lr must be > 0, got {slot.lr!r}")
+            seed_grads = [torch.empty_like(t) for t in slot.params]
+            state = [list(slot.exp_avgs), list(slot.exp_avg_sqs), list(slot.steps)]
+        spec += [_SLOT_MODES[slot.mode], int(slot.style), slot.groups, n_step]
+        alphas.append(float(slot.alpha))
+        lrs.append(float(slot.lr))
+        for a, ts in zip(arrays, [list(slot.params), seed_grads, *state]):
+            a += ts
+    return spec, alphas, lrs, arrays[:2], arrays[2:]
+
+
 def host_epoch(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -448,26 +535,36 @@ def host_epoch(
     betas: tuple[float, float],
     eps: float,
     max_norm: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One epoch of minibatch Adam of a plain host in one call: per minibatch of ``batch_size`` consecutive rows
-    (the last may be shorter), each block's convolution + ReLU (+ 2x2 max-pool), the head's mean-pool, linear
-    classifier and cross-entropy, their backward, then ``clip_adam_`` at ``max_norm``.
+    slots: list[NormSeedSlot | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One epoch of minibatch Adam of the host in one call: per minibatch of ``batch_size`` consecutive rows (the
+    last may be shorter), each block's convolution + ReLU (+ 2x2 max-pool) then its slot, the head's mean-pool,
+    linear classifier and cross-entropy, their backward, each fossil's gradient norm, then ``clip_adam_`` of the
+    host and of each learning seed at ``max_norm``.
 
     Args:
         x: ``[N, C, H, W]`` images in minibatch order; y: ``[N]`` int64 labels.
-        params: ``[w_0, b_0, ..., w_{L-1}, b_{L-1}, head_w, head_b]``: conv weights ``[O, C, K, K]`` (K 1 or 3,
-            groups 1), their biases ``[O]``, the head's ``[Kc, C_L]`` and ``[Kc]``; updated in place.
+        params: the host optimizer's parameters: ``[w_0, b_0, ..., w_{L-1}, b_{L-1}, head_w, head_b]`` (conv
+            weights ``[O, C, K, K]``, K 1 or 3, groups 1; biases ``[O]``; the head's ``[Kc, C_L]`` and ``[Kc]``), then
+            any fossilized seed's; updated in place.
         blocks: per block ``(padding, pool)``.
         exp_avgs, exp_avg_sqs, steps: the Adam state of each parameter (``FusedAdam``'s), updated in place.
+        slots: per block, the ``NormSeedSlot`` in its slot or None (the slot passes its input through); None: no seeds.
 
-    Returns ``(losses [nb], norms [nb], logits [N, Kc])``: each minibatch's mean loss and gradient norm before
-    clipping, and the logits. Each parameter's ``.grad`` holds the last minibatch's clipped gradient. The same
-    values bit for bit as ``HostCNN.train_loss``, ``backward`` and ``FusedAdam.native_clip_and_step`` per
-    minibatch with the kernels on (``tests/test_native_kernels.py``). Bad input raises ValueError.
+    Returns ``(losses [nb], norms [nb], seed_norms [L, nb], logits [N, Kc])``: each minibatch's mean loss and the
+    host's gradient norm before clipping, each fossil's or learning seed's gradient norm (0 for other slots), the
+    logits. Every parameter that got a gradient holds the last minibatch's clipped gradient in ``.grad``. Without
+    seeds, the same values bit for bit as ``HostCNN.train_loss``, ``backward`` and ``FusedAdam.native_clip_and_step``
+    per minibatch with the kernels on; with NORM seeds, the same up to float rounding as ``SeedSlot`` on the autograd
+    path (``tests/test_native_kernels.py``). Bad input raises ValueError.
     """
     n_blocks = len(blocks)
-    if n_blocks < 1 or n_blocks > 16 or len(params) != 2 * n_blocks + 2:
-        raise ValueError(f"params must hold 2 tensors per block and 2 for the head (1-16 blocks), got {len(params)} for {n_blocks} blocks")
+    slots = [None] * n_blocks if slots is None else list(slots)
+    if n_blocks < 1 or n_blocks > 16 or len(params) < 2 * n_blocks + 2 or len(slots) != n_blocks:
+        raise ValueError(
+            f"params must start with 2 tensors per block and 2 for the head (1-16 blocks) and slots have one entry per "
+            f"block, got {len(params)} params and {len(slots)} slots for {n_blocks} blocks"
+        )
     if not (len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(params)):
         raise ValueError("params, exp_avgs, exp_avg_sqs and steps must have one entry per parameter")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -477,7 +574,7 @@ def host_epoch(
         raise ValueError("x must hold at least one image")
     if y.dtype != torch.int64 or y.device.type != "cpu" or not y.is_contiguous() or y.shape != (x.shape[0],):
         raise ValueError(f"y must be a contiguous int64 CPU tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-    channels, spec = x.shape[1], []
+    channels, spec, block_channels = x.shape[1], [], []
     for i, (pad, pool) in enumerate(blocks):
         w, b = params[2 * i], params[2 * i + 1]
         _check(f"params[{2 * i}]", w, 4)
@@ -490,12 +587,14 @@ def host_epoch(
             )
         spec += [o, k, pad, int(bool(pool))]
         channels = o
-    hw, hb = params[-2], params[-1]
+        block_channels.append(o)
+    hw, hb = params[2 * n_blocks], params[2 * n_blocks + 1]
     _check("head weight", hw, 2)
     _check("head bias", hb, 1)
     if hw.shape[1] != channels or hb.shape != (hw.shape[0],):
         raise ValueError(f"head weight {tuple(hw.shape)} must be [Kc, {channels}] and head bias [Kc], got {tuple(hb.shape)}")
     for i, (p, m, v, t) in enumerate(zip(params, exp_avgs, exp_avg_sqs, steps)):
+        _check(f"params[{i}]", p)
         _check(f"exp_avgs[{i}]", m)
         _check(f"exp_avg_sqs[{i}]", v)
         _check(f"steps[{i}]", t, 0)
@@ -503,18 +602,22 @@ def host_epoch(
             raise ValueError(f"the Adam state of params[{i}] must have its shape {tuple(p.shape)}")
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    grads = [torch.empty_like(p) for p in params]
+    slot_spec, alphas, lrs, (seed_params, seed_grads), seed_state = _slot_arrays(slots, params, grads, block_channels)
     n = x.shape[0]
     nb = -(-n // batch_size)
-    grads = [torch.empty_like(p) for p in params]
     losses = torch.empty(nb, dtype=torch.float32)
     norms = torch.empty(nb, dtype=torch.float32)
+    seed_norms = torch.zeros(n_blocks, nb, dtype=torch.float32)
     logits = torch.empty(n, hw.shape[0], dtype=torch.float32)
-    spec_arr = (ctypes.c_int64 * len(spec))(*spec)
     rc = _lib().host_epoch(
-        x.data_ptr(), y.data_ptr(), n, batch_size, x.shape[1], x.shape[2], x.shape[3], n_blocks, spec_arr, hw.shape[0],
+        x.data_ptr(), y.data_ptr(), n, batch_size, x.shape[1], x.shape[2], x.shape[3], n_blocks, (_I64 * len(spec))(*spec),
+        hw.shape[0], len(params), (_I64 * len(params))(*[p.numel() for p in params]),
         _pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs), _pointers(steps),
+        (_I64 * len(slot_spec))(*slot_spec), (ctypes.c_double * n_blocks)(*alphas), (ctypes.c_double * n_blocks)(*lrs),
+        _pointers(seed_params), _pointers(seed_grads), *[_pointers(a) for a in seed_state],
         float(lr), float(betas[0]), float(betas[1]), float(eps), float(max_norm),
-        losses.data_ptr(), norms.data_ptr(), logits.data_ptr(),
+        losses.data_ptr(), norms.data_ptr(), seed_norms.data_ptr(), logits.data_ptr(),
     )
     if rc == 1:
         raise MemoryError("host_epoch: out of memory")
@@ -525,4 +628,9 @@ def host_epoch(
     with torch.no_grad():
         for p, g in zip(params, grads):
             p.grad = g
-    return losses, norms, logits
+        for i, slot in enumerate(slots):
+            if slot is not None and slot.mode != "fossil":
+                n_step = slot_spec[4 * i + 3]
+                for k, t in enumerate(slot.params):
+                    t.grad = seed_grads[4 * i + k] if k < n_step else None
+    return losses, norms, seed_norms, logits

@@ -749,28 +749,156 @@ void clip_adam(int64_t n, float *const *params, float *const *grads, float *cons
     }
 }
 
-/* One epoch of minibatch Adam for a plain host (every slot passes its input through, no seed learns): L blocks
- * of convolution (bias, zero padding) + ReLU, block l followed by a 2x2 max-pool when spec[4 l + 3], then the
- * mean-pool, linear classifier and cross-entropy of head_loss_forward. x [N, C0, H0, W0] and y [N] are the epoch's
- * images and labels in minibatch order; minibatch b holds rows [b B, min(N, (b + 1) B)). spec[4 l .. 4 l + 3]:
- * block l's output channels O, kernel K, padding and pool flag. Parameters, gradients and Adam state come in the
- * order conv weight and bias of blocks 0..L-1, then the head's weight [Kc, C] and bias [Kc] (2 L + 2 tensors).
+/* ---- NORM seeds in the host's slots (esper_lib.envs.blueprints.NormSeed and lifecycle.SeedSlot) ----
+ * A seed is s = gamma * norm(h) + beta, norm = GroupNorm (G groups, eps 1e-5, biased variance); its delta d is s
+ * (LINEAR_ADD), h * s (LINEAR_MULTIPLY), 2 sigmoid(s) - 1 (SIGMOID_ADD) or gate * s (GATED_GATE, gate[n, c] =
+ * sigmoid(gate_w[c] mean_hw(h[n, c]) + gate_b[c])). The slot's output is h while the seed is TRAINING (the seed
+ * learns from the loss as if blended at alpha 1, the host does not see it) and h + alpha d in the stream. */
+enum { SLOT_PASS = 0, SLOT_TRAINING = 1, SLOT_STREAM = 2, SLOT_FOSSIL = 3 };
+enum { STYLE_ADD = 0, STYLE_MULTIPLY = 1, STYLE_SIGMOID = 2, STYLE_GATED = 3 };
+
+typedef struct {
+    int64_t mode, style, G, n_step; /* n_step: the parameters that get gradients (2, or 4 with the gate) */
+    float alpha;
+    double lr;
+    float *const *p, *const *g, *const *m, *const *v, *const *t; /* gamma, beta, gate_w, gate_b; grads; Adam state */
+    float *z, *xhat, *s, *gxh, *gh, *rstd, *gate, *hmean;          /* per-minibatch buffers */
+} seed_t;
+
+static float sigmoidf(float u) { return 1.0f / (1.0f + expf(-u)); }
+
+/* h [n, C, HW] -> sd->z (the slot's output; h itself while TRAINING), keeping what the backward needs. */
+static void norm_seed_forward(seed_t *sd, const float *restrict h, int64_t n, int64_t C, int64_t HW) {
+    int64_t G = sd->G, cg = C / G, M = cg * HW;
+    const float *gamma = sd->p[0], *beta = sd->p[1], *gw = sd->p[2], *gb = sd->p[3];
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t gi = 0; gi < G; gi++) {
+            const float *hg = h + (i * C + gi * cg) * HW;
+            double s1 = 0.0, s2 = 0.0;
+            for (int64_t q = 0; q < M; q++) s1 += hg[q];
+            double mu = s1 / (double)M;
+            for (int64_t q = 0; q < M; q++) s2 += ((double)hg[q] - mu) * ((double)hg[q] - mu);
+            float rstd = (float)(1.0 / sqrt(s2 / (double)M + 1e-5)), muf = (float)mu;
+            sd->rstd[i * G + gi] = rstd;
+            float *xh = sd->xhat + (i * C + gi * cg) * HW;
+            for (int64_t q = 0; q < M; q++) xh[q] = (hg[q] - muf) * rstd;
+        }
+        for (int64_t c = 0; c < C; c++) {
+            int64_t o = (i * C + c) * HW;
+            for (int64_t q = 0; q < HW; q++) sd->s[o + q] = gamma[c] * sd->xhat[o + q] + beta[c];
+            if (sd->style == STYLE_GATED) {
+                float a = 0.0f;
+                for (int64_t q = 0; q < HW; q++) a += h[o + q];
+                a /= (float)HW;
+                sd->hmean[i * C + c] = a;
+                sd->gate[i * C + c] = sigmoidf(gw[c] * a + gb[c]);
+            }
+            if (sd->mode == SLOT_TRAINING) continue;
+            for (int64_t q = 0; q < HW; q++) {
+                float sv = sd->s[o + q], d;
+                switch (sd->style) {
+                case STYLE_ADD: d = sv; break;
+                case STYLE_MULTIPLY: d = h[o + q] * sv; break;
+                case STYLE_SIGMOID: d = 2.0f * sigmoidf(sv) - 1.0f; break;
+                default: d = sd->gate[i * C + c] * sv; break;
+                }
+                sd->z[o + q] = h[o + q] + sd->alpha * d;
+            }
+        }
+    }
+}
+
+/* Gradients for the output gradient gz [n, C, HW]: the seed's parameter gradients (written, not accumulated)
+ * and, in the stream, the gradient for h in sd->gh (while TRAINING the gradient for h is gz itself). */
+static void norm_seed_backward(seed_t *sd, const float *restrict h, const float *restrict gz, int64_t n, int64_t C, int64_t HW) {
+    int64_t G = sd->G, cg = C / G, M = cg * HW;
+    int stream = sd->mode != SLOT_TRAINING;
+    float a = stream ? sd->alpha : 1.0f;
+    const float *gamma = sd->p[0], *gw = sd->p[2];
+    float *dgamma = sd->g[0], *dbeta = sd->g[1], *dgw = sd->g[2], *dgb = sd->g[3];
+    memset(dgamma, 0, (size_t)C * sizeof(float));
+    memset(dbeta, 0, (size_t)C * sizeof(float));
+    if (sd->style == STYLE_GATED) {
+        memset(dgw, 0, (size_t)C * sizeof(float));
+        memset(dgb, 0, (size_t)C * sizeof(float));
+    }
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t c = 0; c < C; c++) {
+            int64_t o = (i * C + c) * HW;
+            float gate = sd->style == STYLE_GATED ? sd->gate[i * C + c] : 1.0f, ggate = 0.0f, gsum = 0.0f, gxsum = 0.0f;
+            for (int64_t q = 0; q < HW; q++) {
+                float gd = a * gz[o + q], sv = sd->s[o + q], gs, direct = 0.0f;
+                switch (sd->style) {
+                case STYLE_ADD: gs = gd; break;
+                case STYLE_MULTIPLY: gs = gd * h[o + q]; direct = gd * sv; break;
+                case STYLE_SIGMOID: { float sg = sigmoidf(sv); gs = gd * 2.0f * sg * (1.0f - sg); break; }
+                default: gs = gd * gate; ggate += gd * sv; break;
+                }
+                gxsum += gs * sd->xhat[o + q];
+                gsum += gs;
+                if (stream) {
+                    sd->gxh[o + q] = gs * gamma[c];
+                    sd->gh[o + q] = gz[o + q] + direct;
+                }
+            }
+            dgamma[c] += gxsum;
+            dbeta[c] += gsum;
+            if (sd->style == STYLE_GATED) {
+                float gu = ggate * gate * (1.0f - gate);
+                dgw[c] += gu * sd->hmean[i * C + c];
+                dgb[c] += gu;
+                if (stream)
+                    for (int64_t q = 0; q < HW; q++) sd->gh[o + q] += gu * gw[c] / (float)HW;
+            }
+        }
+        if (!stream) continue;
+        for (int64_t gi = 0; gi < G; gi++) { /* GroupNorm: gh += rstd (gxh - mean(gxh) - xhat mean(gxh xhat)) */
+            int64_t o = (i * C + gi * cg) * HW;
+            double m1 = 0.0, m2 = 0.0;
+            for (int64_t q = 0; q < M; q++) {
+                m1 += sd->gxh[o + q];
+                m2 += (double)sd->gxh[o + q] * sd->xhat[o + q];
+            }
+            float mean1 = (float)(m1 / (double)M), mean2 = (float)(m2 / (double)M), rstd = sd->rstd[i * G + gi];
+            for (int64_t q = 0; q < M; q++) sd->gh[o + q] += rstd * (sd->gxh[o + q] - mean1 - sd->xhat[o + q] * mean2);
+        }
+    }
+}
+
+/* One epoch of minibatch Adam of the host: L blocks of convolution (bias, zero padding) + ReLU, block l followed
+ * by a 2x2 max-pool when spec[4 l + 3], each block then its slot, then the mean-pool, linear classifier and
+ * cross-entropy of head_loss_forward. x [N, C0, H0, W0] and y [N] are the epoch's images and labels in minibatch
+ * order; minibatch b holds rows [b B, min(N, (b + 1) B)). spec[4 l .. 4 l + 3]: block l's output channels O,
+ * kernel K, padding and pool flag.
  *
- * Per minibatch the same kernels run in the same order, on the same values, as the autograd path of the native
- * kernels (conv2d with fused ReLU and pool, head_loss, then the backward of each, then clip_adam), so every result
- * is the same bit for bit. Outputs: losses [nb] (each minibatch's mean loss), norms [nb] (the gradient norm before
- * clipping), logits [N, Kc]; grads hold the last minibatch's clipped gradients. Returns 0, 1 when out of memory,
- * 2 for an unsupported kernel size or an odd map before a pool, 3 for a label outside [0, Kc). */
+ * The host optimizer's n_host parameters (sizes[i] floats each) come first in the order conv weight and bias of
+ * blocks 0..L-1, the head's weight [Kc, C] and bias [Kc], then any fossilized seed's. Slot l is described by
+ * slot_spec[4 l .. 4 l + 3] = (mode SLOT_*, style STYLE_*, groups, parameters with gradients), slot_alpha[l],
+ * slot_lr[l] (its own Adam's learning rate while it learns) and 4 pointers each in seed_params, seed_grads,
+ * seed_m, seed_v, seed_t (gamma, beta, gate_w, gate_b; a fossil's point into the host's arrays; NULL for
+ * SLOT_PASS). Per minibatch: forward, backward, each fossil's gradient norm (before the host's clip), clip_adam
+ * of the host, then of each learning seed (with its own learning rate), all at max_norm.
+ *
+ * Without seeds the kernels run in the same order, on the same values, as the autograd path of the native kernels
+ * (conv2d with fused ReLU and pool, head_loss, the backward of each, clip_adam): the same results bit for bit.
+ * Outputs: losses [nb] (each minibatch's mean loss), norms [nb] (the host's gradient norm before clipping),
+ * seed_norms [L, nb] (a fossil's or learning seed's), logits [N, Kc]; the gradients hold the last minibatch's
+ * clipped gradients. Returns 0, 1 when out of memory, 2 for an unsupported kernel size, an odd map before a pool or
+ * a bad slot, 3 for a label outside [0, Kc). */
 int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, int64_t B, int64_t C0, int64_t H0, int64_t W0,
-               int64_t L, const int64_t *spec, int64_t Kc, float *const *params, float *const *grads, float *const *exp_avgs,
-               float *const *exp_avg_sqs, float *const *steps, double lr, double beta1, double beta2, double eps,
-               double max_norm, float *restrict losses, float *restrict norms, float *restrict logits) {
+               int64_t L, const int64_t *spec, int64_t Kc, int64_t n_host, const int64_t *sizes, float *const *params,
+               float *const *grads, float *const *exp_avgs, float *const *exp_avg_sqs, float *const *steps,
+               const int64_t *slot_spec, const double *slot_alpha, const double *slot_lr, float *const *seed_params,
+               float *const *seed_grads, float *const *seed_m, float *const *seed_v, float *const *seed_steps,
+               double lr, double beta1, double beta2, double eps, double max_norm,
+               float *restrict losses, float *restrict norms, float *restrict seed_norms, float *restrict logits) {
     enum { MAXL = 16 };
-    if (L < 1 || L > MAXL || B < 1 || N < 1) return 2;
+    if (L < 1 || L > MAXL || B < 1 || N < 1 || n_host < 2 * L + 2) return 2;
     for (int64_t i = 0; i < N; i++)
         if (y[i] < 0 || y[i] >= Kc) return 3; /* before any update */
     int64_t C[MAXL + 1], H[MAXL + 1], W[MAXL + 1], Ho[MAXL], Wo[MAXL];
     int64_t size_in[MAXL + 1], size_conv[MAXL];
+    seed_t seeds[MAXL];
     C[0] = C0; H[0] = H0; W[0] = W0;
     int64_t total = 0;
     for (int64_t l = 0; l < L; l++) {
@@ -784,8 +912,25 @@ int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, in
         W[l + 1] = pool ? Wo[l] / 2 : Wo[l];
         size_conv[l] = B * O * Ho[l] * Wo[l];
         size_in[l + 1] = B * C[l + 1] * H[l + 1] * W[l + 1];
-        /* conv output, pooled output, the gradient of the block's output, the gradient of the conv output (pool) */
+        /* conv output, pooled output, the gradient of the slot's output, the gradient of the conv output (pool) */
         total += 2 * size_conv[l] + 2 * size_in[l + 1];
+        seed_t *sd = &seeds[l];
+        memset(sd, 0, sizeof *sd);
+        sd->mode = slot_spec[4 * l];
+        sd->style = slot_spec[4 * l + 1];
+        sd->G = slot_spec[4 * l + 2];
+        sd->n_step = slot_spec[4 * l + 3];
+        if (sd->mode < SLOT_PASS || sd->mode > SLOT_FOSSIL) return 2;
+        if (sd->mode != SLOT_PASS) {
+            if (sd->style < STYLE_ADD || sd->style > STYLE_GATED || sd->G < 1 || O % sd->G ||
+                sd->n_step != (sd->style == STYLE_GATED ? 4 : 2))
+                return 2;
+            sd->alpha = (float)slot_alpha[l];
+            sd->lr = slot_lr[l];
+            sd->p = seed_params + 4 * l; sd->g = seed_grads + 4 * l;
+            sd->m = seed_m + 4 * l; sd->v = seed_v + 4 * l; sd->t = seed_steps + 4 * l;
+            total += 5 * size_in[l + 1] + B * sd->G + 2 * B * O; /* z, xhat, s, gxh, gh; rstd; gate, hmean */
+        }
     }
     int64_t CL = C[L], HWL = H[L] * W[L];
     total += B * CL + B * Kc + 1; /* hmean, probs, loss */
@@ -798,53 +943,81 @@ int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, in
         free(ibuf);
         return 1;
     }
-    float *conv_out[MAXL], *block_out[MAXL + 1], *grad_out[MAXL], *grad_full[MAXL];
+    /* block l: conv_out[l] (after ReLU) -> block_out[l] (pooled) -> slot -> slot_out[l + 1], the next block's input */
+    float *conv_out[MAXL], *block_out[MAXL], *slot_out[MAXL + 1], *grad_out[MAXL], *grad_block[MAXL], *grad_full[MAXL];
     uint8_t *pool_idx[MAXL];
     float *p = buf;
     uint8_t *q = ibuf;
     for (int64_t l = 0; l < L; l++) {
         int pool = (int)spec[4 * l + 3];
+        seed_t *sd = &seeds[l];
         conv_out[l] = p; p += size_conv[l];
-        block_out[l + 1] = pool ? p : conv_out[l]; p += size_in[l + 1];
+        block_out[l] = pool ? p : conv_out[l]; p += size_in[l + 1];
         grad_out[l] = p; p += size_in[l + 1];
-        grad_full[l] = pool ? p : grad_out[l]; p += size_conv[l];
+        grad_full[l] = p; p += size_conv[l];
         pool_idx[l] = pool ? q : NULL; q += pool ? size_in[l + 1] : 0;
+        slot_out[l + 1] = block_out[l];
+        grad_block[l] = grad_out[l];
+        if (sd->mode != SLOT_PASS) {
+            sd->z = p; p += size_in[l + 1];
+            sd->xhat = p; p += size_in[l + 1];
+            sd->s = p; p += size_in[l + 1];
+            sd->gxh = p; p += size_in[l + 1];
+            sd->gh = p; p += size_in[l + 1];
+            sd->rstd = p; p += B * sd->G;
+            sd->gate = p; p += B * C[l + 1];
+            sd->hmean = p; p += B * C[l + 1];
+            if (sd->mode != SLOT_TRAINING) {
+                slot_out[l + 1] = sd->z;
+                grad_block[l] = sd->gh;
+            }
+        }
+        if (!pool) grad_full[l] = grad_block[l];
     }
     float *hmean = p; p += B * CL;
     float *probs = p; p += B * Kc;
     float *loss = p; p += 1;
     (void)p;
-    int64_t nb = (N + B - 1) / B, n_params = 2 * L + 2;
-    int64_t sizes[2 * MAXL + 2];
-    for (int64_t l = 0; l < L; l++) {
-        sizes[2 * l] = spec[4 * l] * C[l] * spec[4 * l + 1] * spec[4 * l + 1];
-        sizes[2 * l + 1] = spec[4 * l];
-    }
-    sizes[2 * L] = Kc * CL;
-    sizes[2 * L + 1] = Kc;
+    int64_t nb = (N + B - 1) / B;
+    int64_t seed_sizes[4];
     int rc = 0;
     for (int64_t b = 0; b < nb && !rc; b++) {
         int64_t start = b * B, n = N - start < B ? N - start : B;
-        block_out[0] = (float *)(x + start * C0 * H0 * W0);
+        slot_out[0] = (float *)(x + start * C0 * H0 * W0);
         const int64_t *yb = y + start;
         for (int64_t l = 0; l < L && !rc; l++) {
             int64_t O = spec[4 * l], K = spec[4 * l + 1], pad = spec[4 * l + 2];
-            rc = conv2d_forward(block_out[l], params[2 * l], params[2 * l + 1], conv_out[l], n, C[l], H[l], W[l], O, K, pad, 1, 1);
-            if (!rc && spec[4 * l + 3]) maxpool2x2_forward(conv_out[l], block_out[l + 1], pool_idx[l], n * O, Ho[l], Wo[l]);
+            rc = conv2d_forward(slot_out[l], params[2 * l], params[2 * l + 1], conv_out[l], n, C[l], H[l], W[l], O, K, pad, 1, 1);
+            if (rc) break;
+            if (spec[4 * l + 3]) maxpool2x2_forward(conv_out[l], block_out[l], pool_idx[l], n * O, Ho[l], Wo[l]);
+            if (seeds[l].mode != SLOT_PASS) norm_seed_forward(&seeds[l], block_out[l], n, O, H[l + 1] * W[l + 1]);
         }
         if (rc) break;
-        rc = head_loss_forward(block_out[L], params[2 * L], params[2 * L + 1], yb, hmean, logits + start * Kc, probs, loss, n, CL, HWL, Kc);
+        rc = head_loss_forward(slot_out[L], params[2 * L], params[2 * L + 1], yb, hmean, logits + start * Kc, probs, loss, n, CL, HWL, Kc);
         if (rc) break;
         losses[b] = *loss;
         rc = head_loss_backward(1.0f, probs, yb, hmean, params[2 * L], grad_out[L - 1], grads[2 * L], grads[2 * L + 1], n, CL, HWL, Kc);
         for (int64_t l = L - 1; l >= 0 && !rc; l--) {
             int64_t O = spec[4 * l], K = spec[4 * l + 1], pad = spec[4 * l + 2];
-            if (spec[4 * l + 3]) maxpool2x2_backward(grad_out[l], pool_idx[l], grad_full[l], n * O, Ho[l], Wo[l]);
-            rc = conv2d_backward(block_out[l], params[2 * l], grad_full[l], conv_out[l], l > 0 ? grad_out[l - 1] : NULL,
+            if (seeds[l].mode != SLOT_PASS) norm_seed_backward(&seeds[l], block_out[l], grad_out[l], n, O, H[l + 1] * W[l + 1]);
+            if (spec[4 * l + 3]) maxpool2x2_backward(grad_block[l], pool_idx[l], grad_full[l], n * O, Ho[l], Wo[l]);
+            rc = conv2d_backward(slot_out[l], params[2 * l], grad_full[l], conv_out[l], l > 0 ? grad_out[l - 1] : NULL,
                                  grads[2 * l], grads[2 * l + 1], n, C[l], H[l], W[l], O, K, pad, 1);
         }
         if (rc) break;
-        clip_adam(n_params, params, grads, exp_avgs, exp_avg_sqs, steps, sizes, lr, beta1, beta2, eps, max_norm, norms + b);
+        for (int64_t l = 0; l < L; l++) {
+            seed_t *sd = &seeds[l];
+            for (int k = 0; k < 4; k++) seed_sizes[k] = C[l + 1];
+            if (sd->mode == SLOT_FOSSIL) seed_norms[l * nb + b] = grad_norm(sd->n_step, sd->g, seed_sizes);
+        }
+        clip_adam(n_host, params, grads, exp_avgs, exp_avg_sqs, steps, sizes, lr, beta1, beta2, eps, max_norm, norms + b);
+        for (int64_t l = 0; l < L; l++) {
+            seed_t *sd = &seeds[l];
+            for (int k = 0; k < 4; k++) seed_sizes[k] = C[l + 1];
+            if (sd->mode == SLOT_TRAINING || sd->mode == SLOT_STREAM)
+                clip_adam(sd->n_step, sd->p, sd->g, sd->m, sd->v, sd->t, seed_sizes, sd->lr, beta1, beta2, eps, max_norm,
+                          seed_norms + l * nb + b);
+        }
     }
     free(buf);
     free(ibuf);
