@@ -139,7 +139,7 @@ class FusedAdam:
         batch_size: int,
         blocks: list[tuple[int, bool]],
         max_norm: float,
-        slots: list[native.NormSeedSlot | None] | None = None,
+        slots: list[native.SlotSeed | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``native.host_epoch`` over this optimizer's parameters (a host's ``host_parameters()`` in order, then any
         fossil's; ``blocks`` from ``HostCNN.native_blocks()``) and its state: ``(losses [nb], norms [nb], seed_norms
@@ -151,6 +151,6 @@ class FusedAdam:
             self.eps, max_norm, slots,
         )
 
-    def norm_seed_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """``(exp_avgs, exp_avg_sqs, steps)``, for ``native.NormSeedSlot`` (a learning seed's own optimizer)."""
+    def adam_state(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """``(exp_avgs, exp_avg_sqs, steps)``, for ``native.SlotSeed`` (a learning seed's own optimizer)."""
         return self._exp_avgs, self._exp_avg_sqs, self._steps

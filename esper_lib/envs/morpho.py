@@ -99,6 +99,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from esper_lib.constants import (
     ALPHA_SPEED_EPOCHS,
@@ -118,10 +119,11 @@ from esper_lib.constants import (
     state_dim_for,
 )
 from esper_lib.envs import native
-from esper_lib.envs.blueprints import ChannelGate, NormSeed, blueprint_mask, build_blueprint
+from esper_lib.envs.blueprints import AttentionSeed, ChannelGate, NormSeed, blueprint_mask, build_blueprint
 from esper_lib.envs.fused_adam import FusedAdam
 from esper_lib.envs.host import DigitsSplit, HostCNN, load_digits_split
 from esper_lib.envs.lifecycle import SeedSlot
+from esper_lib.envs.small_ops import FusedSequential, SmallConv2d
 from esper_lib.envs.spaces import action_space, action_to_dict, observation_space
 from esper_lib.observation import FEATURE_BOUND, HISTORY_LEN, observation_layout, symlog
 
@@ -553,7 +555,7 @@ class MorphoEnv(gym.Env):
         if any(s is False for s in slots):
             return False
         host_params = self.host.host_parameters()  # first in the host optimizer, then the fossils' (C reads them so)
-        fossil_params = [p for s in slots if s and s.mode == "fossil" for p in s.params[: 4 if s.style == 3 else 2]]
+        fossil_params = [p for s in slots if s and s.mode == "fossil" for p in s.params[: s.stepped]]
         opt_params = self._opt.params
         if list(map(id, opt_params[: len(host_params)])) != list(map(id, host_params)) or sorted(
             map(id, opt_params[len(host_params) :])
@@ -702,26 +704,58 @@ class MorphoEnv(gym.Env):
         state[fi[p + "interaction"]] = np.clip(st.interaction * 100.0 / 10.0, -1.0, 1.0)
 
 
-def _native_slot(slot: SeedSlot, host_opt: FusedAdam) -> native.NormSeedSlot | None | bool:
+def _seed_body(seed: torch.nn.Module | None) -> tuple[list[torch.nn.Parameter], str, int, tuple[tuple[int, bool], ...]] | None:
+    """``(parameters, body, GroupNorm groups, convolution layers)`` of a seed body ``native.host_epoch`` computes: a
+    ``NormSeed``, an ``AttentionSeed``, or a ``FusedSequential`` of size-preserving ``SmallConv2d`` s (with bias, 1x1
+    or 3x3), each optionally followed by an ``nn.ReLU`` (the convolution blueprints); None for anything else."""
+    if type(seed) is NormSeed:
+        norm = seed.norm
+        return ([norm.weight, norm.bias], "norm", norm.num_groups, ()) if norm.affine and norm.eps == 1e-5 else None
+    if type(seed) is AttentionSeed:
+        params = list(seed.parameters())  # scale, channel MLP (w1, b1, w2, b2), spatial (w, b)
+        return (params, "attention", 1, ()) if len(params) == 7 else None
+    if not isinstance(seed, FusedSequential):
+        return None
+    mods, layers, params = list(seed), [], []
+    k = 0
+    while k < len(mods):
+        conv = mods[k]
+        if type(conv) is not SmallConv2d or conv.bias is None or conv.stride != (1, 1) or conv.dilation != (1, 1):
+            return None
+        if conv.padding_mode != "zeros" or conv.kernel_size not in ((1, 1), (3, 3)) or conv.padding != ((conv.kernel_size[0] - 1) // 2,) * 2:
+            return None
+        relu = k + 1 < len(mods) and type(mods[k + 1]) is nn.ReLU
+        layers.append((conv.groups, relu))
+        params += [conv.weight, conv.bias]
+        k += 2 if relu else 1
+    if not 1 <= len(layers) <= native.MAX_SEED_LAYERS:
+        return None
+    return params, "convs", 1, tuple(layers)
+
+
+def _native_slot(slot: SeedSlot, host_opt: FusedAdam) -> native.SlotSeed | None | bool:
     """What ``native.host_epoch`` needs of ``slot``: None when it passes its input through and no seed learns or is
-    fossilized there; a ``native.NormSeedSlot`` for a NORM seed that learns (TRAINING, or in the stream) or a fossil
-    in the stream; False for anything else (the epoch then runs the minibatch loop)."""
+    fossilized there; a ``native.SlotSeed`` for a seed ``_seed_body`` describes (every CNN blueprint) that learns (TRAINING,
+    or in the stream) or is a fossil in the stream; False for anything else (the epoch then runs the minibatch loop)."""
     fossil = slot.stage == SeedStage.FOSSILIZED
     if slot.passes_through and not slot.learning and not fossil:
         return None
-    seed, gate = slot.seed, slot.gate
-    if type(seed) is not NormSeed or type(gate) is not ChannelGate or seed.norm.eps != 1e-5 or not seed.norm.affine:
+    body = _seed_body(slot.seed)
+    if body is None or type(slot.gate) is not ChannelGate:
         return False
-    params = [seed.norm.weight, seed.norm.bias, gate.weight, gate.bias]
+    body_params, kind, groups, layers = body
+    params = [*body_params, slot.gate.weight, slot.gate.bias]
+    if not all(p.dtype == torch.float32 and p.is_contiguous() and p.device.type == "cpu" for p in params):
+        return False
     if slot.stage == SeedStage.TRAINING or (slot.learning and slot.in_stream):
         opt = slot.optimizer
-        if opt is None or opt.params != params or opt.betas != host_opt.betas or opt.eps != host_opt.eps:
+        if opt is None or list(map(id, opt.params)) != list(map(id, params)) or opt.betas != host_opt.betas or opt.eps != host_opt.eps:
             return False
-        m, v, t = opt.norm_seed_state()
+        m, v, t = opt.adam_state()
         mode = "training" if slot.stage == SeedStage.TRAINING else "stream"
-        return native.NormSeedSlot(mode, int(slot.style), seed.norm.num_groups, slot.alpha, params, list(m), list(v), list(t), opt.lr)
+        return native.SlotSeed(mode, int(slot.style), slot.alpha, params, kind, groups, layers, list(m), list(v), list(t), opt.lr)
     if fossil and slot.in_stream:
-        return native.NormSeedSlot("fossil", int(slot.style), seed.norm.num_groups, slot.alpha, params)
+        return native.SlotSeed("fossil", int(slot.style), slot.alpha, params, kind, groups, layers)
     return False
 
 

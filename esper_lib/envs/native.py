@@ -22,8 +22,9 @@ Functions (contiguous float32 CPU tensors only; anything else raises ValueError)
   call each;
 - ``clip_adam_``: gradient clipping and an Adam step over a list of parameters in one call;
   ``grad_norm``: the global norm of a list of gradients;
-- ``host_epoch``: a whole epoch of minibatch training (forward, backward, clipping, Adam) of a plain host
-  (convolution blocks and the head, no seed) in one call, the same results as the calls above bit for bit;
+- ``host_epoch``: a whole epoch of minibatch training (forward, backward, clipping, Adam) of the host with
+  the NORM and convolution seeds in its slots, in one call; without seeds the same results as the calls above
+  bit for bit;
 - ``available()``, ``enable()``, ``enabled()``.
 """
 from __future__ import annotations
@@ -438,87 +439,142 @@ def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.tensor(_lib().grad_norm(len(grads), _pointers(grads), sizes), dtype=torch.float32)
 
 
+MAX_SEED_LAYERS = 4  # as in native_kernels.c
+_SEED_PTRS = 2 * MAX_SEED_LAYERS + 2
+_SLOT_INTS = 5 + 4 * MAX_SEED_LAYERS
+_SLOT_MODES = {"training": 1, "stream": 2, "fossil": 3}
+
+
 @dataclass(frozen=True)
-class NormSeedSlot:
-    """A NORM seed (``blueprints.NormSeed``: GroupNorm, eps 1e-5, affine) in a host slot, for ``host_epoch``.
+class SlotSeed:
+    """A seed in a host slot, for ``host_epoch``: a NORM seed (``blueprints.NormSeed``: GroupNorm, eps 1e-5, affine),
+    a chain of size-preserving convolutions, each optionally followed by a ReLU (the convolution blueprints), or an
+    ATTENTION seed (``blueprints.AttentionSeed``).
 
     Attributes:
         mode: ``"training"`` (TRAINING: learns, the host does not see it), ``"stream"`` (in the stream with
             ``alpha`` and learning) or ``"fossil"`` (in the stream, its parameters in the host's optimizer).
         style: the ``GerminationStyle`` value (0 LINEAR_ADD, 1 LINEAR_MULTIPLY, 2 SIGMOID_ADD, 3 GATED_GATE).
-        groups: the GroupNorm's groups.
         alpha: the blend weight (ignored while training).
-        params: ``[gamma [C], beta [C], gate_w [1, C, 1, 1], gate_b [1, C, 1, 1]]``.
+        params: the body's parameters (``[gamma, beta]``; ``[w_0, b_0, w_1, b_1, ...]``; ATTENTION's ``[scale, w1, b1,
+            w2, b2, spatial_w, spatial_b]``), then the gate's ``[gate_w [1, C, 1, 1], gate_b [1, C, 1, 1]]``: the seed
+            optimizer's order.
+        body: ``"norm"``, ``"convs"`` or ``"attention"``.
+        groups: the GroupNorm's groups (NORM seeds).
+        layers: per convolution ``(groups, relu)`` (convolution seeds; weight shapes give the rest).
         exp_avgs, exp_avg_sqs, steps: the seed's own Adam state for ``params`` (learning seeds; empty for a fossil).
         lr: the seed's Adam learning rate (learning seeds).
     """
 
     mode: str
     style: int
-    groups: int
     alpha: float
     params: list[torch.Tensor]
+    body: str = "norm"
+    groups: int = 1
+    layers: tuple[tuple[int, bool], ...] = ()
     exp_avgs: list[torch.Tensor] = field(default_factory=list)
     exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
     steps: list[torch.Tensor] = field(default_factory=list)
     lr: float = 0.0
 
+    @property
+    def stepped(self) -> int:
+        """How many of ``params`` get gradients: the body's, and the gate's under GATED_GATE."""
+        return len(self.params) - (0 if self.style == 3 else 2)
 
-_SLOT_MODES = {"training": 1, "stream": 2, "fossil": 3}
+
+def _seed_ints(i: int, seed: SlotSeed, c: int) -> list[int]:
+    """Check one slot's seed against its block's ``c`` channels; its ``_SLOT_INTS`` integers for the C call."""
+    if seed.mode not in _SLOT_MODES:
+        raise ValueError(f"slots[{i}].mode must be one of {sorted(_SLOT_MODES)}, got {seed.mode!r}")
+    if seed.style not in (0, 1, 2, 3):
+        raise ValueError(f"slots[{i}].style must be 0-3, got {seed.style!r}")
+    n_body = len(seed.params) - 2
+    for k, t in enumerate(seed.params):
+        _check(f"slots[{i}].params[{k}]", t)
+    for k, t in enumerate(seed.params[n_body:]):
+        if t.numel() != c:
+            raise ValueError(f"slots[{i}]: the gate's tensors must have {c} entries (the block's channels), got {t.numel()}")
+    layer_ints: list[int] = []
+    if seed.body == "norm":
+        if n_body != 2 or any(t.numel() != c for t in seed.params[:2]):
+            raise ValueError(f"slots[{i}]: a NORM seed's params must be [gamma [{c}], beta [{c}], gate_w, gate_b]")
+        if not isinstance(seed.groups, int) or seed.groups < 1 or c % seed.groups:
+            raise ValueError(f"slots[{i}].groups must divide the {c} channels, got {seed.groups!r}")
+        body, small = 0, seed.groups
+    elif seed.body == "attention":
+        mid = seed.params[1].shape[0] if n_body == 7 else 0
+        shapes = [(1, c, 1, 1), (mid, c, 1, 1), (mid,), (c, mid, 1, 1), (c,), (1, 2, 3, 3), (1,)]
+        if n_body != 7 or [tuple(t.shape) for t in seed.params[:7]] != shapes or not 1 <= mid <= 64 or c > 64:
+            raise ValueError(
+                f"slots[{i}]: an ATTENTION seed's params must be [scale, w1, b1, w2, b2, spatial_w, spatial_b] shaped {shapes} "
+                f"(mid and C at most 64), then the gate's"
+            )
+        body, small = 2, mid
+    elif seed.body == "convs":
+        if not 1 <= len(seed.layers) <= MAX_SEED_LAYERS or n_body != 2 * len(seed.layers):
+            raise ValueError(f"slots[{i}]: a convolution seed has 1-{MAX_SEED_LAYERS} layers and a weight and bias for each")
+        cin = c
+        for j, (groups, relu) in enumerate(seed.layers):
+            w, b = seed.params[2 * j], seed.params[2 * j + 1]
+            if w.dim() != 4 or w.shape[2] != w.shape[3] or w.shape[2] not in (1, 3) or groups < 1 or cin % groups or w.shape[0] % groups:
+                raise ValueError(f"slots[{i}] layer {j}: weight {tuple(w.shape)} must be [O, C/groups, K, K] with K 1 or 3 (groups {groups})")
+            if w.shape[1] != cin // groups or b.shape != (w.shape[0],):
+                raise ValueError(f"slots[{i}] layer {j}: weight {tuple(w.shape)} and bias {tuple(b.shape)} do not take {cin} channels")
+            layer_ints += [w.shape[0], w.shape[2], groups, int(bool(relu))]
+            cin = w.shape[0]
+        if cin != c:
+            raise ValueError(f"slots[{i}]: the last layer must give back the block's {c} channels, gives {cin}")
+        body, small = 1, 1
+    else:
+        raise ValueError(f"slots[{i}].body must be 'norm', 'convs' or 'attention', got {seed.body!r}")
+    layer_ints += [0] * (4 * MAX_SEED_LAYERS - len(layer_ints))
+    return [_SLOT_MODES[seed.mode], int(seed.style), body, int(small), len(seed.layers), *layer_ints]
 
 
 def _slot_arrays(
-    slots: list[NormSeedSlot | None], params: list[torch.Tensor], grads: list[torch.Tensor], channels: list[int]
+    slots: list[SlotSeed | None], params: list[torch.Tensor], grads: list[torch.Tensor], channels: list[int]
 ) -> tuple[list[int], list[float], list[float], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-    """Check ``slots`` and lay them out for the C call: (slot_spec, alphas, lrs, seed tensors (params, grads, m, v,
-    steps; 4 per slot each), the learning seeds' gradient tensors to hand back as ``.grad``)."""
+    """Check ``slots`` and lay them out for the C call: (slot_spec, alphas, lrs, [seed params, seed grads], [Adam
+    m, v, steps]), ``_SEED_PTRS`` tensors per slot in each list."""
     spec: list[int] = []
     alphas, lrs = [], []
     arrays: list[list[torch.Tensor]] = [[], [], [], [], []]
     host_grad = {id(p): g for p, g in zip(params, grads)}
-    for i, (slot, c) in enumerate(zip(slots, channels)):
-        if slot is None:
-            spec += [0, 0, 1, 0]
+    scratch = torch.zeros(1)
+    for i, (seed, c) in enumerate(zip(slots, channels)):
+        if seed is None:
+            spec += [0] * _SLOT_INTS
             alphas.append(0.0)
             lrs.append(0.0)
-            scratch = torch.zeros(1)
             for a in arrays:
-                a += [scratch] * 4
+                a += [scratch] * _SEED_PTRS
             continue
-        if slot.mode not in _SLOT_MODES:
-            raise ValueError(f"slots[{i}].mode must be one of {sorted(_SLOT_MODES)}, got {slot.mode!r}")
-        if slot.style not in (0, 1, 2, 3) or not isinstance(slot.groups, int) or slot.groups < 1 or c % slot.groups:
-            raise ValueError(f"slots[{i}]: style must be 0-3 and groups a divisor of {c} channels, got {slot.style!r}, {slot.groups!r}")
-        if len(slot.params) != 4:
-            raise ValueError(f"slots[{i}].params must be [gamma, beta, gate_w, gate_b], got {len(slot.params)} tensors")
-        for k, t in enumerate(slot.params):
-            _check(f"slots[{i}].params[{k}]", t)
-            if t.numel() != c:
-                raise ValueError(f"slots[{i}].params[{k}] must have {c} entries (the block's channels), got {t.numel()}")
-        n_step = 4 if slot.style == 3 else 2
-        if slot.mode == "fossil":
-            if any(id(t) not in host_grad for t in slot.params[:n_step]):
+        spec += _seed_ints(i, seed, c)
+        n = len(seed.params)
+        if seed.mode == "fossil":
+            if any(id(t) not in host_grad for t in seed.params[: seed.stepped]):
                 raise ValueError(f"slots[{i}]: a fossil's parameters must be among params (the host optimizer's)")
-            seed_grads = [host_grad[id(t)] for t in slot.params[:n_step]] + [torch.zeros(c)] * (4 - n_step)
-            state = [[torch.zeros(c)] * 4, [torch.zeros(c)] * 4, [torch.zeros(())] * 4]
+            seed_grads = [host_grad[id(t)] if k < seed.stepped else torch.empty_like(t) for k, t in enumerate(seed.params)]
+            state = [[scratch] * n, [scratch] * n, [scratch] * n]
         else:
-            if not (len(slot.exp_avgs) == len(slot.exp_avg_sqs) == len(slot.steps) == 4):
-                raise ValueError(f"slots[{i}]: a learning seed needs the Adam state of its 4 parameters")
-            for k in range(4):
-                _check(f"slots[{i}].exp_avgs[{k}]", slot.exp_avgs[k])
-                _check(f"slots[{i}].exp_avg_sqs[{k}]", slot.exp_avg_sqs[k])
-                _check(f"slots[{i}].steps[{k}]", slot.steps[k], 0)
-                if slot.exp_avgs[k].numel() != c or slot.exp_avg_sqs[k].numel() != c:
-                    raise ValueError(f"slots[{i}]: the Adam state must match the parameters' {c} entries")
-            if not slot.lr > 0:
-                raise ValueError(f"slots[{i}].lr must be > 0, got {slot.lr!r}")
-            seed_grads = [torch.empty_like(t) for t in slot.params]
-            state = [list(slot.exp_avgs), list(slot.exp_avg_sqs), list(slot.steps)]
-        spec += [_SLOT_MODES[slot.mode], int(slot.style), slot.groups, n_step]
-        alphas.append(float(slot.alpha))
-        lrs.append(float(slot.lr))
-        for a, ts in zip(arrays, [list(slot.params), seed_grads, *state]):
-            a += ts
+            if not (len(seed.exp_avgs) == len(seed.exp_avg_sqs) == len(seed.steps) == n):
+                raise ValueError(f"slots[{i}]: a learning seed needs the Adam state of each of its {n} parameters")
+            for k, t in enumerate(seed.params):
+                _check(f"slots[{i}].exp_avgs[{k}]", seed.exp_avgs[k])
+                _check(f"slots[{i}].exp_avg_sqs[{k}]", seed.exp_avg_sqs[k])
+                _check(f"slots[{i}].steps[{k}]", seed.steps[k], 0)
+                if seed.exp_avgs[k].shape != t.shape or seed.exp_avg_sqs[k].shape != t.shape:
+                    raise ValueError(f"slots[{i}]: the Adam state of params[{k}] must have its shape {tuple(t.shape)}")
+            if not seed.lr > 0:
+                raise ValueError(f"slots[{i}].lr must be > 0, got {seed.lr!r}")
+            seed_grads = [torch.empty_like(t) for t in seed.params]
+            state = [list(seed.exp_avgs), list(seed.exp_avg_sqs), list(seed.steps)]
+        alphas.append(float(seed.alpha))
+        lrs.append(float(seed.lr))
+        for a, ts in zip(arrays, [list(seed.params), seed_grads, *state]):
+            a += ts + [scratch] * (_SEED_PTRS - n)
     return spec, alphas, lrs, arrays[:2], arrays[2:]
 
 
@@ -535,7 +591,7 @@ def host_epoch(
     betas: tuple[float, float],
     eps: float,
     max_norm: float,
-    slots: list[NormSeedSlot | None] | None = None,
+    slots: list[SlotSeed | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One epoch of minibatch Adam of the host in one call: per minibatch of ``batch_size`` consecutive rows (the
     last may be shorter), each block's convolution + ReLU (+ 2x2 max-pool) then its slot, the head's mean-pool,
@@ -549,14 +605,14 @@ def host_epoch(
             any fossilized seed's; updated in place.
         blocks: per block ``(padding, pool)``.
         exp_avgs, exp_avg_sqs, steps: the Adam state of each parameter (``FusedAdam``'s), updated in place.
-        slots: per block, the ``NormSeedSlot`` in its slot or None (the slot passes its input through); None: no seeds.
+        slots: per block, the ``SlotSeed`` in its slot or None (the slot passes its input through); None: no seeds.
 
     Returns ``(losses [nb], norms [nb], seed_norms [L, nb], logits [N, Kc])``: each minibatch's mean loss and the
     host's gradient norm before clipping, each fossil's or learning seed's gradient norm (0 for other slots), the
     logits. Every parameter that got a gradient holds the last minibatch's clipped gradient in ``.grad``. Without
     seeds, the same values bit for bit as ``HostCNN.train_loss``, ``backward`` and ``FusedAdam.native_clip_and_step``
-    per minibatch with the kernels on; with NORM seeds, the same up to float rounding as ``SeedSlot`` on the autograd
-    path (``tests/test_native_kernels.py``). Bad input raises ValueError.
+    per minibatch with the kernels on; with seeds, the same up to float rounding as ``SeedSlot`` on the autograd path
+    (``tests/test_native_kernels.py``). Bad input raises ValueError.
     """
     n_blocks = len(blocks)
     slots = [None] * n_blocks if slots is None else list(slots)
@@ -628,9 +684,8 @@ def host_epoch(
     with torch.no_grad():
         for p, g in zip(params, grads):
             p.grad = g
-        for i, slot in enumerate(slots):
-            if slot is not None and slot.mode != "fossil":
-                n_step = slot_spec[4 * i + 3]
-                for k, t in enumerate(slot.params):
-                    t.grad = seed_grads[4 * i + k] if k < n_step else None
+        for i, seed in enumerate(slots):
+            if seed is not None and seed.mode != "fossil":
+                for k, t in enumerate(seed.params):
+                    t.grad = seed_grads[_SEED_PTRS * i + k] if k < seed.stepped else None
     return losses, norms, seed_norms, logits

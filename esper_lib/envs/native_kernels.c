@@ -749,36 +749,242 @@ void clip_adam(int64_t n, float *const *params, float *const *grads, float *cons
     }
 }
 
-/* ---- NORM seeds in the host's slots (esper_lib.envs.blueprints.NormSeed and lifecycle.SeedSlot) ----
- * A seed is s = gamma * norm(h) + beta, norm = GroupNorm (G groups, eps 1e-5, biased variance); its delta d is s
- * (LINEAR_ADD), h * s (LINEAR_MULTIPLY), 2 sigmoid(s) - 1 (SIGMOID_ADD) or gate * s (GATED_GATE, gate[n, c] =
- * sigmoid(gate_w[c] mean_hw(h[n, c]) + gate_b[c])). The slot's output is h while the seed is TRAINING (the seed
- * learns from the loss as if blended at alpha 1, the host does not see it) and h + alpha d in the stream. */
+/* ---- Seeds in the host's slots (esper_lib.envs.blueprints, lifecycle.SeedSlot) ----
+ * A seed's body maps h [n, C, H, W] to s of the same shape: a NORM seed is s = gamma * norm(h) + beta (GroupNorm,
+ * G groups, eps 1e-5, biased variance); a convolution seed is a chain of up to MAX_SEED_LAYERS size-preserving
+ * convolutions (bias, K 1 or 3, padding (K - 1) / 2, groups), each optionally followed by a ReLU; an ATTENTION seed
+ * is s = scale * h * ca(h) * sa(h) with ca = sigmoid(w2 relu(w1 mean_hw(h) + b1) + b2) [n, C] (1x1 convolutions
+ * C -> mid -> C) and sa = sigmoid(3x3 convolution of [mean_c(h), max_c(h)] + sb) [n, H, W]. Its delta d is
+ * s (LINEAR_ADD), h * s (LINEAR_MULTIPLY), 2 sigmoid(s) - 1 (SIGMOID_ADD) or gate * s (GATED_GATE, gate[n, c] =
+ * sigmoid(gate_w[c] mean_hw(h[n, c]) + gate_b[c])). The slot's output is h while the seed is TRAINING (it learns
+ * from the loss as if blended at alpha 1, the host does not see it) and h + alpha d in the stream. */
 enum { SLOT_PASS = 0, SLOT_TRAINING = 1, SLOT_STREAM = 2, SLOT_FOSSIL = 3 };
 enum { STYLE_ADD = 0, STYLE_MULTIPLY = 1, STYLE_SIGMOID = 2, STYLE_GATED = 3 };
+enum { BODY_NORM = 0, BODY_CONVS = 1, BODY_ATTENTION = 2 };
+enum { MAX_SEED_LAYERS = 4, SEED_PTRS = 2 * MAX_SEED_LAYERS + 2, SLOT_INTS = 5 + 4 * MAX_SEED_LAYERS };
 
 typedef struct {
-    int64_t mode, style, G, n_step; /* n_step: the parameters that get gradients (2, or 4 with the gate) */
+    int64_t mode, style, body, G, n_layers, n_step; /* n_step: the parameters that get gradients (with the gate's) */
+    int64_t layer[MAX_SEED_LAYERS][4];              /* per convolution: output channels, K, groups, ReLU flag */
+    int64_t C, H, W, HW, maxc;
     float alpha;
     double lr;
-    float *const *p, *const *g, *const *m, *const *v, *const *t; /* gamma, beta, gate_w, gate_b; grads; Adam state */
-    float *z, *xhat, *s, *gxh, *gh, *rstd, *gate, *hmean;          /* per-minibatch buffers */
+    /* body parameters (gamma, beta, or w_0, b_0, w_1, ...), then gate_w, gate_b: pointers, gradients, Adam state */
+    float *const *p, *const *g, *const *m, *const *v, *const *t;
+    int64_t sizes[SEED_PTRS];
+    /* per-minibatch buffers */
+    float *z, *s, *xhat, *gs, *gh, *ga, *gb, *rstd, *gate, *hmean, *act[MAX_SEED_LAYERS];
+    float *pooled, *u, *ca, *maps, *sa; /* ATTENTION: mean_hw(h) [n, C], hidden [n, mid], ca [n, C], [n, 2, HW], [n, HW] */
 } seed_t;
 
 static float sigmoidf(float u) { return 1.0f / (1.0f + expf(-u)); }
 
-/* h [n, C, HW] -> sd->z (the slot's output; h itself while TRAINING), keeping what the backward needs. */
-static void norm_seed_forward(seed_t *sd, const float *restrict h, int64_t n, int64_t C, int64_t HW) {
+/* Floats of one seed's buffers for minibatches of B; with `base`, also points the buffers into it. */
+static int64_t seed_buffers(seed_t *sd, int64_t B, float *base) {
+    int64_t plane = B * sd->C * sd->HW, wide = B * sd->maxc * sd->HW, used = 0;
+#define TAKE(ptr, count) do { if (base) (ptr) = base + used; used += (count); } while (0)
+    TAKE(sd->z, plane);
+    TAKE(sd->gs, plane);
+    TAKE(sd->gh, plane);
+    TAKE(sd->gate, B * sd->C);
+    TAKE(sd->hmean, B * sd->C);
+    if (sd->body == BODY_NORM) {
+        TAKE(sd->s, plane);
+        TAKE(sd->xhat, plane);
+        TAKE(sd->rstd, B * sd->G);
+    } else if (sd->body == BODY_ATTENTION) {
+        TAKE(sd->s, plane);
+        TAKE(sd->pooled, B * sd->C);
+        TAKE(sd->u, B * sd->G);
+        TAKE(sd->ca, B * sd->C);
+        TAKE(sd->maps, B * 2 * sd->HW);
+        TAKE(sd->sa, B * sd->HW);
+        TAKE(sd->ga, 4 * sd->HW); /* backward scratch: gsa, gt, the maps' gradients */
+    } else {
+        for (int64_t j = 0; j < sd->n_layers; j++) TAKE(sd->act[j], B * sd->layer[j][0] * sd->HW);
+        TAKE(sd->ga, wide);
+        TAKE(sd->gb, wide);
+        if (base) sd->s = sd->act[sd->n_layers - 1];
+    }
+#undef TAKE
+    return used;
+}
+
+/* 3x3 convolution (zero padding 1) of the 2 maps [2, H, W] with w [2, 3, 3] plus b: out [H, W]. */
+static void spatial_conv(const float *restrict maps, const float *restrict w, float b, float *restrict out, int64_t H, int64_t W) {
+    for (int64_t i = 0; i < H; i++)
+        for (int64_t j = 0; j < W; j++) {
+            float a = b;
+            for (int64_t k = 0; k < 2; k++)
+                for (int64_t dy = -1; dy <= 1; dy++)
+                    for (int64_t dx = -1; dx <= 1; dx++) {
+                        int64_t yy = i + dy, xx = j + dx;
+                        if (yy >= 0 && yy < H && xx >= 0 && xx < W) a += w[k * 9 + (dy + 1) * 3 + dx + 1] * maps[(k * H + yy) * W + xx];
+                    }
+            out[i * W + j] = a;
+        }
+}
+
+/* ATTENTION body: parameters scale [C], w1 [mid, C], b1 [mid], w2 [C, mid], b2 [C], sw [2, 3, 3], sb [1]. */
+static void attention_forward(seed_t *sd, const float *restrict h, int64_t n) {
+    int64_t C = sd->C, HW = sd->HW, mid = sd->G;
+    const float *scale = sd->p[0], *w1 = sd->p[1], *b1 = sd->p[2], *w2 = sd->p[3], *b2 = sd->p[4], *sw = sd->p[5], *sb = sd->p[6];
+    for (int64_t i = 0; i < n; i++) {
+        const float *hi = h + i * C * HW;
+        float *pooled = sd->pooled + i * C, *u = sd->u + i * mid, *ca = sd->ca + i * C, *maps = sd->maps + i * 2 * HW;
+        float *sa = sd->sa + i * HW;
+        for (int64_t c = 0; c < C; c++) {
+            float a = 0.0f;
+            for (int64_t q = 0; q < HW; q++) a += hi[c * HW + q];
+            pooled[c] = a / (float)HW;
+        }
+        for (int64_t j = 0; j < mid; j++) {
+            float a = b1[j];
+            for (int64_t c = 0; c < C; c++) a += w1[j * C + c] * pooled[c];
+            u[j] = a > 0.0f ? a : 0.0f;
+        }
+        for (int64_t c = 0; c < C; c++) {
+            float a = b2[c];
+            for (int64_t j = 0; j < mid; j++) a += w2[c * mid + j] * u[j];
+            ca[c] = sigmoidf(a);
+        }
+        for (int64_t q = 0; q < HW; q++) {
+            float mean = 0.0f, top = hi[q];
+            for (int64_t c = 0; c < C; c++) {
+                float v = hi[c * HW + q];
+                mean += v;
+                if (v > top || v != v) top = v;
+            }
+            maps[q] = mean / (float)C;
+            maps[HW + q] = top;
+        }
+        spatial_conv(maps, sw, sb[0], sa, sd->H, sd->W);
+        for (int64_t q = 0; q < HW; q++) sa[q] = sigmoidf(sa[q]);
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t q = 0; q < HW; q++) sd->s[(i * C + c) * HW + q] = scale[c] * hi[c * HW + q] * ca[c] * sa[q];
+    }
+}
+
+/* Gradients of attention_forward for gs = dL/ds: the parameters' (written, not accumulated) and, when gh is not
+ * NULL, dL/dh added to gh. The channel max passes its gradient to every channel that attains it, in equal shares
+ * (as torch's amax). */
+static void attention_backward(seed_t *sd, const float *restrict h, int64_t n, float *gh) {
+    int64_t C = sd->C, HW = sd->HW, mid = sd->G, H = sd->H, W = sd->W;
+    const float *scale = sd->p[0], *w1 = sd->p[1], *w2 = sd->p[3], *sw = sd->p[5];
+    float *dscale = sd->g[0], *dw1 = sd->g[1], *db1 = sd->g[2], *dw2 = sd->g[3], *db2 = sd->g[4], *dsw = sd->g[5], *dsb = sd->g[6];
+    memset(dscale, 0, (size_t)C * sizeof(float));
+    memset(dw1, 0, (size_t)(mid * C) * sizeof(float));
+    memset(db1, 0, (size_t)mid * sizeof(float));
+    memset(dw2, 0, (size_t)(C * mid) * sizeof(float));
+    memset(db2, 0, (size_t)C * sizeof(float));
+    memset(dsw, 0, 18 * sizeof(float));
+    dsb[0] = 0.0f;
+    float *gsa = sd->ga, *gt = gsa + HW, *gmaps = gt + HW;
+    float gca[64], gu[64];
+    if (C > 64 || mid > 64) return; /* checked by the caller */
+    for (int64_t i = 0; i < n; i++) {
+        const float *hi = h + i * C * HW, *gsi = sd->gs + i * C * HW;
+        const float *pooled = sd->pooled + i * C, *u = sd->u + i * mid, *ca = sd->ca + i * C, *maps = sd->maps + i * 2 * HW;
+        const float *sa = sd->sa + i * HW;
+        for (int64_t q = 0; q < HW; q++) gsa[q] = 0.0f;
+        for (int64_t c = 0; c < C; c++) {
+            float ds = 0.0f, dca = 0.0f;
+            for (int64_t q = 0; q < HW; q++) {
+                float g = gsi[c * HW + q], hv = hi[c * HW + q];
+                ds += g * hv * ca[c] * sa[q];
+                dca += g * scale[c] * hv * sa[q];
+                gsa[q] += g * scale[c] * hv * ca[c];
+                if (gh) gh[(i * C + c) * HW + q] += g * scale[c] * ca[c] * sa[q];
+            }
+            dscale[c] += ds;
+            gca[c] = dca * ca[c] * (1.0f - ca[c]); /* through the sigmoid */
+            db2[c] += gca[c];
+        }
+        for (int64_t j = 0; j < mid; j++) {
+            float a = 0.0f;
+            for (int64_t c = 0; c < C; c++) {
+                dw2[c * mid + j] += gca[c] * u[j];
+                a += gca[c] * w2[c * mid + j];
+            }
+            gu[j] = u[j] > 0.0f ? a : 0.0f;
+            db1[j] += gu[j];
+            for (int64_t c = 0; c < C; c++) dw1[j * C + c] += gu[j] * pooled[c];
+        }
+        float tsum = 0.0f;
+        for (int64_t q = 0; q < HW; q++) {
+            gt[q] = gsa[q] * sa[q] * (1.0f - sa[q]);
+            tsum += gt[q];
+        }
+        dsb[0] += tsum;
+        for (int64_t k = 0; k < 2; k++)
+            for (int64_t dy = -1; dy <= 1; dy++)
+                for (int64_t dx = -1; dx <= 1; dx++) {
+                    float a = 0.0f;
+                    for (int64_t y0 = 0; y0 < H; y0++)
+                        for (int64_t x0 = 0; x0 < W; x0++) {
+                            int64_t yy = y0 + dy, xx = x0 + dx;
+                            if (yy >= 0 && yy < H && xx >= 0 && xx < W) a += gt[y0 * W + x0] * maps[(k * H + yy) * W + xx];
+                        }
+                    dsw[k * 9 + (dy + 1) * 3 + dx + 1] += a;
+                }
+        if (!gh) continue;
+        for (int64_t q = 0; q < 2 * HW; q++) gmaps[q] = 0.0f;
+        for (int64_t y0 = 0; y0 < H; y0++)
+            for (int64_t x0 = 0; x0 < W; x0++)
+                for (int64_t k = 0; k < 2; k++)
+                    for (int64_t dy = -1; dy <= 1; dy++)
+                        for (int64_t dx = -1; dx <= 1; dx++) {
+                            int64_t yy = y0 + dy, xx = x0 + dx;
+                            if (yy >= 0 && yy < H && xx >= 0 && xx < W)
+                                gmaps[(k * H + yy) * W + xx] += gt[y0 * W + x0] * sw[k * 9 + (dy + 1) * 3 + dx + 1];
+                        }
+        for (int64_t c = 0; c < C; c++) {
+            float gp = 0.0f;
+            for (int64_t j = 0; j < mid; j++) gp += gu[j] * w1[j * C + c];
+            gp /= (float)HW;
+            for (int64_t q = 0; q < HW; q++) gh[(i * C + c) * HW + q] += gp + gmaps[q] / (float)C;
+        }
+        for (int64_t q = 0; q < HW; q++) {
+            int64_t ties = 0;
+            for (int64_t c = 0; c < C; c++) ties += hi[c * HW + q] == maps[HW + q];
+            if (ties == 0) continue; /* a NaN maximum */
+            float share = gmaps[HW + q] / (float)ties;
+            for (int64_t c = 0; c < C; c++)
+                if (hi[c * HW + q] == maps[HW + q]) gh[(i * C + c) * HW + q] += share;
+        }
+    }
+}
+
+/* s = body(h) for n images (and what the backward needs). Returns 0, or 1 when out of memory. */
+static int seed_body_forward(seed_t *sd, const float *restrict h, int64_t n) {
+    int64_t C = sd->C, HW = sd->HW;
+    if (sd->body == BODY_ATTENTION) {
+        attention_forward(sd, h, n);
+        return 0;
+    }
+    if (sd->body == BODY_CONVS) {
+        const float *in = h;
+        int64_t cin = C;
+        for (int64_t j = 0; j < sd->n_layers; j++) {
+            int64_t O = sd->layer[j][0], K = sd->layer[j][1];
+            if (conv2d_forward(in, sd->p[2 * j], sd->p[2 * j + 1], sd->act[j], n, cin, sd->H, sd->W, O, K, (K - 1) / 2,
+                               sd->layer[j][2], sd->layer[j][3]))
+                return 1;
+            in = sd->act[j];
+            cin = O;
+        }
+        return 0;
+    }
     int64_t G = sd->G, cg = C / G, M = cg * HW;
-    const float *gamma = sd->p[0], *beta = sd->p[1], *gw = sd->p[2], *gb = sd->p[3];
+    const float *gamma = sd->p[0], *beta = sd->p[1];
     for (int64_t i = 0; i < n; i++) {
         for (int64_t gi = 0; gi < G; gi++) {
             const float *hg = h + (i * C + gi * cg) * HW;
-            double s1 = 0.0, s2 = 0.0;
+            float s1 = 0.0f, s2 = 0.0f;
             for (int64_t q = 0; q < M; q++) s1 += hg[q];
-            double mu = s1 / (double)M;
-            for (int64_t q = 0; q < M; q++) s2 += ((double)hg[q] - mu) * ((double)hg[q] - mu);
-            float rstd = (float)(1.0 / sqrt(s2 / (double)M + 1e-5)), muf = (float)mu;
+            float mu = s1 / (float)M;
+            for (int64_t q = 0; q < M; q++) s2 += (hg[q] - mu) * (hg[q] - mu);
+            float rstd = (float)(1.0 / sqrt((double)(s2 / (float)M) + 1e-5)), muf = mu;
             sd->rstd[i * G + gi] = rstd;
             float *xh = sd->xhat + (i * C + gi * cg) * HW;
             for (int64_t q = 0; q < M; q++) xh[q] = (hg[q] - muf) * rstd;
@@ -786,12 +992,29 @@ static void norm_seed_forward(seed_t *sd, const float *restrict h, int64_t n, in
         for (int64_t c = 0; c < C; c++) {
             int64_t o = (i * C + c) * HW;
             for (int64_t q = 0; q < HW; q++) sd->s[o + q] = gamma[c] * sd->xhat[o + q] + beta[c];
+        }
+    }
+    return 0;
+}
+
+/* h [n, C, H, W] -> sd->z, the slot's output (h itself while TRAINING: the caller reads h then). */
+static int seed_forward(seed_t *sd, const float *restrict h, int64_t n) {
+    if (seed_body_forward(sd, h, n)) return 1;
+    int64_t C = sd->C, HW = sd->HW;
+    const float *gate_w = NULL, *gate_b = NULL;
+    if (sd->style == STYLE_GATED) {
+        gate_w = sd->p[sd->n_step - 2];
+        gate_b = sd->p[sd->n_step - 1];
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t c = 0; c < C; c++) {
+            int64_t o = (i * C + c) * HW;
             if (sd->style == STYLE_GATED) {
                 float a = 0.0f;
                 for (int64_t q = 0; q < HW; q++) a += h[o + q];
                 a /= (float)HW;
                 sd->hmean[i * C + c] = a;
-                sd->gate[i * C + c] = sigmoidf(gw[c] * a + gb[c]);
+                sd->gate[i * C + c] = sigmoidf(gate_w[c] * a + gate_b[c]);
             }
             if (sd->mode == SLOT_TRAINING) continue;
             for (int64_t q = 0; q < HW; q++) {
@@ -805,64 +1028,108 @@ static void norm_seed_forward(seed_t *sd, const float *restrict h, int64_t n, in
                 sd->z[o + q] = h[o + q] + sd->alpha * d;
             }
         }
-    }
+    return 0;
 }
 
-/* Gradients for the output gradient gz [n, C, HW]: the seed's parameter gradients (written, not accumulated)
- * and, in the stream, the gradient for h in sd->gh (while TRAINING the gradient for h is gz itself). */
-static void norm_seed_backward(seed_t *sd, const float *restrict h, const float *restrict gz, int64_t n, int64_t C, int64_t HW) {
-    int64_t G = sd->G, cg = C / G, M = cg * HW;
+/* Gradients for the output gradient gz [n, C, H, W]: the seed's parameter gradients (written, not accumulated)
+ * and, in the stream, the gradient for h in sd->gh (while TRAINING the gradient for h is gz itself). Returns 0,
+ * or 1 when out of memory. */
+static int seed_backward(seed_t *sd, const float *restrict h, const float *restrict gz, int64_t n) {
+    int64_t C = sd->C, HW = sd->HW;
     int stream = sd->mode != SLOT_TRAINING;
     float a = stream ? sd->alpha : 1.0f;
-    const float *gamma = sd->p[0], *gw = sd->p[2];
-    float *dgamma = sd->g[0], *dbeta = sd->g[1], *dgw = sd->g[2], *dgb = sd->g[3];
+    float *dgate_w = NULL, *dgate_b = NULL;
+    const float *gate_w = NULL;
+    if (sd->style == STYLE_GATED) {
+        gate_w = sd->p[sd->n_step - 2];
+        dgate_w = sd->g[sd->n_step - 2];
+        dgate_b = sd->g[sd->n_step - 1];
+        memset(dgate_w, 0, (size_t)C * sizeof(float));
+        memset(dgate_b, 0, (size_t)C * sizeof(float));
+    }
+    /* the style: gs = dL/ds, and gh = gz + the direct terms */
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t c = 0; c < C; c++) {
+            int64_t o = (i * C + c) * HW;
+            float gate = sd->style == STYLE_GATED ? sd->gate[i * C + c] : 1.0f, ggate = 0.0f;
+            for (int64_t q = 0; q < HW; q++) {
+                float gd = a * gz[o + q], sv = sd->s[o + q], gsv, direct = 0.0f;
+                switch (sd->style) {
+                case STYLE_ADD: gsv = gd; break;
+                case STYLE_MULTIPLY: gsv = gd * h[o + q]; direct = gd * sv; break;
+                case STYLE_SIGMOID: { float sg = sigmoidf(sv); gsv = gd * 2.0f * sg * (1.0f - sg); break; }
+                default: gsv = gd * gate; ggate += gd * sv; break;
+                }
+                sd->gs[o + q] = gsv;
+                if (stream) sd->gh[o + q] = gz[o + q] + direct;
+            }
+            if (sd->style == STYLE_GATED) {
+                float gu = ggate * gate * (1.0f - gate);
+                dgate_w[c] += gu * sd->hmean[i * C + c];
+                dgate_b[c] += gu;
+                if (stream)
+                    for (int64_t q = 0; q < HW; q++) sd->gh[i * C * HW + c * HW + q] += gu * gate_w[c] / (float)HW;
+            }
+        }
+    if (sd->body == BODY_ATTENTION) {
+        attention_backward(sd, h, n, stream ? sd->gh : NULL);
+        return 0;
+    }
+    if (sd->body == BODY_CONVS) {
+        const float *g = sd->gs;
+        float *bufs[2] = {sd->ga, sd->gb};
+        for (int64_t j = sd->n_layers - 1; j >= 0; j--) {
+            int64_t O = sd->layer[j][0], K = sd->layer[j][1], cin = j > 0 ? sd->layer[j - 1][0] : C;
+            const float *in = j > 0 ? sd->act[j - 1] : h;
+            float *gx = j > 0 || stream ? bufs[j % 2] : NULL;
+            if (conv2d_backward(in, sd->p[2 * j], g, sd->layer[j][3] ? sd->act[j] : NULL, gx, sd->g[2 * j], sd->g[2 * j + 1],
+                                n, cin, sd->H, sd->W, O, K, (K - 1) / 2, sd->layer[j][2]))
+                return 1;
+            g = gx;
+        }
+        if (stream)
+            for (int64_t q = 0; q < n * C * HW; q++) sd->gh[q] += g[q];
+        return 0;
+    }
+    int64_t G = sd->G, cg = C / G, M = cg * HW;
+    const float *gamma = sd->p[0];
+    float *dgamma = sd->g[0], *dbeta = sd->g[1];
     memset(dgamma, 0, (size_t)C * sizeof(float));
     memset(dbeta, 0, (size_t)C * sizeof(float));
-    if (sd->style == STYLE_GATED) {
-        memset(dgw, 0, (size_t)C * sizeof(float));
-        memset(dgb, 0, (size_t)C * sizeof(float));
-    }
     for (int64_t i = 0; i < n; i++) {
         for (int64_t c = 0; c < C; c++) {
             int64_t o = (i * C + c) * HW;
-            float gate = sd->style == STYLE_GATED ? sd->gate[i * C + c] : 1.0f, ggate = 0.0f, gsum = 0.0f, gxsum = 0.0f;
+            float gx = 0.0f, gsum = 0.0f;
             for (int64_t q = 0; q < HW; q++) {
-                float gd = a * gz[o + q], sv = sd->s[o + q], gs, direct = 0.0f;
-                switch (sd->style) {
-                case STYLE_ADD: gs = gd; break;
-                case STYLE_MULTIPLY: gs = gd * h[o + q]; direct = gd * sv; break;
-                case STYLE_SIGMOID: { float sg = sigmoidf(sv); gs = gd * 2.0f * sg * (1.0f - sg); break; }
-                default: gs = gd * gate; ggate += gd * sv; break;
-                }
-                gxsum += gs * sd->xhat[o + q];
-                gsum += gs;
-                if (stream) {
-                    sd->gxh[o + q] = gs * gamma[c];
-                    sd->gh[o + q] = gz[o + q] + direct;
-                }
+                gx += sd->gs[o + q] * sd->xhat[o + q];
+                gsum += sd->gs[o + q];
             }
-            dgamma[c] += gxsum;
+            dgamma[c] += gx;
             dbeta[c] += gsum;
-            if (sd->style == STYLE_GATED) {
-                float gu = ggate * gate * (1.0f - gate);
-                dgw[c] += gu * sd->hmean[i * C + c];
-                dgb[c] += gu;
-                if (stream)
-                    for (int64_t q = 0; q < HW; q++) sd->gh[o + q] += gu * gw[c] / (float)HW;
-            }
         }
         if (!stream) continue;
-        for (int64_t gi = 0; gi < G; gi++) { /* GroupNorm: gh += rstd (gxh - mean(gxh) - xhat mean(gxh xhat)) */
+        for (int64_t gi = 0; gi < G; gi++) { /* GroupNorm: gh += rstd (gxh - mean(gxh) - xhat mean(gxh xhat)), gxh = gs gamma */
             int64_t o = (i * C + gi * cg) * HW;
             double m1 = 0.0, m2 = 0.0;
-            for (int64_t q = 0; q < M; q++) {
-                m1 += sd->gxh[o + q];
-                m2 += (double)sd->gxh[o + q] * sd->xhat[o + q];
+            for (int64_t c = 0; c < cg; c++) {
+                float gc = gamma[gi * cg + c], s1 = 0.0f, s2 = 0.0f;
+                for (int64_t q = c * HW; q < (c + 1) * HW; q++) {
+                    float gxh = sd->gs[o + q] * gc;
+                    s1 += gxh;
+                    s2 += gxh * sd->xhat[o + q];
+                }
+                m1 += s1;
+                m2 += s2;
             }
             float mean1 = (float)(m1 / (double)M), mean2 = (float)(m2 / (double)M), rstd = sd->rstd[i * G + gi];
-            for (int64_t q = 0; q < M; q++) sd->gh[o + q] += rstd * (sd->gxh[o + q] - mean1 - sd->xhat[o + q] * mean2);
+            for (int64_t c = 0; c < cg; c++) {
+                float gc = gamma[gi * cg + c];
+                for (int64_t q = c * HW; q < (c + 1) * HW; q++)
+                    sd->gh[o + q] += rstd * (sd->gs[o + q] * gc - mean1 - sd->xhat[o + q] * mean2);
+            }
         }
     }
+    return 0;
 }
 
 /* One epoch of minibatch Adam of the host: L blocks of convolution (bias, zero padding) + ReLU, block l followed
@@ -873,11 +1140,12 @@ static void norm_seed_backward(seed_t *sd, const float *restrict h, const float 
  *
  * The host optimizer's n_host parameters (sizes[i] floats each) come first in the order conv weight and bias of
  * blocks 0..L-1, the head's weight [Kc, C] and bias [Kc], then any fossilized seed's. Slot l is described by
- * slot_spec[4 l .. 4 l + 3] = (mode SLOT_*, style STYLE_*, groups, parameters with gradients), slot_alpha[l],
- * slot_lr[l] (its own Adam's learning rate while it learns) and 4 pointers each in seed_params, seed_grads,
- * seed_m, seed_v, seed_t (gamma, beta, gate_w, gate_b; a fossil's point into the host's arrays; NULL for
- * SLOT_PASS). Per minibatch: forward, backward, each fossil's gradient norm (before the host's clip), clip_adam
- * of the host, then of each learning seed (with its own learning rate), all at max_norm.
+ * slot_spec[SLOT_INTS l ..] = (mode SLOT_*, style STYLE_*, body BODY_*, GroupNorm groups, convolutions, then
+ * (output channels, K, groups, ReLU) per convolution), slot_alpha[l], slot_lr[l] (its own Adam's learning rate
+ * while it learns) and SEED_PTRS pointers each in seed_params, seed_grads, seed_m, seed_v, seed_steps: the body's
+ * parameters then the gate's (a fossil's point into the host's arrays). Per minibatch: forward, backward, each
+ * fossil's gradient norm (before the host's clip), clip_adam of the host, then of each learning seed (its own
+ * learning rate), all at max_norm.
  *
  * Without seeds the kernels run in the same order, on the same values, as the autograd path of the native kernels
  * (conv2d with fused ReLU and pool, head_loss, the backward of each, clip_adam): the same results bit for bit.
@@ -915,22 +1183,50 @@ int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, in
         /* conv output, pooled output, the gradient of the slot's output, the gradient of the conv output (pool) */
         total += 2 * size_conv[l] + 2 * size_in[l + 1];
         seed_t *sd = &seeds[l];
+        const int64_t *ss = slot_spec + SLOT_INTS * l;
         memset(sd, 0, sizeof *sd);
-        sd->mode = slot_spec[4 * l];
-        sd->style = slot_spec[4 * l + 1];
-        sd->G = slot_spec[4 * l + 2];
-        sd->n_step = slot_spec[4 * l + 3];
+        sd->mode = ss[0];
+        sd->style = ss[1];
+        sd->body = ss[2];
+        sd->G = ss[3];
+        sd->n_layers = ss[4];
         if (sd->mode < SLOT_PASS || sd->mode > SLOT_FOSSIL) return 2;
-        if (sd->mode != SLOT_PASS) {
-            if (sd->style < STYLE_ADD || sd->style > STYLE_GATED || sd->G < 1 || O % sd->G ||
-                sd->n_step != (sd->style == STYLE_GATED ? 4 : 2))
-                return 2;
-            sd->alpha = (float)slot_alpha[l];
-            sd->lr = slot_lr[l];
-            sd->p = seed_params + 4 * l; sd->g = seed_grads + 4 * l;
-            sd->m = seed_m + 4 * l; sd->v = seed_v + 4 * l; sd->t = seed_steps + 4 * l;
-            total += 5 * size_in[l + 1] + B * sd->G + 2 * B * O; /* z, xhat, s, gxh, gh; rstd; gate, hmean */
+        if (sd->mode == SLOT_PASS) continue;
+        if (sd->style < STYLE_ADD || sd->style > STYLE_GATED || sd->body < BODY_NORM || sd->body > BODY_ATTENTION) return 2;
+        sd->C = O; sd->H = H[l + 1]; sd->W = W[l + 1]; sd->HW = sd->H * sd->W; sd->maxc = O;
+        int64_t n_body;
+        if (sd->body == BODY_NORM) {
+            if (sd->G < 1 || O % sd->G) return 2;
+            n_body = 2;
+            sd->sizes[0] = sd->sizes[1] = O;
+        } else if (sd->body == BODY_ATTENTION) {
+            int64_t mid = sd->G;
+            if (mid < 1 || mid > 64 || O > 64) return 2;
+            n_body = 7;
+            int64_t att_sizes[7] = {O, mid * O, mid, O * mid, O, 18, 1};
+            for (int k = 0; k < 7; k++) sd->sizes[k] = att_sizes[k];
+        } else {
+            if (sd->n_layers < 1 || sd->n_layers > MAX_SEED_LAYERS) return 2;
+            int64_t cin = O;
+            for (int64_t j = 0; j < sd->n_layers; j++) {
+                for (int k = 0; k < 4; k++) sd->layer[j][k] = ss[5 + 4 * j + k];
+                int64_t lo = sd->layer[j][0], lk = sd->layer[j][1], lg = sd->layer[j][2];
+                if ((lk != 1 && lk != 3) || lg < 1 || cin % lg || lo % lg || lo < 1) return 2;
+                sd->sizes[2 * j] = lo * (cin / lg) * lk * lk;
+                sd->sizes[2 * j + 1] = lo;
+                if (lo > sd->maxc) sd->maxc = lo;
+                cin = lo;
+            }
+            if (cin != O) return 2;
+            n_body = 2 * sd->n_layers;
         }
+        sd->sizes[n_body] = sd->sizes[n_body + 1] = O;
+        sd->n_step = n_body + (sd->style == STYLE_GATED ? 2 : 0);
+        sd->alpha = (float)slot_alpha[l];
+        sd->lr = slot_lr[l];
+        sd->p = seed_params + SEED_PTRS * l; sd->g = seed_grads + SEED_PTRS * l;
+        sd->m = seed_m + SEED_PTRS * l; sd->v = seed_v + SEED_PTRS * l; sd->t = seed_steps + SEED_PTRS * l;
+        total += seed_buffers(sd, B, NULL);
     }
     int64_t CL = C[L], HWL = H[L] * W[L];
     total += B * CL + B * Kc + 1; /* hmean, probs, loss */
@@ -959,14 +1255,7 @@ int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, in
         slot_out[l + 1] = block_out[l];
         grad_block[l] = grad_out[l];
         if (sd->mode != SLOT_PASS) {
-            sd->z = p; p += size_in[l + 1];
-            sd->xhat = p; p += size_in[l + 1];
-            sd->s = p; p += size_in[l + 1];
-            sd->gxh = p; p += size_in[l + 1];
-            sd->gh = p; p += size_in[l + 1];
-            sd->rstd = p; p += B * sd->G;
-            sd->gate = p; p += B * C[l + 1];
-            sd->hmean = p; p += B * C[l + 1];
+            p += seed_buffers(sd, B, p);
             if (sd->mode != SLOT_TRAINING) {
                 slot_out[l + 1] = sd->z;
                 grad_block[l] = sd->gh;
@@ -979,7 +1268,6 @@ int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, in
     float *loss = p; p += 1;
     (void)p;
     int64_t nb = (N + B - 1) / B;
-    int64_t seed_sizes[4];
     int rc = 0;
     for (int64_t b = 0; b < nb && !rc; b++) {
         int64_t start = b * B, n = N - start < B ? N - start : B;
@@ -990,7 +1278,7 @@ int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, in
             rc = conv2d_forward(slot_out[l], params[2 * l], params[2 * l + 1], conv_out[l], n, C[l], H[l], W[l], O, K, pad, 1, 1);
             if (rc) break;
             if (spec[4 * l + 3]) maxpool2x2_forward(conv_out[l], block_out[l], pool_idx[l], n * O, Ho[l], Wo[l]);
-            if (seeds[l].mode != SLOT_PASS) norm_seed_forward(&seeds[l], block_out[l], n, O, H[l + 1] * W[l + 1]);
+            if (seeds[l].mode != SLOT_PASS) rc = seed_forward(&seeds[l], block_out[l], n);
         }
         if (rc) break;
         rc = head_loss_forward(slot_out[L], params[2 * L], params[2 * L + 1], yb, hmean, logits + start * Kc, probs, loss, n, CL, HWL, Kc);
@@ -999,23 +1287,19 @@ int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, in
         rc = head_loss_backward(1.0f, probs, yb, hmean, params[2 * L], grad_out[L - 1], grads[2 * L], grads[2 * L + 1], n, CL, HWL, Kc);
         for (int64_t l = L - 1; l >= 0 && !rc; l--) {
             int64_t O = spec[4 * l], K = spec[4 * l + 1], pad = spec[4 * l + 2];
-            if (seeds[l].mode != SLOT_PASS) norm_seed_backward(&seeds[l], block_out[l], grad_out[l], n, O, H[l + 1] * W[l + 1]);
+            if (seeds[l].mode != SLOT_PASS && (rc = seed_backward(&seeds[l], block_out[l], grad_out[l], n))) break;
             if (spec[4 * l + 3]) maxpool2x2_backward(grad_block[l], pool_idx[l], grad_full[l], n * O, Ho[l], Wo[l]);
             rc = conv2d_backward(slot_out[l], params[2 * l], grad_full[l], conv_out[l], l > 0 ? grad_out[l - 1] : NULL,
                                  grads[2 * l], grads[2 * l + 1], n, C[l], H[l], W[l], O, K, pad, 1);
         }
         if (rc) break;
-        for (int64_t l = 0; l < L; l++) {
-            seed_t *sd = &seeds[l];
-            for (int k = 0; k < 4; k++) seed_sizes[k] = C[l + 1];
-            if (sd->mode == SLOT_FOSSIL) seed_norms[l * nb + b] = grad_norm(sd->n_step, sd->g, seed_sizes);
-        }
+        for (int64_t l = 0; l < L; l++)
+            if (seeds[l].mode == SLOT_FOSSIL) seed_norms[l * nb + b] = grad_norm(seeds[l].n_step, seeds[l].g, seeds[l].sizes);
         clip_adam(n_host, params, grads, exp_avgs, exp_avg_sqs, steps, sizes, lr, beta1, beta2, eps, max_norm, norms + b);
         for (int64_t l = 0; l < L; l++) {
             seed_t *sd = &seeds[l];
-            for (int k = 0; k < 4; k++) seed_sizes[k] = C[l + 1];
             if (sd->mode == SLOT_TRAINING || sd->mode == SLOT_STREAM)
-                clip_adam(sd->n_step, sd->p, sd->g, sd->m, sd->v, sd->t, seed_sizes, sd->lr, beta1, beta2, eps, max_norm,
+                clip_adam(sd->n_step, sd->p, sd->g, sd->m, sd->v, sd->t, sd->sizes, sd->lr, beta1, beta2, eps, max_norm,
                           seed_norms + l * nb + b);
         }
     }
