@@ -718,3 +718,51 @@ def test_host_epoch_with_seeds_matches_the_minibatch_loop(native_on, blueprint, 
         for p, q in zip(a.params, b.params):
             for u, v in zip(a.state_of(p), b.state_of(q)):
                 torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("blueprint, style", [("NORM", 1), ("CONV_HEAVY", 2), ("BOTTLENECK", 3), ("ATTENTION", 0), ("DEPTHWISE", 1)])
+def test_host_forward_matches_forward_ablations(native_on, blueprint, style):
+    env = _seeded_env(blueprint, style, 0.05)  # slot 0 TRAINING (no effect without gradients), 1 BLENDING, 2 fossil
+    host, x, y = env.host, env._data.x_val, env._data.y_val
+    ablations = [{1}, {2}, {1, 2}]
+    with torch.inference_mode():
+        passes = env._native_forward(x, y, ablations)
+        logits, cache = host.forward_cached(x)
+        reference = [logits, *host.forward_ablations(cache, ablations)]
+    assert passes.shape == (4, len(y), 10)
+    for ours, ref in zip(passes, reference):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(reference[0], reference[3], atol=1e-4)  # the seeds change the logits
+
+
+def test_env_evaluation_with_host_forward_matches_the_torch_passes(native_on):
+    fused, plain = _seeded_env("CONV_SMALL", 1, 0.05), _seeded_env("CONV_SMALL", 1, 0.05)
+    plain._native_forward = lambda x, y, ablations: None
+    calls = []
+    original = fused._native_forward
+    fused._native_forward = lambda x, y, ablations: calls.append(ablations) or original(x, y, ablations)
+    loss_a, acc_a = fused._evaluate()
+    loss_b, acc_b = plain._evaluate()
+    assert calls == [[{1}, {2}, {1, 2}]]  # the in-stream slots, alone and in pairs
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and abs(acc_a - acc_b) <= 1 / len(fused._data.y_val)
+    for a, b in zip(fused.host.slots, plain.host.slots):
+        assert (a.stats.contribution is None) == (b.stats.contribution is None)
+        if a.stats.contribution is not None:
+            assert abs(a.stats.contribution - b.stats.contribution) <= 2 / len(fused._data.y_val)
+            assert a.stats.freshness == b.stats.freshness
+
+
+def test_host_forward_refuses_bad_input(native_on):
+    host = HostCNN((4, 8, 8))
+    params, blocks = host.host_parameters(), host.native_blocks()
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
+    with pytest.raises(ValueError, match="ablations must be 1-64 bit masks in"):
+        native.host_forward(x, y, params, blocks, [None] * 3, [8])
+    with pytest.raises(ValueError, match="class indices"):
+        native.host_forward(x, y + 10, params, blocks, [None] * 3, [0])
+    with pytest.raises(ValueError, match="slots have one entry per block"):
+        native.host_forward(x, y, params, blocks, [None] * 2, [0])
+    out = native.host_forward(x, y, params, blocks, [None] * 3, [0, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(out[0], host(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[0], out[1])  # no seed: ablating empty slots changes nothing

@@ -583,11 +583,18 @@ class MorphoEnv(gym.Env):
         """Validation loss and accuracy, and the counterfactuals of the slots in the stream."""
         host, x, y = self.host, self._data.x_val, self._data.y_val
         host.eval()
-        logits, cache = host.forward_cached(x)
-        loss = float(F.cross_entropy(logits, y))
-        acc = _accuracy(logits, y)
         active = [s.index for s in host.slots if s.in_stream]
         measure = self._epoch % self.counterfactual_every == 0
+        pairs = [(i, j) for k, i in enumerate(active) for j in active[k + 1 :]] if measure else []
+        ablations = [{i} for i in active] + [{i, j} for i, j in pairs] if measure else []
+        passes = self._native_forward(x, y, ablations)
+        if passes is not None:
+            logits, ablated = passes[0], list(passes[1:])
+        else:
+            logits, cache = host.forward_cached(x)
+            ablated = host.forward_ablations(cache, ablations) if ablations else []
+        loss = float(F.cross_entropy(logits, y))
+        acc = _accuracy(logits, y)
         for s in host.slots:
             st = s.stats
             if measure and s.index in active:
@@ -595,8 +602,6 @@ class MorphoEnv(gym.Env):
             if st.freshness is not None:
                 st.freshness *= FRESHNESS_DECAY
         if measure and active:
-            pairs = [(i, j) for k, i in enumerate(active) for j in active[k + 1 :]]
-            ablated = host.forward_ablations(cache, [{i} for i in active] + [{i, j} for i, j in pairs])
             without = {i: _accuracy(out, y) for i, out in zip(active, ablated)}
             inter = dict.fromkeys(active, 0.0)
             for (i, j), out in zip(pairs, ablated[len(active) :]):
@@ -612,6 +617,31 @@ class MorphoEnv(gym.Env):
                 st.freshness = 1.0
         host.train()
         return loss, acc
+
+    def _native_forward(self, x: torch.Tensor, y: torch.Tensor, ablations: list[set[int]]) -> torch.Tensor | None:
+        """The validation passes in one call of the opt-in C kernels (``native.host_forward``): the logits of the full
+        pass then of each ablation ``[1 + len(ablations), N, 10]``; None when the kernels are off or a slot's seed is
+        not one ``_seed_body`` describes (then ``HostCNN.forward_cached`` and ``forward_ablations`` run)."""
+        if not native.enabled():
+            return None
+        blocks = self.host.native_blocks()
+        if blocks is None:
+            return None
+        slots: list[native.SlotSeed | None] = []
+        for s in self.host.slots:
+            if not s.in_stream:  # no seed, or one that changes nothing without gradients (TRAINING)
+                slots.append(None)
+                continue
+            body = _seed_body(s.seed)
+            if body is None or type(s.gate) is not ChannelGate:
+                return None
+            body_params, kind, groups, layers = body
+            params = [*body_params, s.gate.weight, s.gate.bias]
+            if not all(p.dtype == torch.float32 and p.is_contiguous() and p.device.type == "cpu" for p in params):
+                return None
+            slots.append(native.SlotSeed("stream", int(s.style), s.alpha, params, kind, groups, layers))
+        masks = [0] + [sum(1 << i for i in a) for a in ablations]
+        return native.host_forward(x, y, self.host.host_parameters(), blocks, slots, masks)
 
     # ------------------------------------------------------------------ observation
 

@@ -23,8 +23,9 @@ Functions (contiguous float32 CPU tensors only; anything else raises ValueError)
 - ``clip_adam_``: gradient clipping and an Adam step over a list of parameters in one call;
   ``grad_norm``: the global norm of a list of gradients;
 - ``host_epoch``: a whole epoch of minibatch training (forward, backward, clipping, Adam) of the host with
-  the NORM and convolution seeds in its slots, in one call; without seeds the same results as the calls above
-  bit for bit;
+  the seeds in its slots (every CNN blueprint), in one call; without seeds the same results as the calls above
+  bit for bit; ``host_forward``: the host's logits with every set of ablated slots the counterfactuals need,
+  in one call;
 - ``available()``, ``enable()``, ``enabled()``.
 """
 from __future__ import annotations
@@ -156,6 +157,8 @@ def _load(path: Path) -> ctypes.CDLL:
         [_PTR] * 2 + [_I64] * 6 + [_PTR, _I64, _I64] + [_PTR] * 6 + [_PTR] * 3 + [_PTR] * 5 + [ctypes.c_double] * 5 + [_PTR] * 4
     )
     lib.host_epoch.restype = ctypes.c_int
+    lib.host_forward.argtypes = [_PTR] * 2 + [_I64] * 5 + [_PTR, _I64] + [_PTR] * 4 + [_I64] + [_PTR] * 2
+    lib.host_forward.restype = ctypes.c_int
     return lib
 
 
@@ -534,14 +537,15 @@ def _seed_ints(i: int, seed: SlotSeed, c: int) -> list[int]:
 
 
 def _slot_arrays(
-    slots: list[SlotSeed | None], params: list[torch.Tensor], grads: list[torch.Tensor], channels: list[int]
+    slots: list[SlotSeed | None], params: list[torch.Tensor], grads: list[torch.Tensor] | None, channels: list[int]
 ) -> tuple[list[int], list[float], list[float], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Check ``slots`` and lay them out for the C call: (slot_spec, alphas, lrs, [seed params, seed grads], [Adam
-    m, v, steps]), ``_SEED_PTRS`` tensors per slot in each list."""
+    m, v, steps]), ``_SEED_PTRS`` tensors per slot in each list. ``grads=None``: a forward pass (no gradients, no
+    Adam state; every seed in the stream)."""
     spec: list[int] = []
     alphas, lrs = [], []
     arrays: list[list[torch.Tensor]] = [[], [], [], [], []]
-    host_grad = {id(p): g for p, g in zip(params, grads)}
+    host_grad = {id(p): g for p, g in zip(params, grads or [])}
     scratch = torch.zeros(1)
     for i, (seed, c) in enumerate(zip(slots, channels)):
         if seed is None:
@@ -553,7 +557,10 @@ def _slot_arrays(
             continue
         spec += _seed_ints(i, seed, c)
         n = len(seed.params)
-        if seed.mode == "fossil":
+        if grads is None:
+            seed_grads = [scratch] * n
+            state = [[scratch] * n, [scratch] * n, [scratch] * n]
+        elif seed.mode == "fossil":
             if any(id(t) not in host_grad for t in seed.params[: seed.stepped]):
                 raise ValueError(f"slots[{i}]: a fossil's parameters must be among params (the host optimizer's)")
             seed_grads = [host_grad[id(t)] if k < seed.stepped else torch.empty_like(t) for k, t in enumerate(seed.params)]
@@ -576,6 +583,31 @@ def _slot_arrays(
         for a, ts in zip(arrays, [list(seed.params), seed_grads, *state]):
             a += ts + [scratch] * (_SEED_PTRS - n)
     return spec, alphas, lrs, arrays[:2], arrays[2:]
+
+
+def _host_spec(x: torch.Tensor, params: list[torch.Tensor], blocks: list[tuple[int, bool]]) -> tuple[list[int], list[int], int]:
+    """Check the host's blocks and head for ``x``: (4 integers per block for the C calls, each block's output
+    channels, the number of classes)."""
+    channels, spec, block_channels = x.shape[1], [], []
+    for i, (pad, pool) in enumerate(blocks):
+        w, b = params[2 * i], params[2 * i + 1]
+        _check(f"params[{2 * i}]", w, 4)
+        _check(f"params[{2 * i + 1}]", b, 1)
+        o, c, k, k2 = w.shape
+        if c != channels or k != k2 or k not in (1, 3) or b.shape != (o,) or not isinstance(pad, int) or pad < 0:
+            raise ValueError(
+                f"block {i}: weight {tuple(w.shape)} must be [O, {channels}, K, K] with K 1 or 3, bias [O], padding an int >= 0; "
+                f"got bias {tuple(b.shape)}, padding {pad!r}"
+            )
+        spec += [o, k, pad, int(bool(pool))]
+        channels = o
+        block_channels.append(o)
+    hw, hb = params[2 * len(blocks)], params[2 * len(blocks) + 1]
+    _check("head weight", hw, 2)
+    _check("head bias", hb, 1)
+    if hw.shape[1] != channels or hb.shape != (hw.shape[0],):
+        raise ValueError(f"head weight {tuple(hw.shape)} must be [Kc, {channels}] and head bias [Kc], got {tuple(hb.shape)}")
+    return spec, block_channels, hw.shape[0]
 
 
 def host_epoch(
@@ -630,25 +662,7 @@ def host_epoch(
         raise ValueError("x must hold at least one image")
     if y.dtype != torch.int64 or y.device.type != "cpu" or not y.is_contiguous() or y.shape != (x.shape[0],):
         raise ValueError(f"y must be a contiguous int64 CPU tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-    channels, spec, block_channels = x.shape[1], [], []
-    for i, (pad, pool) in enumerate(blocks):
-        w, b = params[2 * i], params[2 * i + 1]
-        _check(f"params[{2 * i}]", w, 4)
-        _check(f"params[{2 * i + 1}]", b, 1)
-        o, c, k, k2 = w.shape
-        if c != channels or k != k2 or k not in (1, 3) or b.shape != (o,) or not isinstance(pad, int) or pad < 0:
-            raise ValueError(
-                f"block {i}: weight {tuple(w.shape)} must be [O, {channels}, K, K] with K 1 or 3, bias [O], padding an int >= 0; "
-                f"got bias {tuple(b.shape)}, padding {pad!r}"
-            )
-        spec += [o, k, pad, int(bool(pool))]
-        channels = o
-        block_channels.append(o)
-    hw, hb = params[2 * n_blocks], params[2 * n_blocks + 1]
-    _check("head weight", hw, 2)
-    _check("head bias", hb, 1)
-    if hw.shape[1] != channels or hb.shape != (hw.shape[0],):
-        raise ValueError(f"head weight {tuple(hw.shape)} must be [Kc, {channels}] and head bias [Kc], got {tuple(hb.shape)}")
+    spec, block_channels, n_classes = _host_spec(x, params, blocks)
     for i, (p, m, v, t) in enumerate(zip(params, exp_avgs, exp_avg_sqs, steps)):
         _check(f"params[{i}]", p)
         _check(f"exp_avgs[{i}]", m)
@@ -665,10 +679,10 @@ def host_epoch(
     losses = torch.empty(nb, dtype=torch.float32)
     norms = torch.empty(nb, dtype=torch.float32)
     seed_norms = torch.zeros(n_blocks, nb, dtype=torch.float32)
-    logits = torch.empty(n, hw.shape[0], dtype=torch.float32)
+    logits = torch.empty(n, n_classes, dtype=torch.float32)
     rc = _lib().host_epoch(
         x.data_ptr(), y.data_ptr(), n, batch_size, x.shape[1], x.shape[2], x.shape[3], n_blocks, (_I64 * len(spec))(*spec),
-        hw.shape[0], len(params), (_I64 * len(params))(*[p.numel() for p in params]),
+        n_classes, len(params), (_I64 * len(params))(*[p.numel() for p in params]),
         _pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs), _pointers(steps),
         (_I64 * len(slot_spec))(*slot_spec), (ctypes.c_double * n_blocks)(*alphas), (ctypes.c_double * n_blocks)(*lrs),
         _pointers(seed_params), _pointers(seed_grads), *[_pointers(a) for a in seed_state],
@@ -680,7 +694,7 @@ def host_epoch(
     if rc == 2:
         raise ValueError(f"host_epoch: a block leaves no output, or a pooled block an odd map (blocks {blocks}, x {tuple(x.shape)})")
     if rc == 3:
-        raise ValueError(f"y must hold class indices in [0, {hw.shape[0]}), got values in [{int(y.min())}, {int(y.max())}]")
+        raise ValueError(f"y must hold class indices in [0, {n_classes}), got values in [{int(y.min())}, {int(y.max())}]")
     with torch.no_grad():
         for p, g in zip(params, grads):
             p.grad = g
@@ -689,3 +703,55 @@ def host_epoch(
                 for k, t in enumerate(seed.params):
                     t.grad = seed_grads[_SEED_PTRS * i + k] if k < seed.stepped else None
     return losses, norms, seed_norms, logits
+
+
+def host_forward(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: list[torch.Tensor],
+    blocks: list[tuple[int, bool]],
+    slots: list[SlotSeed | None],
+    ablations: list[int],
+) -> torch.Tensor:
+    """The host's logits on ``x`` without gradients, once per entry of ``ablations``: ``[len(ablations), N, Kc]``.
+
+    Args:
+        x: ``[N, C, H, W]`` images; y: ``[N]`` int64 labels in ``[0, Kc)`` (read by the head kernel, unused).
+        params: ``[w_0, b_0, ..., head_w, head_b]`` as for ``host_epoch`` (more entries are ignored).
+        blocks: per block ``(padding, pool)``.
+        slots: per block, the seed in the stream there (``SlotSeed``; its mode, Adam state and learning rate are not
+            read) or None (the slot passes its input through, as a TRAINING seed does without gradients).
+        ablations: bit masks of the slots to leave out (bit ``l``: slot ``l``'s seed as at alpha 0); 0 = the full pass.
+
+    A block's pass that several ablations share is computed once (as ``HostCNN.forward_ablations`` does). The same
+    values as ``HostCNN.forward_ablations`` up to float rounding (``tests/test_native_kernels.py``). Bad input
+    raises ValueError.
+    """
+    n_blocks = len(blocks)
+    if n_blocks < 1 or n_blocks > 16 or len(params) < 2 * n_blocks + 2 or len(slots) != n_blocks:
+        raise ValueError(
+            f"params must start with 2 tensors per block and 2 for the head (1-16 blocks) and slots have one entry per "
+            f"block, got {len(params)} params and {len(slots)} slots for {n_blocks} blocks"
+        )
+    if not 1 <= len(ablations) <= 64 or any(not isinstance(a, int) or not 0 <= a < 2**n_blocks for a in ablations):
+        raise ValueError(f"ablations must be 1-64 bit masks in [0, {2**n_blocks}), got {ablations!r}")
+    _check("x", x, 4)
+    if x.shape[0] < 1:
+        raise ValueError("x must hold at least one image")
+    spec, block_channels, n_classes = _host_spec(x, params, blocks)
+    if y.dtype != torch.int64 or y.device.type != "cpu" or not y.is_contiguous() or y.shape != (x.shape[0],):
+        raise ValueError(f"y must be a contiguous int64 CPU tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+    if int(y.min()) < 0 or int(y.max()) >= n_classes:
+        raise ValueError(f"y must hold class indices in [0, {n_classes}), got values in [{int(y.min())}, {int(y.max())}]")
+    slot_spec, alphas, _, (seed_params, _), _ = _slot_arrays(slots, params, None, block_channels)
+    logits = torch.empty(len(ablations), x.shape[0], n_classes, dtype=torch.float32)
+    rc = _lib().host_forward(
+        x.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], x.shape[2], x.shape[3], n_blocks, (_I64 * len(spec))(*spec),
+        n_classes, _pointers(params), (_I64 * len(slot_spec))(*slot_spec), (ctypes.c_double * n_blocks)(*alphas),
+        _pointers(seed_params), len(ablations), (_I64 * len(ablations))(*ablations), logits.data_ptr(),
+    )
+    if rc == 1:
+        raise MemoryError("host_forward: out of memory")
+    if rc:
+        raise ValueError(f"host_forward: a block leaves no output, or a pooled block an odd map (blocks {blocks}, x {tuple(x.shape)})")
+    return logits

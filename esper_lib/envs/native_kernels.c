@@ -779,6 +779,41 @@ typedef struct {
 
 static float sigmoidf(float u) { return 1.0f / (1.0f + expf(-u)); }
 
+/* Sums over n floats with 16 partial sums (lane = index mod 16, added in lane order) when n is a multiple of 16,
+ * else in order: a single running sum waits on each add, 16 of them run in parallel. */
+static inline float lanes_total(v16 acc) {
+    float t = 0.0f;
+    for (int l = 0; l < 16; l++) t += acc[l];
+    return t;
+}
+
+static float sum_f(const float *restrict a, int64_t n) {
+    if (n % 16) {
+        float t = 0.0f;
+        for (int64_t q = 0; q < n; q++) t += a[q];
+        return t;
+    }
+    v16 acc = {0};
+    for (int64_t q = 0; q < n; q += 16) acc += load16(a + q);
+    return lanes_total(acc);
+}
+
+/* sum of a[q] * b[q] (b NULL: sum of (a[q] - shift)^2) */
+static float dot_f(const float *restrict a, const float *restrict b, float shift, int64_t n) {
+    if (n % 16) {
+        float t = 0.0f;
+        for (int64_t q = 0; q < n; q++) t += b ? a[q] * b[q] : (a[q] - shift) * (a[q] - shift);
+        return t;
+    }
+    v16 acc = {0};
+    for (int64_t q = 0; q < n; q += 16) {
+        v16 u = load16(a + q);
+        if (b) acc += u * load16(b + q);
+        else acc += (u - shift) * (u - shift);
+    }
+    return lanes_total(acc);
+}
+
 /* Floats of one seed's buffers for minibatches of B; with `base`, also points the buffers into it. */
 static int64_t seed_buffers(seed_t *sd, int64_t B, float *base) {
     int64_t plane = B * sd->C * sd->HW, wide = B * sd->maxc * sd->HW, used = 0;
@@ -833,11 +868,7 @@ static void attention_forward(seed_t *sd, const float *restrict h, int64_t n) {
         const float *hi = h + i * C * HW;
         float *pooled = sd->pooled + i * C, *u = sd->u + i * mid, *ca = sd->ca + i * C, *maps = sd->maps + i * 2 * HW;
         float *sa = sd->sa + i * HW;
-        for (int64_t c = 0; c < C; c++) {
-            float a = 0.0f;
-            for (int64_t q = 0; q < HW; q++) a += hi[c * HW + q];
-            pooled[c] = a / (float)HW;
-        }
+        for (int64_t c = 0; c < C; c++) pooled[c] = sum_f(hi + c * HW, HW) / (float)HW;
         for (int64_t j = 0; j < mid; j++) {
             float a = b1[j];
             for (int64_t c = 0; c < C; c++) a += w1[j * C + c] * pooled[c];
@@ -980,10 +1011,7 @@ static int seed_body_forward(seed_t *sd, const float *restrict h, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         for (int64_t gi = 0; gi < G; gi++) {
             const float *hg = h + (i * C + gi * cg) * HW;
-            float s1 = 0.0f, s2 = 0.0f;
-            for (int64_t q = 0; q < M; q++) s1 += hg[q];
-            float mu = s1 / (float)M;
-            for (int64_t q = 0; q < M; q++) s2 += (hg[q] - mu) * (hg[q] - mu);
+            float mu = sum_f(hg, M) / (float)M, s2 = dot_f(hg, NULL, mu, M);
             float rstd = (float)(1.0 / sqrt((double)(s2 / (float)M) + 1e-5)), muf = mu;
             sd->rstd[i * G + gi] = rstd;
             float *xh = sd->xhat + (i * C + gi * cg) * HW;
@@ -1010,22 +1038,27 @@ static int seed_forward(seed_t *sd, const float *restrict h, int64_t n) {
         for (int64_t c = 0; c < C; c++) {
             int64_t o = (i * C + c) * HW;
             if (sd->style == STYLE_GATED) {
-                float a = 0.0f;
-                for (int64_t q = 0; q < HW; q++) a += h[o + q];
-                a /= (float)HW;
+                float a = sum_f(h + o, HW) / (float)HW;
                 sd->hmean[i * C + c] = a;
                 sd->gate[i * C + c] = sigmoidf(gate_w[c] * a + gate_b[c]);
             }
             if (sd->mode == SLOT_TRAINING) continue;
-            for (int64_t q = 0; q < HW; q++) {
-                float sv = sd->s[o + q], d;
-                switch (sd->style) {
-                case STYLE_ADD: d = sv; break;
-                case STYLE_MULTIPLY: d = h[o + q] * sv; break;
-                case STYLE_SIGMOID: d = 2.0f * sigmoidf(sv) - 1.0f; break;
-                default: d = sd->gate[i * C + c] * sv; break;
-                }
-                sd->z[o + q] = h[o + q] + sd->alpha * d;
+            const float *hc = h + o, *sc = sd->s + o;
+            float *zc = sd->z + o, al = sd->alpha;
+            switch (sd->style) { /* one loop per style, so that each vectorises */
+            case STYLE_ADD:
+                for (int64_t q = 0; q < HW; q++) zc[q] = hc[q] + al * sc[q];
+                break;
+            case STYLE_MULTIPLY:
+                for (int64_t q = 0; q < HW; q++) zc[q] = hc[q] + al * (hc[q] * sc[q]);
+                break;
+            case STYLE_SIGMOID:
+                for (int64_t q = 0; q < HW; q++) zc[q] = hc[q] + al * (2.0f * sigmoidf(sc[q]) - 1.0f);
+                break;
+            default: {
+                float gt = sd->gate[i * C + c];
+                for (int64_t q = 0; q < HW; q++) zc[q] = hc[q] + al * (gt * sc[q]);
+            }
             }
         }
     return 0;
@@ -1052,16 +1085,29 @@ static int seed_backward(seed_t *sd, const float *restrict h, const float *restr
         for (int64_t c = 0; c < C; c++) {
             int64_t o = (i * C + c) * HW;
             float gate = sd->style == STYLE_GATED ? sd->gate[i * C + c] : 1.0f, ggate = 0.0f;
-            for (int64_t q = 0; q < HW; q++) {
-                float gd = a * gz[o + q], sv = sd->s[o + q], gsv, direct = 0.0f;
-                switch (sd->style) {
-                case STYLE_ADD: gsv = gd; break;
-                case STYLE_MULTIPLY: gsv = gd * h[o + q]; direct = gd * sv; break;
-                case STYLE_SIGMOID: { float sg = sigmoidf(sv); gsv = gd * 2.0f * sg * (1.0f - sg); break; }
-                default: gsv = gd * gate; ggate += gd * sv; break;
+            const float *gzc = gz + o, *hc = h + o, *sc = sd->s + o;
+            float *gsc = sd->gs + o, *ghc = sd->gh + o;
+            switch (sd->style) { /* gs = dL/ds; in the stream gh = gz + dL/dh through d's own h */
+            case STYLE_ADD:
+                for (int64_t q = 0; q < HW; q++) gsc[q] = a * gzc[q];
+                if (stream) memcpy(ghc, gzc, (size_t)HW * sizeof(float));
+                break;
+            case STYLE_MULTIPLY:
+                for (int64_t q = 0; q < HW; q++) gsc[q] = (a * gzc[q]) * hc[q];
+                if (stream)
+                    for (int64_t q = 0; q < HW; q++) ghc[q] = gzc[q] + (a * gzc[q]) * sc[q];
+                break;
+            case STYLE_SIGMOID:
+                for (int64_t q = 0; q < HW; q++) {
+                    float sg = sigmoidf(sc[q]);
+                    gsc[q] = (a * gzc[q]) * 2.0f * sg * (1.0f - sg);
                 }
-                sd->gs[o + q] = gsv;
-                if (stream) sd->gh[o + q] = gz[o + q] + direct;
+                if (stream) memcpy(ghc, gzc, (size_t)HW * sizeof(float));
+                break;
+            default:
+                for (int64_t q = 0; q < HW; q++) gsc[q] = (a * gzc[q]) * gate;
+                for (int64_t q = 0; q < HW; q++) ggate += (a * gzc[q]) * sc[q];
+                if (stream) memcpy(ghc, gzc, (size_t)HW * sizeof(float));
             }
             if (sd->style == STYLE_GATED) {
                 float gu = ggate * gate * (1.0f - gate);
@@ -1099,27 +1145,17 @@ static int seed_backward(seed_t *sd, const float *restrict h, const float *restr
     for (int64_t i = 0; i < n; i++) {
         for (int64_t c = 0; c < C; c++) {
             int64_t o = (i * C + c) * HW;
-            float gx = 0.0f, gsum = 0.0f;
-            for (int64_t q = 0; q < HW; q++) {
-                gx += sd->gs[o + q] * sd->xhat[o + q];
-                gsum += sd->gs[o + q];
-            }
-            dgamma[c] += gx;
-            dbeta[c] += gsum;
+            dgamma[c] += dot_f(sd->gs + o, sd->xhat + o, 0.0f, HW);
+            dbeta[c] += sum_f(sd->gs + o, HW);
         }
         if (!stream) continue;
         for (int64_t gi = 0; gi < G; gi++) { /* GroupNorm: gh += rstd (gxh - mean(gxh) - xhat mean(gxh xhat)), gxh = gs gamma */
             int64_t o = (i * C + gi * cg) * HW;
             double m1 = 0.0, m2 = 0.0;
             for (int64_t c = 0; c < cg; c++) {
-                float gc = gamma[gi * cg + c], s1 = 0.0f, s2 = 0.0f;
-                for (int64_t q = c * HW; q < (c + 1) * HW; q++) {
-                    float gxh = sd->gs[o + q] * gc;
-                    s1 += gxh;
-                    s2 += gxh * sd->xhat[o + q];
-                }
-                m1 += s1;
-                m2 += s2;
+                float gc = gamma[gi * cg + c];
+                m1 += gc * sum_f(sd->gs + o + c * HW, HW);
+                m2 += gc * dot_f(sd->gs + o + c * HW, sd->xhat + o + c * HW, 0.0f, HW);
             }
             float mean1 = (float)(m1 / (double)M), mean2 = (float)(m2 / (double)M), rstd = sd->rstd[i * G + gi];
             for (int64_t c = 0; c < cg; c++) {
@@ -1129,6 +1165,73 @@ static int seed_backward(seed_t *sd, const float *restrict h, const float *restr
             }
         }
     }
+    return 0;
+}
+
+enum { MAXL = 16 };
+
+/* The maps of a host of L blocks (spec: per block O, K, padding, pool flag) on C0 x H0 x W0 inputs: block l takes
+ * C[l] x H[l] x W[l], convolves to C[l + 1] x Ho[l] x Wo[l] and gives C[l + 1] x H[l + 1] x W[l + 1] (pooled or not).
+ * Returns 0, or 2 for an unsupported kernel, an empty map or an odd map before a pool. */
+static int host_geometry(int64_t C0, int64_t H0, int64_t W0, int64_t L, const int64_t *spec, int64_t *C, int64_t *H,
+                         int64_t *W, int64_t *Ho, int64_t *Wo) {
+    if (L < 1 || L > MAXL) return 2;
+    C[0] = C0; H[0] = H0; W[0] = W0;
+    for (int64_t l = 0; l < L; l++) {
+        int64_t O = spec[4 * l], K = spec[4 * l + 1], pad = spec[4 * l + 2], pool = spec[4 * l + 3];
+        if ((K != 1 && K != 3) || O < 1 || pad < 0) return 2;
+        Ho[l] = H[l] + 2 * pad - K + 1;
+        Wo[l] = W[l] + 2 * pad - K + 1;
+        if (Ho[l] < 1 || Wo[l] < 1 || (pool && (Ho[l] % 2 || Wo[l] % 2))) return 2;
+        C[l + 1] = O;
+        H[l + 1] = pool ? Ho[l] / 2 : Ho[l];
+        W[l + 1] = pool ? Wo[l] / 2 : Wo[l];
+    }
+    return 0;
+}
+
+/* A slot's seed from its SLOT_INTS integers (mode, style, body, groups or ATTENTION's mid, convolutions, then per
+ * convolution output channels, K, groups, ReLU) on an O x H x W map: its shapes and parameter sizes. Returns 0, or 2
+ * for an inconsistent description. */
+static int parse_seed(seed_t *sd, const int64_t *ss, int64_t O, int64_t H, int64_t W) {
+    memset(sd, 0, sizeof *sd);
+    sd->mode = ss[0];
+    sd->style = ss[1];
+    sd->body = ss[2];
+    sd->G = ss[3];
+    sd->n_layers = ss[4];
+    if (sd->mode < SLOT_PASS || sd->mode > SLOT_FOSSIL) return 2;
+    if (sd->mode == SLOT_PASS) return 0;
+    if (sd->style < STYLE_ADD || sd->style > STYLE_GATED || sd->body < BODY_NORM || sd->body > BODY_ATTENTION) return 2;
+    sd->C = O; sd->H = H; sd->W = W; sd->HW = H * W; sd->maxc = O;
+    int64_t n_body;
+    if (sd->body == BODY_NORM) {
+        if (sd->G < 1 || O % sd->G) return 2;
+        n_body = 2;
+        sd->sizes[0] = sd->sizes[1] = O;
+    } else if (sd->body == BODY_ATTENTION) {
+        int64_t mid = sd->G;
+        if (mid < 1 || mid > 64 || O > 64) return 2;
+        n_body = 7;
+        int64_t att_sizes[7] = {O, mid * O, mid, O * mid, O, 18, 1};
+        for (int k = 0; k < 7; k++) sd->sizes[k] = att_sizes[k];
+    } else {
+        if (sd->n_layers < 1 || sd->n_layers > MAX_SEED_LAYERS) return 2;
+        int64_t cin = O;
+        for (int64_t j = 0; j < sd->n_layers; j++) {
+            for (int k = 0; k < 4; k++) sd->layer[j][k] = ss[5 + 4 * j + k];
+            int64_t lo = sd->layer[j][0], lk = sd->layer[j][1], lg = sd->layer[j][2];
+            if ((lk != 1 && lk != 3) || lg < 1 || cin % lg || lo % lg || lo < 1) return 2;
+            sd->sizes[2 * j] = lo * (cin / lg) * lk * lk;
+            sd->sizes[2 * j + 1] = lo;
+            if (lo > sd->maxc) sd->maxc = lo;
+            cin = lo;
+        }
+        if (cin != O) return 2;
+        n_body = 2 * sd->n_layers;
+    }
+    sd->sizes[n_body] = sd->sizes[n_body + 1] = O;
+    sd->n_step = n_body + (sd->style == STYLE_GATED ? 2 : 0);
     return 0;
 }
 
@@ -1160,68 +1263,22 @@ int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, in
                float *const *seed_grads, float *const *seed_m, float *const *seed_v, float *const *seed_steps,
                double lr, double beta1, double beta2, double eps, double max_norm,
                float *restrict losses, float *restrict norms, float *restrict seed_norms, float *restrict logits) {
-    enum { MAXL = 16 };
     if (L < 1 || L > MAXL || B < 1 || N < 1 || n_host < 2 * L + 2) return 2;
     for (int64_t i = 0; i < N; i++)
         if (y[i] < 0 || y[i] >= Kc) return 3; /* before any update */
     int64_t C[MAXL + 1], H[MAXL + 1], W[MAXL + 1], Ho[MAXL], Wo[MAXL];
     int64_t size_in[MAXL + 1], size_conv[MAXL];
     seed_t seeds[MAXL];
-    C[0] = C0; H[0] = H0; W[0] = W0;
+    if (host_geometry(C0, H0, W0, L, spec, C, H, W, Ho, Wo)) return 2;
     int64_t total = 0;
     for (int64_t l = 0; l < L; l++) {
-        int64_t O = spec[4 * l], K = spec[4 * l + 1], pad = spec[4 * l + 2], pool = spec[4 * l + 3];
-        if (K != 1 && K != 3) return 2;
-        Ho[l] = H[l] + 2 * pad - K + 1;
-        Wo[l] = W[l] + 2 * pad - K + 1;
-        if (Ho[l] < 1 || Wo[l] < 1 || (pool && (Ho[l] % 2 || Wo[l] % 2))) return 2;
-        C[l + 1] = O;
-        H[l + 1] = pool ? Ho[l] / 2 : Ho[l];
-        W[l + 1] = pool ? Wo[l] / 2 : Wo[l];
-        size_conv[l] = B * O * Ho[l] * Wo[l];
+        size_conv[l] = B * C[l + 1] * Ho[l] * Wo[l];
         size_in[l + 1] = B * C[l + 1] * H[l + 1] * W[l + 1];
         /* conv output, pooled output, the gradient of the slot's output, the gradient of the conv output (pool) */
         total += 2 * size_conv[l] + 2 * size_in[l + 1];
         seed_t *sd = &seeds[l];
-        const int64_t *ss = slot_spec + SLOT_INTS * l;
-        memset(sd, 0, sizeof *sd);
-        sd->mode = ss[0];
-        sd->style = ss[1];
-        sd->body = ss[2];
-        sd->G = ss[3];
-        sd->n_layers = ss[4];
-        if (sd->mode < SLOT_PASS || sd->mode > SLOT_FOSSIL) return 2;
+        if (parse_seed(sd, slot_spec + SLOT_INTS * l, C[l + 1], H[l + 1], W[l + 1])) return 2;
         if (sd->mode == SLOT_PASS) continue;
-        if (sd->style < STYLE_ADD || sd->style > STYLE_GATED || sd->body < BODY_NORM || sd->body > BODY_ATTENTION) return 2;
-        sd->C = O; sd->H = H[l + 1]; sd->W = W[l + 1]; sd->HW = sd->H * sd->W; sd->maxc = O;
-        int64_t n_body;
-        if (sd->body == BODY_NORM) {
-            if (sd->G < 1 || O % sd->G) return 2;
-            n_body = 2;
-            sd->sizes[0] = sd->sizes[1] = O;
-        } else if (sd->body == BODY_ATTENTION) {
-            int64_t mid = sd->G;
-            if (mid < 1 || mid > 64 || O > 64) return 2;
-            n_body = 7;
-            int64_t att_sizes[7] = {O, mid * O, mid, O * mid, O, 18, 1};
-            for (int k = 0; k < 7; k++) sd->sizes[k] = att_sizes[k];
-        } else {
-            if (sd->n_layers < 1 || sd->n_layers > MAX_SEED_LAYERS) return 2;
-            int64_t cin = O;
-            for (int64_t j = 0; j < sd->n_layers; j++) {
-                for (int k = 0; k < 4; k++) sd->layer[j][k] = ss[5 + 4 * j + k];
-                int64_t lo = sd->layer[j][0], lk = sd->layer[j][1], lg = sd->layer[j][2];
-                if ((lk != 1 && lk != 3) || lg < 1 || cin % lg || lo % lg || lo < 1) return 2;
-                sd->sizes[2 * j] = lo * (cin / lg) * lk * lk;
-                sd->sizes[2 * j + 1] = lo;
-                if (lo > sd->maxc) sd->maxc = lo;
-                cin = lo;
-            }
-            if (cin != O) return 2;
-            n_body = 2 * sd->n_layers;
-        }
-        sd->sizes[n_body] = sd->sizes[n_body + 1] = O;
-        sd->n_step = n_body + (sd->style == STYLE_GATED ? 2 : 0);
         sd->alpha = (float)slot_alpha[l];
         sd->lr = slot_lr[l];
         sd->p = seed_params + SEED_PTRS * l; sd->g = seed_grads + SEED_PTRS * l;
@@ -1305,5 +1362,108 @@ int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, in
     }
     free(buf);
     free(ibuf);
+    return rc;
+}
+
+/* A cache of maps for host_forward: (block, ablated slots so far) -> a map of N images. */
+typedef struct {
+    int64_t n, k[4 * MAXL * 8], key[4 * MAXL * 8];
+    float *data[4 * MAXL * 8];
+} map_cache_t;
+
+static float *cache_find(const map_cache_t *mc, int64_t k, int64_t key) {
+    for (int64_t i = 0; i < mc->n; i++)
+        if (mc->k[i] == k && mc->key[i] == key) return mc->data[i];
+    return NULL;
+}
+
+static float *cache_add(map_cache_t *mc, int64_t k, int64_t key, int64_t floats) {
+    if (mc->n >= 4 * MAXL * 8) return NULL;
+    float *d = (float *)malloc((size_t)floats * sizeof(float));
+    if (!d) return NULL;
+    mc->k[mc->n] = k;
+    mc->key[mc->n] = key;
+    mc->data[mc->n++] = d;
+    return d;
+}
+
+/* The host's logits on N images (no gradients), once per mask: masks[m] has bit l set when slot l is ablated (its
+ * seed's output left out, as alpha 0). The slots are described as for host_epoch (a slot that is not SLOT_PASS puts
+ * its seed in the stream at its alpha; while TRAINING a seed changes nothing without gradients: pass SLOT_PASS). A
+ * block's pass or a slot's output that several masks share (the same ablated slots up to it) is computed once.
+ * logits [n_masks, N, Kc]; y (valid labels) feeds the head kernel, whose loss is not used. Returns 0, 1 when out of
+ * memory, 2 for a bad description. */
+int host_forward(const float *restrict x, const int64_t *restrict y, int64_t N, int64_t C0, int64_t H0, int64_t W0, int64_t L,
+                 const int64_t *spec, int64_t Kc, float *const *params, const int64_t *slot_spec, const double *slot_alpha,
+                 float *const *seed_params, int64_t n_masks, const int64_t *masks, float *restrict logits) {
+    int64_t C[MAXL + 1], H[MAXL + 1], W[MAXL + 1], Ho[MAXL], Wo[MAXL];
+    seed_t seeds[MAXL];
+    if (N < 1 || n_masks < 1 || n_masks > 64 || host_geometry(C0, H0, W0, L, spec, C, H, W, Ho, Wo)) return 2;
+    int64_t scratch = 0, total = 0;
+    for (int64_t l = 0; l < L; l++) {
+        seed_t *sd = &seeds[l];
+        if (parse_seed(sd, slot_spec + SLOT_INTS * l, C[l + 1], H[l + 1], W[l + 1])) return 2;
+        int64_t conv = N * C[l + 1] * Ho[l] * Wo[l];
+        if (conv > scratch) scratch = conv;
+        if (sd->mode == SLOT_PASS) continue;
+        sd->mode = SLOT_STREAM;
+        sd->alpha = (float)slot_alpha[l];
+        sd->p = seed_params + SEED_PTRS * l;
+        total += seed_buffers(sd, N, NULL);
+    }
+    total += scratch + N * C[L] + 2 * N * Kc + 1; /* the conv output before a pool; hmean, probs, loss */
+    float *buf = (float *)malloc((size_t)total * sizeof(float)); /* every buffer is written before it is read */
+    uint8_t *idx = (uint8_t *)malloc((size_t)scratch);
+    map_cache_t *mc = (map_cache_t *)calloc(1, sizeof(map_cache_t));
+    int rc = !buf || !idx || !mc;
+    float *p = buf;
+    for (int64_t l = 0; l < L && !rc; l++)
+        if (seeds[l].mode != SLOT_PASS) p += seed_buffers(&seeds[l], N, p);
+    float *conv_scratch = p; p += scratch;
+    float *hmean = p; p += N * C[L];
+    float *probs = p; p += N * Kc;
+    float *loss = p;
+    for (int64_t m = 0; m < n_masks && !rc; m++) {
+        const float *cur = x;
+        for (int64_t l = 0; l < L && !rc; l++) {
+            int64_t low = masks[m] & (((int64_t)1 << l) - 1), upto = masks[m] & (((int64_t)1 << (l + 1)) - 1);
+            float *out = cache_find(mc, 2 * l + 1, upto);
+            if (out) {
+                cur = out;
+                continue;
+            }
+            float *block = cache_find(mc, 2 * l, low);
+            if (!block) {
+                int64_t O = spec[4 * l], K = spec[4 * l + 1], pad = spec[4 * l + 2], pool = spec[4 * l + 3];
+                block = cache_add(mc, 2 * l, low, N * C[l + 1] * H[l + 1] * W[l + 1]);
+                if (!block) { rc = 1; break; }
+                if (pool) {
+                    rc = conv2d_forward(cur, params[2 * l], params[2 * l + 1], conv_scratch, N, C[l], H[l], W[l], O, K, pad, 1, 1);
+                    if (!rc) maxpool2x2_forward(conv_scratch, block, idx, N * O, Ho[l], Wo[l]);
+                } else {
+                    rc = conv2d_forward(cur, params[2 * l], params[2 * l + 1], block, N, C[l], H[l], W[l], O, K, pad, 1, 1);
+                }
+                if (rc) break;
+            }
+            seed_t *sd = &seeds[l];
+            if (sd->mode == SLOT_PASS || (masks[m] >> l) & 1) {
+                cur = block;
+                continue;
+            }
+            out = cache_add(mc, 2 * l + 1, upto, N * C[l + 1] * H[l + 1] * W[l + 1]);
+            if (!out) { rc = 1; break; }
+            sd->z = out;
+            rc = seed_forward(sd, block, N);
+            cur = out;
+        }
+        if (rc) break;
+        rc = head_loss_forward(cur, params[2 * L], params[2 * L + 1], y, hmean, logits + m * N * Kc, probs, loss, N, C[L], H[L] * W[L], Kc);
+        if (rc) rc = 2;
+    }
+    if (mc)
+        for (int64_t i = 0; i < mc->n; i++) free(mc->data[i]);
+    free(mc);
+    free(buf);
+    free(idx);
     return rc;
 }
