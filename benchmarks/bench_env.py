@@ -17,9 +17,11 @@ minibatch Adam), validation (the forward pass on the validation split) and count
 ablated passes), measured by timing the env's own methods, so the same script measures older
 versions of the env too (run it with another ``PYTHONPATH`` to compare, interleaved).
 
-``--native`` picks the convolution and max-pool kernels (``esper_lib.envs.native``, opt-in): ``off``
-the torch path, ``on`` the C kernels, ``both`` each configuration with one then the other, in the same
-process, with the ratio. Default: whatever ``ESPER_NATIVE`` says (off when unset).
+``--native`` picks the opt-in C kernels (``esper_lib.envs.native``: with them on, a host epoch with its seeds is
+one call, and so are the validation and counterfactual passes): ``off`` the torch path, ``on`` the C kernels,
+``both`` each configuration with one then the other, in the same process, with the ratio. Default: whatever
+``ESPER_NATIVE`` says (off when unset). With the kernels on, the counterfactual passes run inside the
+validation call, so their time shows under ``valid``.
 """
 from __future__ import annotations
 

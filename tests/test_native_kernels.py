@@ -766,3 +766,21 @@ def test_host_forward_refuses_bad_input(native_on):
     with torch.no_grad():
         torch.testing.assert_close(out[0], host(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(out[0], out[1])  # no seed: ablating empty slots changes nothing
+
+
+@pytest.mark.skipif(not _avx512(), reason="needs a CPU with AVX-512 to compare 512-bit and 256-bit code")
+@pytest.mark.parametrize("blueprint, style", [("NORM", 3), ("ATTENTION", 2), ("BOTTLENECK", 1)])
+def test_whole_epochs_and_passes_do_not_depend_on_the_vector_width(tmp_path, monkeypatch, blueprint, style):
+    monkeypatch.setenv("ESPER_NATIVE_CACHE", str(tmp_path))
+    builds = [native._load(native._build()), native._load(native._build((*native.FLAGS, "-mno-avx512f")))]
+    native.enable(True)
+    results = []
+    for lib in builds:
+        monkeypatch.setattr(native, "_library", lambda lib=lib: lib)
+        env = _seeded_env(blueprint, style, 0.05)  # its setup runs the minibatch loop on this build too
+        for _ in range(2):
+            env._train_epoch()
+        results.append((env._evaluate(), [p.detach().clone() for p in env.host.parameters()], env._train_loss))
+    (eval_a, params_a, loss_a), (eval_b, params_b, loss_b) = results
+    assert eval_a == eval_b and loss_a == loss_b
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))

@@ -495,10 +495,12 @@ class MorphoEnv(gym.Env):
         Per minibatch: forward, backward, the fossils' gradient norms (before the host clip rescales
         them), the host's clip and Adam step, then each learning seed's norm, clip and Adam step (the
         parameter sets are disjoint, so the order does not matter).
-        The epoch's minibatches are gathered in one indexing op and split into views.
+        The epoch's minibatches are gathered in one indexing op and split into views. With the opt-in C kernels on,
+        the whole epoch is one call instead (``_native_epoch``).
         """
         host, data = self.host, self._data
-        host.train()
+        if not host.training:  # _evaluate leaves it in training mode; the module walk costs ~65 us
+            host.train()
         learning = [s for s in host.slots if s.learning]
         fossils = [s for s in host.slots if s.stage == SeedStage.FOSSILIZED]
         host_params = self._host_params

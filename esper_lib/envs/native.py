@@ -443,8 +443,7 @@ def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 MAX_SEED_LAYERS = 4  # as in native_kernels.c
-_SEED_PTRS = 2 * MAX_SEED_LAYERS + 2
-_SLOT_INTS = 5 + 4 * MAX_SEED_LAYERS
+_SLOT_INTS = 6 + 4 * MAX_SEED_LAYERS
 _SLOT_MODES = {"training": 1, "stream": 2, "fossil": 3}
 
 
@@ -487,14 +486,15 @@ class SlotSeed:
         return len(self.params) - (0 if self.style == 3 else 2)
 
 
-def _seed_ints(i: int, seed: SlotSeed, c: int) -> list[int]:
-    """Check one slot's seed against its block's ``c`` channels; its ``_SLOT_INTS`` integers for the C call."""
+def _seed_ints(i: int, seed: SlotSeed, c: int, check: bool = True) -> list[int]:
+    """Check one slot's seed against its block's ``c`` channels (``check=False``: its shapes only, not each tensor's
+    dtype and layout); its ``_SLOT_INTS`` integers for the C call."""
     if seed.mode not in _SLOT_MODES:
         raise ValueError(f"slots[{i}].mode must be one of {sorted(_SLOT_MODES)}, got {seed.mode!r}")
     if seed.style not in (0, 1, 2, 3):
         raise ValueError(f"slots[{i}].style must be 0-3, got {seed.style!r}")
     n_body = len(seed.params) - 2
-    for k, t in enumerate(seed.params):
+    for k, t in enumerate(seed.params if check else ()):
         _check(f"slots[{i}].params[{k}]", t)
     for k, t in enumerate(seed.params[n_body:]):
         if t.numel() != c:
@@ -533,14 +533,18 @@ def _seed_ints(i: int, seed: SlotSeed, c: int) -> list[int]:
     else:
         raise ValueError(f"slots[{i}].body must be 'norm', 'convs' or 'attention', got {seed.body!r}")
     layer_ints += [0] * (4 * MAX_SEED_LAYERS - len(layer_ints))
-    return [_SLOT_MODES[seed.mode], int(seed.style), body, int(small), len(seed.layers), *layer_ints]
+    return [_SLOT_MODES[seed.mode], int(seed.style), body, int(small), len(seed.layers), 0, *layer_ints]
 
 
 def _slot_arrays(
-    slots: list[SlotSeed | None], params: list[torch.Tensor], grads: list[torch.Tensor] | None, channels: list[int]
+    slots: list[SlotSeed | None],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor] | None,
+    channels: list[int],
+    check: bool = True,
 ) -> tuple[list[int], list[float], list[float], list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Check ``slots`` and lay them out for the C call: (slot_spec, alphas, lrs, [seed params, seed grads], [Adam
-    m, v, steps]), ``_SEED_PTRS`` tensors per slot in each list. ``grads=None``: a forward pass (no gradients, no
+    m, v, steps]): each seed's tensors one after another, from the offset its integers give. ``grads=None``: a forward pass (no gradients, no
     Adam state; every seed in the stream)."""
     spec: list[int] = []
     alphas, lrs = [], []
@@ -552,10 +556,10 @@ def _slot_arrays(
             spec += [0] * _SLOT_INTS
             alphas.append(0.0)
             lrs.append(0.0)
-            for a in arrays:
-                a += [scratch] * _SEED_PTRS
             continue
-        spec += _seed_ints(i, seed, c)
+        ints = _seed_ints(i, seed, c, check)
+        ints[5] = len(arrays[0])
+        spec += ints
         n = len(seed.params)
         if grads is None:
             seed_grads = [scratch] * n
@@ -563,12 +567,12 @@ def _slot_arrays(
         elif seed.mode == "fossil":
             if any(id(t) not in host_grad for t in seed.params[: seed.stepped]):
                 raise ValueError(f"slots[{i}]: a fossil's parameters must be among params (the host optimizer's)")
-            seed_grads = [host_grad[id(t)] if k < seed.stepped else torch.empty_like(t) for k, t in enumerate(seed.params)]
+            seed_grads = [host_grad[id(t)] if k < seed.stepped else scratch for k, t in enumerate(seed.params)]
             state = [[scratch] * n, [scratch] * n, [scratch] * n]
         else:
             if not (len(seed.exp_avgs) == len(seed.exp_avg_sqs) == len(seed.steps) == n):
                 raise ValueError(f"slots[{i}]: a learning seed needs the Adam state of each of its {n} parameters")
-            for k, t in enumerate(seed.params):
+            for k, t in enumerate(seed.params if check else ()):
                 _check(f"slots[{i}].exp_avgs[{k}]", seed.exp_avgs[k])
                 _check(f"slots[{i}].exp_avg_sqs[{k}]", seed.exp_avg_sqs[k])
                 _check(f"slots[{i}].steps[{k}]", seed.steps[k], 0)
@@ -576,13 +580,21 @@ def _slot_arrays(
                     raise ValueError(f"slots[{i}]: the Adam state of params[{k}] must have its shape {tuple(t.shape)}")
             if not seed.lr > 0:
                 raise ValueError(f"slots[{i}].lr must be > 0, got {seed.lr!r}")
-            seed_grads = [torch.empty_like(t) for t in seed.params]
+            seed_grads = [_grad_buffer(t) for t in seed.params]
             state = [list(seed.exp_avgs), list(seed.exp_avg_sqs), list(seed.steps)]
         alphas.append(float(seed.alpha))
         lrs.append(float(seed.lr))
         for a, ts in zip(arrays, [list(seed.params), seed_grads, *state]):
-            a += ts + [scratch] * (_SEED_PTRS - n)
+            a += ts
     return spec, alphas, lrs, arrays[:2], arrays[2:]
+
+
+def _grad_buffer(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad`` when the kernels can overwrite it in place (float32, contiguous, ``p``'s shape), else a new tensor."""
+    g = p.grad
+    if g is not None and g.dtype == torch.float32 and g.shape == p.shape and g.is_contiguous() and g.device.type == "cpu":
+        return g
+    return torch.empty_like(p, memory_format=torch.contiguous_format)
 
 
 def _host_spec(x: torch.Tensor, params: list[torch.Tensor], blocks: list[tuple[int, bool]]) -> tuple[list[int], list[int], int]:
@@ -624,6 +636,8 @@ def host_epoch(
     eps: float,
     max_norm: float,
     slots: list[SlotSeed | None] | None = None,
+    *,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One epoch of minibatch Adam of the host in one call: per minibatch of ``batch_size`` consecutive rows (the
     last may be shorter), each block's convolution + ReLU (+ 2x2 max-pool) then its slot, the head's mean-pool,
@@ -638,6 +652,8 @@ def host_epoch(
         blocks: per block ``(padding, pool)``.
         exp_avgs, exp_avg_sqs, steps: the Adam state of each parameter (``FusedAdam``'s), updated in place.
         slots: per block, the ``SlotSeed`` in its slot or None (the slot passes its input through); None: no seeds.
+        check: ``False`` skips checking each parameter and state tensor's dtype and layout (``FusedAdam`` and the
+            env keep theirs valid); shapes are checked either way.
 
     Returns ``(losses [nb], norms [nb], seed_norms [L, nb], logits [N, Kc])``: each minibatch's mean loss and the
     host's gradient norm before clipping, each fossil's or learning seed's gradient norm (0 for other slots), the
@@ -663,7 +679,7 @@ def host_epoch(
     if y.dtype != torch.int64 or y.device.type != "cpu" or not y.is_contiguous() or y.shape != (x.shape[0],):
         raise ValueError(f"y must be a contiguous int64 CPU tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
     spec, block_channels, n_classes = _host_spec(x, params, blocks)
-    for i, (p, m, v, t) in enumerate(zip(params, exp_avgs, exp_avg_sqs, steps)):
+    for i, (p, m, v, t) in enumerate(zip(params, exp_avgs, exp_avg_sqs, steps) if check else ()):
         _check(f"params[{i}]", p)
         _check(f"exp_avgs[{i}]", m)
         _check(f"exp_avg_sqs[{i}]", v)
@@ -672,8 +688,8 @@ def host_epoch(
             raise ValueError(f"the Adam state of params[{i}] must have its shape {tuple(p.shape)}")
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-    grads = [torch.empty_like(p) for p in params]
-    slot_spec, alphas, lrs, (seed_params, seed_grads), seed_state = _slot_arrays(slots, params, grads, block_channels)
+    grads = [_grad_buffer(p) for p in params]
+    slot_spec, alphas, lrs, (seed_params, seed_grads), seed_state = _slot_arrays(slots, params, grads, block_channels, check)
     n = x.shape[0]
     nb = -(-n // batch_size)
     losses = torch.empty(nb, dtype=torch.float32)
@@ -697,11 +713,15 @@ def host_epoch(
         raise ValueError(f"y must hold class indices in [0, {n_classes}), got values in [{int(y.min())}, {int(y.max())}]")
     with torch.no_grad():
         for p, g in zip(params, grads):
-            p.grad = g
+            if p.grad is not g:
+                p.grad = g
         for i, seed in enumerate(slots):
             if seed is not None and seed.mode != "fossil":
+                at = slot_spec[_SLOT_INTS * i + 5]
                 for k, t in enumerate(seed.params):
-                    t.grad = seed_grads[_SEED_PTRS * i + k] if k < seed.stepped else None
+                    g = seed_grads[at + k] if k < seed.stepped else None
+                    if t.grad is not g:
+                        t.grad = g
     return losses, norms, seed_norms, logits
 
 

@@ -3,7 +3,9 @@
  * Built on first use by esper_lib/envs/native.py with the system C compiler and loaded with ctypes.
  * Compiled without -ffast-math: every output is a fixed sequence of IEEE operations (vectorised
  * across independent outputs only, with GCC vector types), so the results do not depend on the vector
- * width; multiply-adds are fused where the CPU has FMA (every x86-64 CPU since 2013).
+ * width; multiply-adds are fused where the CPU has FMA (every x86-64 CPU since 2013). A scalar sum of
+ * products is written with fmaf: the compiler fuses a * b + c only where it does not vectorise the loop, and
+ * that choice may depend on the vector width.
  *
  * Convolution: stride 1, dilation 1, zero padding `pad` on every side, `groups` groups, square
  * kernel K, computed directly from a zero-padded copy of each image (no im2col): each output is
@@ -761,7 +763,7 @@ void clip_adam(int64_t n, float *const *params, float *const *grads, float *cons
 enum { SLOT_PASS = 0, SLOT_TRAINING = 1, SLOT_STREAM = 2, SLOT_FOSSIL = 3 };
 enum { STYLE_ADD = 0, STYLE_MULTIPLY = 1, STYLE_SIGMOID = 2, STYLE_GATED = 3 };
 enum { BODY_NORM = 0, BODY_CONVS = 1, BODY_ATTENTION = 2 };
-enum { MAX_SEED_LAYERS = 4, SEED_PTRS = 2 * MAX_SEED_LAYERS + 2, SLOT_INTS = 5 + 4 * MAX_SEED_LAYERS };
+enum { MAX_SEED_LAYERS = 4, SEED_PTRS = 2 * MAX_SEED_LAYERS + 2, SLOT_INTS = 6 + 4 * MAX_SEED_LAYERS };
 
 typedef struct {
     int64_t mode, style, body, G, n_layers, n_step; /* n_step: the parameters that get gradients (with the gate's) */
@@ -854,7 +856,7 @@ static void spatial_conv(const float *restrict maps, const float *restrict w, fl
                 for (int64_t dy = -1; dy <= 1; dy++)
                     for (int64_t dx = -1; dx <= 1; dx++) {
                         int64_t yy = i + dy, xx = j + dx;
-                        if (yy >= 0 && yy < H && xx >= 0 && xx < W) a += w[k * 9 + (dy + 1) * 3 + dx + 1] * maps[(k * H + yy) * W + xx];
+                        if (yy >= 0 && yy < H && xx >= 0 && xx < W) a = fmaf(w[k * 9 + (dy + 1) * 3 + dx + 1], maps[(k * H + yy) * W + xx], a);
                     }
             out[i * W + j] = a;
         }
@@ -871,12 +873,12 @@ static void attention_forward(seed_t *sd, const float *restrict h, int64_t n) {
         for (int64_t c = 0; c < C; c++) pooled[c] = sum_f(hi + c * HW, HW) / (float)HW;
         for (int64_t j = 0; j < mid; j++) {
             float a = b1[j];
-            for (int64_t c = 0; c < C; c++) a += w1[j * C + c] * pooled[c];
+            for (int64_t c = 0; c < C; c++) a = fmaf(w1[j * C + c], pooled[c], a);
             u[j] = a > 0.0f ? a : 0.0f;
         }
         for (int64_t c = 0; c < C; c++) {
             float a = b2[c];
-            for (int64_t j = 0; j < mid; j++) a += w2[c * mid + j] * u[j];
+            for (int64_t j = 0; j < mid; j++) a = fmaf(w2[c * mid + j], u[j], a);
             ca[c] = sigmoidf(a);
         }
         for (int64_t q = 0; q < HW; q++) {
@@ -922,8 +924,8 @@ static void attention_backward(seed_t *sd, const float *restrict h, int64_t n, f
             float ds = 0.0f, dca = 0.0f;
             for (int64_t q = 0; q < HW; q++) {
                 float g = gsi[c * HW + q], hv = hi[c * HW + q];
-                ds += g * hv * ca[c] * sa[q];
-                dca += g * scale[c] * hv * sa[q];
+                ds = fmaf(g * hv * ca[c], sa[q], ds);
+                dca = fmaf(g * scale[c] * hv, sa[q], dca);
                 gsa[q] += g * scale[c] * hv * ca[c];
                 if (gh) gh[(i * C + c) * HW + q] += g * scale[c] * ca[c] * sa[q];
             }
@@ -935,7 +937,7 @@ static void attention_backward(seed_t *sd, const float *restrict h, int64_t n, f
             float a = 0.0f;
             for (int64_t c = 0; c < C; c++) {
                 dw2[c * mid + j] += gca[c] * u[j];
-                a += gca[c] * w2[c * mid + j];
+                a = fmaf(gca[c], w2[c * mid + j], a);
             }
             gu[j] = u[j] > 0.0f ? a : 0.0f;
             db1[j] += gu[j];
@@ -954,7 +956,7 @@ static void attention_backward(seed_t *sd, const float *restrict h, int64_t n, f
                     for (int64_t y0 = 0; y0 < H; y0++)
                         for (int64_t x0 = 0; x0 < W; x0++) {
                             int64_t yy = y0 + dy, xx = x0 + dx;
-                            if (yy >= 0 && yy < H && xx >= 0 && xx < W) a += gt[y0 * W + x0] * maps[(k * H + yy) * W + xx];
+                            if (yy >= 0 && yy < H && xx >= 0 && xx < W) a = fmaf(gt[y0 * W + x0], maps[(k * H + yy) * W + xx], a);
                         }
                     dsw[k * 9 + (dy + 1) * 3 + dx + 1] += a;
                 }
@@ -971,7 +973,7 @@ static void attention_backward(seed_t *sd, const float *restrict h, int64_t n, f
                         }
         for (int64_t c = 0; c < C; c++) {
             float gp = 0.0f;
-            for (int64_t j = 0; j < mid; j++) gp += gu[j] * w1[j * C + c];
+            for (int64_t j = 0; j < mid; j++) gp = fmaf(gu[j], w1[j * C + c], gp);
             gp /= (float)HW;
             for (int64_t q = 0; q < HW; q++) gh[(i * C + c) * HW + q] += gp + gmaps[q] / (float)C;
         }
@@ -1106,7 +1108,7 @@ static int seed_backward(seed_t *sd, const float *restrict h, const float *restr
                 break;
             default:
                 for (int64_t q = 0; q < HW; q++) gsc[q] = (a * gzc[q]) * gate;
-                for (int64_t q = 0; q < HW; q++) ggate += (a * gzc[q]) * sc[q];
+                for (int64_t q = 0; q < HW; q++) ggate = fmaf(a * gzc[q], sc[q], ggate);
                 if (stream) memcpy(ghc, gzc, (size_t)HW * sizeof(float));
             }
             if (sd->style == STYLE_GATED) {
@@ -1190,7 +1192,8 @@ static int host_geometry(int64_t C0, int64_t H0, int64_t W0, int64_t L, const in
     return 0;
 }
 
-/* A slot's seed from its SLOT_INTS integers (mode, style, body, groups or ATTENTION's mid, convolutions, then per
+/* A slot's seed from its SLOT_INTS integers (mode, style, body, groups or ATTENTION's mid, convolutions, the offset
+ * of its tensors in the seed arrays, then per
  * convolution output channels, K, groups, ReLU) on an O x H x W map: its shapes and parameter sizes. Returns 0, or 2
  * for an inconsistent description. */
 static int parse_seed(seed_t *sd, const int64_t *ss, int64_t O, int64_t H, int64_t W) {
@@ -1219,7 +1222,7 @@ static int parse_seed(seed_t *sd, const int64_t *ss, int64_t O, int64_t H, int64
         if (sd->n_layers < 1 || sd->n_layers > MAX_SEED_LAYERS) return 2;
         int64_t cin = O;
         for (int64_t j = 0; j < sd->n_layers; j++) {
-            for (int k = 0; k < 4; k++) sd->layer[j][k] = ss[5 + 4 * j + k];
+            for (int k = 0; k < 4; k++) sd->layer[j][k] = ss[6 + 4 * j + k];
             int64_t lo = sd->layer[j][0], lk = sd->layer[j][1], lg = sd->layer[j][2];
             if ((lk != 1 && lk != 3) || lg < 1 || cin % lg || lo % lg || lo < 1) return 2;
             sd->sizes[2 * j] = lo * (cin / lg) * lk * lk;
@@ -1243,9 +1246,9 @@ static int parse_seed(seed_t *sd, const int64_t *ss, int64_t O, int64_t H, int64
  *
  * The host optimizer's n_host parameters (sizes[i] floats each) come first in the order conv weight and bias of
  * blocks 0..L-1, the head's weight [Kc, C] and bias [Kc], then any fossilized seed's. Slot l is described by
- * slot_spec[SLOT_INTS l ..] = (mode SLOT_*, style STYLE_*, body BODY_*, GroupNorm groups, convolutions, then
+ * slot_spec[SLOT_INTS l ..] = (mode SLOT_*, style STYLE_*, body BODY_*, GroupNorm groups, convolutions, offset, then
  * (output channels, K, groups, ReLU) per convolution), slot_alpha[l], slot_lr[l] (its own Adam's learning rate
- * while it learns) and SEED_PTRS pointers each in seed_params, seed_grads, seed_m, seed_v, seed_steps: the body's
+ * while it learns) and its pointers from the offset on in seed_params, seed_grads, seed_m, seed_v, seed_steps: the body's
  * parameters then the gate's (a fossil's point into the host's arrays). Per minibatch: forward, backward, each
  * fossil's gradient norm (before the host's clip), clip_adam of the host, then of each learning seed (its own
  * learning rate), all at max_norm.
@@ -1281,13 +1284,13 @@ int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, in
         if (sd->mode == SLOT_PASS) continue;
         sd->alpha = (float)slot_alpha[l];
         sd->lr = slot_lr[l];
-        sd->p = seed_params + SEED_PTRS * l; sd->g = seed_grads + SEED_PTRS * l;
-        sd->m = seed_m + SEED_PTRS * l; sd->v = seed_v + SEED_PTRS * l; sd->t = seed_steps + SEED_PTRS * l;
+        int64_t at = slot_spec[SLOT_INTS * l + 5];
+        sd->p = seed_params + at; sd->g = seed_grads + at; sd->m = seed_m + at; sd->v = seed_v + at; sd->t = seed_steps + at;
         total += seed_buffers(sd, B, NULL);
     }
     int64_t CL = C[L], HWL = H[L] * W[L];
     total += B * CL + B * Kc + 1; /* hmean, probs, loss */
-    float *buf = (float *)calloc((size_t)total, sizeof(float));
+    float *buf = (float *)malloc((size_t)total * sizeof(float)); /* every buffer is written before it is read */
     int64_t idx_total = 0;
     for (int64_t l = 0; l < L; l++) idx_total += spec[4 * l + 3] ? size_in[l + 1] : 0;
     uint8_t *ibuf = (uint8_t *)malloc((size_t)(idx_total > 0 ? idx_total : 1));
@@ -1408,7 +1411,7 @@ int host_forward(const float *restrict x, const int64_t *restrict y, int64_t N, 
         if (sd->mode == SLOT_PASS) continue;
         sd->mode = SLOT_STREAM;
         sd->alpha = (float)slot_alpha[l];
-        sd->p = seed_params + SEED_PTRS * l;
+        sd->p = seed_params + slot_spec[SLOT_INTS * l + 5];
         total += seed_buffers(sd, N, NULL);
     }
     total += scratch + N * C[L] + 2 * N * Kc + 1; /* the conv output before a pool; hmean, probs, loss */
