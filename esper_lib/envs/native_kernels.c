@@ -38,10 +38,16 @@ static geom_t geometry(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, in
 }
 
 /* Copy one image into the interior of a zero-padded buffer xp [C, Hp, Wp] (its border stays zero). */
+static void copy_row(float *restrict dst, const float *restrict src, int64_t W) {
+    /* the env's rows are 4 or 8 floats: a copy of constant size is inlined, a library call is not */
+    if (W == 8) memcpy(dst, src, 8 * sizeof(float));
+    else if (W == 4) memcpy(dst, src, 4 * sizeof(float));
+    else memcpy(dst, src, (size_t)W * sizeof(float));
+}
+
 static void pad_image(const float *restrict x, float *restrict xp, const geom_t *g) {
     for (int64_t c = 0; c < g->C; c++)
-        for (int64_t i = 0; i < g->H; i++)
-            memcpy(xp + (c * g->Hp + i + g->pad) * g->Wp + g->pad, x + (c * g->H + i) * g->W, (size_t)g->W * sizeof(float));
+        for (int64_t i = 0; i < g->H; i++) copy_row(xp + (c * g->Hp + i + g->pad) * g->Wp + g->pad, x + (c * g->H + i) * g->W, g->W);
 }
 
 /* The kernels work on chunks of VW consecutive outputs of one output row (VW divides Wo), held in GCC
@@ -535,7 +541,7 @@ int conv2d_backward(const float *restrict x, const float *restrict w, const floa
             float *gxn = gx + n * C * H * W;
             for (int64_t c = 0; c < C; c++)
                 for (int64_t i = 0; i < H; i++)
-                    memcpy(gxn + (c * H + i) * W, gxp + (c * g.Hp + i + pad) * g.Wp + pad, (size_t)W * sizeof(float));
+                    copy_row(gxn + (c * H + i) * W, gxp + (c * g.Hp + i + pad) * g.Wp + pad, W);
         }
     }
     if (gw)
@@ -1083,6 +1089,7 @@ static int seed_backward(seed_t *sd, const float *restrict h, const float *restr
         memset(dgate_b, 0, (size_t)C * sizeof(float));
     }
     /* the style: gs = dL/ds, and gh = gz + the direct terms */
+    if (stream) memcpy(sd->gh, gz, (size_t)(n * C * HW) * sizeof(float));
     for (int64_t i = 0; i < n; i++)
         for (int64_t c = 0; c < C; c++) {
             int64_t o = (i * C + c) * HW;
@@ -1092,24 +1099,21 @@ static int seed_backward(seed_t *sd, const float *restrict h, const float *restr
             switch (sd->style) { /* gs = dL/ds; in the stream gh = gz + dL/dh through d's own h */
             case STYLE_ADD:
                 for (int64_t q = 0; q < HW; q++) gsc[q] = a * gzc[q];
-                if (stream) memcpy(ghc, gzc, (size_t)HW * sizeof(float));
                 break;
             case STYLE_MULTIPLY:
                 for (int64_t q = 0; q < HW; q++) gsc[q] = (a * gzc[q]) * hc[q];
                 if (stream)
-                    for (int64_t q = 0; q < HW; q++) ghc[q] = gzc[q] + (a * gzc[q]) * sc[q];
+                    for (int64_t q = 0; q < HW; q++) ghc[q] += (a * gzc[q]) * sc[q];
                 break;
             case STYLE_SIGMOID:
                 for (int64_t q = 0; q < HW; q++) {
                     float sg = sigmoidf(sc[q]);
                     gsc[q] = (a * gzc[q]) * 2.0f * sg * (1.0f - sg);
                 }
-                if (stream) memcpy(ghc, gzc, (size_t)HW * sizeof(float));
                 break;
             default:
                 for (int64_t q = 0; q < HW; q++) gsc[q] = (a * gzc[q]) * gate;
                 for (int64_t q = 0; q < HW; q++) ggate = fmaf(a * gzc[q], sc[q], ggate);
-                if (stream) memcpy(ghc, gzc, (size_t)HW * sizeof(float));
             }
             if (sd->style == STYLE_GATED) {
                 float gu = ggate * gate * (1.0f - gate);
