@@ -722,3 +722,17 @@ def test_forward_ablations_equal_separate_ablated_passes_bit_for_bit(native_kern
                 host.forward_ablations(cache, [set()])
     finally:
         native.enable(before)
+
+
+def test_slot_param_count_follows_the_style_and_a_replaced_seed():
+    from esper_lib.envs.blueprints import ChannelGate, ConvLightSeed, NormSeed
+    from esper_lib.envs.lifecycle import SeedSlot
+
+    slot = SeedSlot(0, 8)
+    assert slot.param_count() == 0
+    slot.germinate(NormSeed(8), ChannelGate(8), BlueprintAction.NORM, GerminationStyle.LINEAR_ADD, TempoAction.FAST, 1.0)
+    assert slot.param_count() == 16
+    slot.style = GerminationStyle.GATED_GATE  # counted once per seed; the gate joins under GATED_GATE
+    assert slot.param_count() == 32
+    slot.seed = ConvLightSeed(8)
+    assert slot.param_count() == 8 * 8 + 8 + 16

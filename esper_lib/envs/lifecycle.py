@@ -191,6 +191,8 @@ class SeedSlot(nn.Module):
         self.epochs_in_stage = 0
         self.age = 0
         self.stats = SlotStats()
+        self._counted: tuple[nn.Module, nn.Module | None] | None = None  # the (seed, gate) _counts belong to
+        self._counts = (0, 0)
 
     def _enter(self, stage: SeedStage) -> None:
         self.stage = stage
@@ -225,13 +227,16 @@ class SeedSlot(nn.Module):
         return params
 
     def param_count(self) -> int:
-        """Scalars of the seed (0 without a seed)."""
+        """Scalars of the seed (0 without a seed); its gate's too under GATED_GATE."""
         if self.seed is None:
             return 0
-        n = parameter_count(self.seed)
-        if self.style == GerminationStyle.GATED_GATE and self.gate is not None:
-            n += parameter_count(self.gate)
-        return n
+        seed_gate = self._counted
+        if seed_gate is None or seed_gate[0] is not self.seed or seed_gate[1] is not self.gate:
+            # counted once per seed and gate: the env reads this several times an epoch
+            self._counts = (parameter_count(self.seed), 0 if self.gate is None else parameter_count(self.gate))
+            self._counted = (self.seed, self.gate)
+        seed, gate = self._counts
+        return seed + (gate if self.style == GerminationStyle.GATED_GATE else 0)
 
     # --- gates -----------------------------------------------------------------------------
 

@@ -293,6 +293,8 @@ class MorphoEnv(gym.Env):
         if data_seed is not None:  # validates the sizes now, and the split is fixed for the env
             self._data = load_digits_split(self.val_size, self.train_size, int(data_seed))
         self.host: HostCNN | None = None
+        self._layout_of: HostCNN | None = None  # the host _native_layout describes
+        self._layout: tuple[list[tuple[int, bool]], list[nn.Parameter]] | None = None
         self._episode_seeds: np.random.Generator | None = None  # seeds of the unseeded resets (reset docstring)
 
     # ------------------------------------------------------------------ gymnasium API
@@ -550,13 +552,13 @@ class MorphoEnv(gym.Env):
         """
         if not native.enabled():
             return False
-        blocks = self.host.native_blocks()
-        if blocks is None:
+        layout = self._native_layout()
+        if layout is None:
             return False
+        blocks, host_params = layout  # the host's parameters come first in its optimizer, then the fossils' (C reads them so)
         slots = [_native_slot(s, self._opt) for s in self.host.slots]
         if any(s is False for s in slots):
             return False
-        host_params = self.host.host_parameters()  # first in the host optimizer, then the fossils' (C reads them so)
         fossil_params = [p for s in slots if s and s.mode == "fossil" for p in s.params[: s.stepped]]
         opt_params = self._opt.params
         if list(map(id, opt_params[: len(host_params)])) != list(map(id, host_params)) or sorted(
@@ -584,17 +586,18 @@ class MorphoEnv(gym.Env):
     def _evaluate(self) -> tuple[float, float]:
         """Validation loss and accuracy, and the counterfactuals of the slots in the stream."""
         host, x, y = self.host, self._data.x_val, self._data.y_val
-        host.eval()
         active = [s.index for s in host.slots if s.in_stream]
         measure = self._epoch % self.counterfactual_every == 0
         pairs = [(i, j) for k, i in enumerate(active) for j in active[k + 1 :]] if measure else []
         ablations = [{i} for i in active] + [{i, j} for i, j in pairs] if measure else []
-        passes = self._native_forward(x, y, ablations)
+        passes = self._native_forward(x, y, ablations)  # the C kernels do not run the modules: no mode switch
         if passes is not None:
             logits, ablated = passes[0], list(passes[1:])
         else:
+            host.eval()
             logits, cache = host.forward_cached(x)
             ablated = host.forward_ablations(cache, ablations) if ablations else []
+            host.train()
         loss = float(F.cross_entropy(logits, y))
         acc = _accuracy(logits, y)
         for s in host.slots:
@@ -617,7 +620,6 @@ class MorphoEnv(gym.Env):
                 st.contribution = acc - without[i]
                 st.interaction = inter[i]
                 st.freshness = 1.0
-        host.train()
         return loss, acc
 
     def _native_forward(self, x: torch.Tensor, y: torch.Tensor, ablations: list[set[int]]) -> torch.Tensor | None:
@@ -626,9 +628,10 @@ class MorphoEnv(gym.Env):
         not one ``_seed_body`` describes (then ``HostCNN.forward_cached`` and ``forward_ablations`` run)."""
         if not native.enabled():
             return None
-        blocks = self.host.native_blocks()
-        if blocks is None:
+        layout = self._native_layout()
+        if layout is None:
             return None
+        blocks, host_params = layout
         slots: list[native.SlotSeed | None] = []
         for s in self.host.slots:
             if not s.in_stream:  # no seed, or one that changes nothing without gradients (TRAINING)
@@ -643,7 +646,16 @@ class MorphoEnv(gym.Env):
                 return None
             slots.append(native.SlotSeed("stream", int(s.style), s.alpha, params, kind, groups, layers))
         masks = [0] + [sum(1 << i for i in a) for a in ablations]
-        return native.host_forward(x, y, self.host.host_parameters(), blocks, slots, masks)
+        return native.host_forward(x, y, host_params, blocks, slots, masks)
+
+    def _native_layout(self) -> tuple[list[tuple[int, bool]], list[nn.Parameter]] | None:
+        """``(HostCNN.native_blocks(), HostCNN.host_parameters())`` of the current host, or None when the kernels
+        cannot run its blocks; worked out once per host (reset makes a new one; its blocks and head never change)."""
+        if self._layout_of is not self.host:
+            blocks = self.host.native_blocks()
+            self._layout = None if blocks is None else (blocks, self.host.host_parameters())
+            self._layout_of = self.host
+        return self._layout
 
     # ------------------------------------------------------------------ observation
 
