@@ -899,9 +899,9 @@ static int64_t seed_buffers(seed_t *sd, int64_t B, float *base) {
         TAKE(sd->pooled, B * sd->C);
         TAKE(sd->u, B * sd->G);
         TAKE(sd->ca, B * sd->C);
-        TAKE(sd->maps, B * 2 * sd->HW);
+        TAKE(sd->maps, B * 2 * (sd->H + 2) * (sd->W + 2)); /* zero-padded for the 3x3 convolution */
         TAKE(sd->sa, B * sd->HW);
-        TAKE(sd->ga, 4 * sd->HW); /* backward scratch: gsa, gt, the maps' gradients */
+        TAKE(sd->ga, 2 * sd->HW + 2 * (sd->H + 2) * (sd->W + 2) + sd->W); /* backward: gsa, gt, the padded maps' gradients, row sums */
     } else {
         for (int64_t j = 0; j < sd->n_layers; j++) TAKE(sd->act[j], B * sd->layer[j][0] * sd->HW);
         TAKE(sd->ga, wide);
@@ -912,28 +912,30 @@ static int64_t seed_buffers(seed_t *sd, int64_t B, float *base) {
     return used;
 }
 
-/* 3x3 convolution (zero padding 1) of the 2 maps [2, H, W] with w [2, 3, 3] plus b: out [H, W]. */
-static void spatial_conv(const float *restrict maps, const float *restrict w, float b, float *restrict out, int64_t H, int64_t W) {
-    for (int64_t i = 0; i < H; i++)
-        for (int64_t j = 0; j < W; j++) {
-            float a = b;
-            for (int64_t k = 0; k < 2; k++)
-                for (int64_t dy = -1; dy <= 1; dy++)
-                    for (int64_t dx = -1; dx <= 1; dx++) {
-                        int64_t yy = i + dy, xx = j + dx;
-                        if (yy >= 0 && yy < H && xx >= 0 && xx < W) a = fmaf(w[k * 9 + (dy + 1) * 3 + dx + 1], maps[(k * H + yy) * W + xx], a);
-                    }
-            out[i * W + j] = a;
-        }
+/* 3x3 convolution of the 2 zero-padded maps mp [2, H + 2, W + 2] with w [2, 3, 3] plus b: out [H, W]. Every output
+ * adds its 18 terms in the order (k, dy, dx), vectorised along the row. */
+static void spatial_conv(const float *restrict mp, const float *restrict w, float b, float *restrict out, int64_t H, int64_t W) {
+    int64_t Wp = W + 2, HWp = (H + 2) * Wp;
+    for (int64_t i = 0; i < H; i++) {
+        float *o = out + i * W;
+        for (int64_t j = 0; j < W; j++) o[j] = b;
+        for (int64_t k = 0; k < 2; k++)
+            for (int64_t dy = 0; dy < 3; dy++)
+                for (int64_t dx = 0; dx < 3; dx++) {
+                    const float *m = mp + k * HWp + (i + dy) * Wp + dx;
+                    float wk = w[k * 9 + dy * 3 + dx];
+                    for (int64_t j = 0; j < W; j++) o[j] = fmaf(wk, m[j], o[j]);
+                }
+    }
 }
 
 /* ATTENTION body: parameters scale [C], w1 [mid, C], b1 [mid], w2 [C, mid], b2 [C], sw [2, 3, 3], sb [1]. */
 static void attention_forward(seed_t *sd, const float *restrict h, int64_t n) {
-    int64_t C = sd->C, HW = sd->HW, mid = sd->G;
+    int64_t C = sd->C, HW = sd->HW, mid = sd->G, W = sd->W, Wp = sd->W + 2, HWp = (sd->H + 2) * Wp;
     const float *scale = sd->p[0], *w1 = sd->p[1], *b1 = sd->p[2], *w2 = sd->p[3], *b2 = sd->p[4], *sw = sd->p[5], *sb = sd->p[6];
     for (int64_t i = 0; i < n; i++) {
         const float *hi = h + i * C * HW;
-        float *pooled = sd->pooled + i * C, *u = sd->u + i * mid, *ca = sd->ca + i * C, *maps = sd->maps + i * 2 * HW;
+        float *pooled = sd->pooled + i * C, *u = sd->u + i * mid, *ca = sd->ca + i * C, *maps = sd->maps + i * 2 * HWp;
         float *sa = sd->sa + i * HW;
         for (int64_t c = 0; c < C; c++) pooled[c] = sum_f(hi + c * HW, HW) / (float)HW;
         for (int64_t j = 0; j < mid; j++) {
@@ -946,6 +948,7 @@ static void attention_forward(seed_t *sd, const float *restrict h, int64_t n) {
             for (int64_t j = 0; j < mid; j++) a = fmaf(w2[c * mid + j], u[j], a);
             ca[c] = sigmoidf(a);
         }
+        memset(maps, 0, (size_t)(2 * HWp) * sizeof(float));
         for (int64_t q = 0; q < HW; q++) {
             float mean = 0.0f, top = hi[q];
             for (int64_t c = 0; c < C; c++) {
@@ -953,8 +956,9 @@ static void attention_forward(seed_t *sd, const float *restrict h, int64_t n) {
                 mean += v;
                 if (v > top || v != v) top = v;
             }
-            maps[q] = mean / (float)C;
-            maps[HW + q] = top;
+            int64_t at = (q / W + 1) * Wp + q % W + 1;
+            maps[at] = mean / (float)C;
+            maps[HWp + at] = top;
         }
         spatial_conv(maps, sw, sb[0], sa, sd->H, sd->W);
         sigmoid_n(sa, sa, HW);
@@ -967,7 +971,7 @@ static void attention_forward(seed_t *sd, const float *restrict h, int64_t n) {
  * NULL, dL/dh added to gh. The channel max passes its gradient to every channel that attains it, in equal shares
  * (as torch's amax). */
 static void attention_backward(seed_t *sd, const float *restrict h, int64_t n, float *gh) {
-    int64_t C = sd->C, HW = sd->HW, mid = sd->G, H = sd->H, W = sd->W;
+    int64_t C = sd->C, HW = sd->HW, mid = sd->G, H = sd->H, W = sd->W, Wp = W + 2, HWp = (H + 2) * Wp;
     const float *scale = sd->p[0], *w1 = sd->p[1], *w2 = sd->p[3], *sw = sd->p[5];
     float *dscale = sd->g[0], *dw1 = sd->g[1], *db1 = sd->g[2], *dw2 = sd->g[3], *db2 = sd->g[4], *dsw = sd->g[5], *dsb = sd->g[6];
     memset(dscale, 0, (size_t)C * sizeof(float));
@@ -977,12 +981,12 @@ static void attention_backward(seed_t *sd, const float *restrict h, int64_t n, f
     memset(db2, 0, (size_t)C * sizeof(float));
     memset(dsw, 0, 18 * sizeof(float));
     dsb[0] = 0.0f;
-    float *gsa = sd->ga, *gt = gsa + HW, *gmaps = gt + HW;
+    float *gsa = sd->ga, *gt = gsa + HW, *gmaps = gt + HW, *lanes = gmaps + 2 * HWp;
     float gca[64], gu[64];
     if (C > 64 || mid > 64) return; /* checked by the caller */
     for (int64_t i = 0; i < n; i++) {
         const float *hi = h + i * C * HW, *gsi = sd->gs + i * C * HW;
-        const float *pooled = sd->pooled + i * C, *u = sd->u + i * mid, *ca = sd->ca + i * C, *maps = sd->maps + i * 2 * HW;
+        const float *pooled = sd->pooled + i * C, *u = sd->u + i * mid, *ca = sd->ca + i * C, *maps = sd->maps + i * 2 * HWp;
         const float *sa = sd->sa + i * HW;
         for (int64_t q = 0; q < HW; q++) gsa[q] = 0.0f;
         for (int64_t c = 0; c < C; c++) {
@@ -1014,41 +1018,44 @@ static void attention_backward(seed_t *sd, const float *restrict h, int64_t n, f
             tsum += gt[q];
         }
         dsb[0] += tsum;
+        /* the spatial weights: per tap, row-wise partial sums (a lane per column), then the lanes in order */
         for (int64_t k = 0; k < 2; k++)
-            for (int64_t dy = -1; dy <= 1; dy++)
-                for (int64_t dx = -1; dx <= 1; dx++) {
+            for (int64_t dy = 0; dy < 3; dy++)
+                for (int64_t dx = 0; dx < 3; dx++) {
+                    for (int64_t x0 = 0; x0 < W; x0++) lanes[x0] = 0.0f;
+                    for (int64_t y0 = 0; y0 < H; y0++) {
+                        const float *m = maps + k * HWp + (y0 + dy) * Wp + dx, *g = gt + y0 * W;
+                        for (int64_t x0 = 0; x0 < W; x0++) lanes[x0] = fmaf(g[x0], m[x0], lanes[x0]);
+                    }
                     float a = 0.0f;
-                    for (int64_t y0 = 0; y0 < H; y0++)
-                        for (int64_t x0 = 0; x0 < W; x0++) {
-                            int64_t yy = y0 + dy, xx = x0 + dx;
-                            if (yy >= 0 && yy < H && xx >= 0 && xx < W) a = fmaf(gt[y0 * W + x0], maps[(k * H + yy) * W + xx], a);
-                        }
-                    dsw[k * 9 + (dy + 1) * 3 + dx + 1] += a;
+                    for (int64_t x0 = 0; x0 < W; x0++) a += lanes[x0];
+                    dsw[k * 9 + dy * 3 + dx] += a;
                 }
         if (!gh) continue;
-        for (int64_t q = 0; q < 2 * HW; q++) gmaps[q] = 0.0f;
-        for (int64_t y0 = 0; y0 < H; y0++)
-            for (int64_t x0 = 0; x0 < W; x0++)
-                for (int64_t k = 0; k < 2; k++)
-                    for (int64_t dy = -1; dy <= 1; dy++)
-                        for (int64_t dx = -1; dx <= 1; dx++) {
-                            int64_t yy = y0 + dy, xx = x0 + dx;
-                            if (yy >= 0 && yy < H && xx >= 0 && xx < W)
-                                gmaps[(k * H + yy) * W + xx] += gt[y0 * W + x0] * sw[k * 9 + (dy + 1) * 3 + dx + 1];
-                        }
+        for (int64_t q = 0; q < 2 * HWp; q++) gmaps[q] = 0.0f;
+        for (int64_t k = 0; k < 2; k++)
+            for (int64_t dy = 0; dy < 3; dy++)
+                for (int64_t dx = 0; dx < 3; dx++) {
+                    float wk = sw[k * 9 + dy * 3 + dx];
+                    for (int64_t y0 = 0; y0 < H; y0++) {
+                        float *gm = gmaps + k * HWp + (y0 + dy) * Wp + dx;
+                        const float *g = gt + y0 * W;
+                        for (int64_t x0 = 0; x0 < W; x0++) gm[x0] = fmaf(g[x0], wk, gm[x0]);
+                    }
+                }
         for (int64_t c = 0; c < C; c++) {
             float gp = 0.0f;
             for (int64_t j = 0; j < mid; j++) gp = fmaf(gu[j], w1[j * C + c], gp);
             gp /= (float)HW;
-            for (int64_t q = 0; q < HW; q++) gh[(i * C + c) * HW + q] += gp + gmaps[q] / (float)C;
+            for (int64_t q = 0; q < HW; q++) gh[(i * C + c) * HW + q] += gp + gmaps[(q / W + 1) * Wp + q % W + 1] / (float)C;
         }
         for (int64_t q = 0; q < HW; q++) {
-            int64_t ties = 0;
-            for (int64_t c = 0; c < C; c++) ties += hi[c * HW + q] == maps[HW + q];
+            int64_t at = HWp + (q / W + 1) * Wp + q % W + 1, ties = 0;
+            for (int64_t c = 0; c < C; c++) ties += hi[c * HW + q] == maps[at];
             if (ties == 0) continue; /* a NaN maximum */
-            float share = gmaps[HW + q] / (float)ties;
+            float share = gmaps[at] / (float)ties;
             for (int64_t c = 0; c < C; c++)
-                if (hi[c * HW + q] == maps[HW + q]) gh[(i * C + c) * HW + q] += share;
+                if (hi[c * HW + q] == maps[at]) gh[(i * C + c) * HW + q] += share;
         }
     }
 }
