@@ -594,43 +594,48 @@ def test_native_blocks_take_conv_relu_and_pool_blocks_only():
     assert host.native_blocks() is None
 
 
-def test_native_slot_describes_each_stage_of_a_norm_seed_and_refuses_other_seeds():
+def test_native_slots_describe_each_stage_of_a_seed_and_refuse_unknown_modules():
     from esper_lib.constants import AlphaCurveAction, BlueprintAction, GerminationStyle, TempoAction
     from esper_lib.envs.blueprints import AttentionSeed, ChannelGate, NormSeed
     from esper_lib.envs.fused_adam import FusedAdam
     from esper_lib.envs.lifecycle import SeedSlot
-    from esper_lib.envs.morpho import _native_slot
+    from esper_lib.envs.native_slots import stream_seed, training_seed
 
     host_opt = FusedAdam([nn.Parameter(torch.zeros(3))], 1e-3)
     slot = SeedSlot(1, 8)
-    assert slot.passes_through and _native_slot(slot, host_opt) is None  # empty
+    assert slot.passes_through and training_seed(slot, host_opt) is None  # empty
     seed, gate = NormSeed(8), ChannelGate(8)
     slot.germinate(seed, gate, BlueprintAction.NORM, GerminationStyle.SIGMOID_ADD, TempoAction.STANDARD, 1.0)
     slot.optimizer = FusedAdam([*seed.parameters(), *gate.parameters()], 0.05)
-    assert slot.passes_through and _native_slot(slot, host_opt) is None  # GERMINATED: not trained, not in the stream
+    assert slot.passes_through and training_seed(slot, host_opt) is None  # GERMINATED: not trained, not in the stream
     slot.advance(3)
-    spec = _native_slot(slot, host_opt)
+    spec = training_seed(slot, host_opt)
     assert not slot.passes_through and (spec.mode, spec.style, spec.groups, spec.lr) == ("training", 2, 4, 0.05)
+    assert stream_seed(slot) is None  # without gradients a TRAINING seed changes nothing
     assert spec.params == [seed.norm.weight, seed.norm.bias, gate.weight, gate.bias]
     slot.advance(3)
-    assert slot.alpha == 0.0 and slot.passes_through and _native_slot(slot, host_opt) is False  # learns, no gradient
+    assert slot.alpha == 0.0 and slot.passes_through and training_seed(slot, host_opt) is False  # learns, no gradient
     slot.begin_epoch()
-    spec = _native_slot(slot, host_opt)
+    spec = training_seed(slot, host_opt)
     assert spec.mode == "stream" and spec.alpha == slot.alpha > 0
+    assert stream_seed(slot).alpha == slot.alpha and stream_seed(slot).params == spec.params
     slot.optimizer = FusedAdam([*seed.parameters(), *gate.parameters()], 0.05, betas=(0.8, 0.9))
-    assert _native_slot(slot, host_opt) is False  # one Adam setting for all (the env's)
+    assert training_seed(slot, host_opt) is False  # one Adam setting for all (the env's)
     slot.prune(0, AlphaCurveAction.LINEAR)
-    assert slot.passes_through and _native_slot(slot, host_opt) is None
+    assert slot.passes_through and training_seed(slot, host_opt) is None
     for seed, layers in ((BottleneckSeed(8), ((1, True), (1, True), (1, False))), (AttentionSeed(8), ())):
         other, gate = SeedSlot(0, 8), ChannelGate(8)
         other.germinate(seed, gate, BlueprintAction.CONV_LIGHT, GerminationStyle.LINEAR_ADD, TempoAction.FAST, 1.0)
         other.optimizer = FusedAdam([*seed.parameters(), *gate.parameters()], 0.05)
         other.advance(3)
-        spec = _native_slot(other, host_opt)
+        spec = training_seed(other, host_opt)
         assert spec.layers == layers and spec.params == [*seed.parameters(), gate.weight, gate.bias]
         assert spec.body == ("convs" if layers else "attention") and spec.stepped == (6 if layers else 7)
     other.seed = nn.Identity()  # a seed module the kernels do not know: the minibatch loop
-    assert _native_slot(other, host_opt) is False
+    assert training_seed(other, host_opt) is False
+    other.advance(3)
+    other.begin_epoch()
+    assert other.in_stream and stream_seed(other) is False  # ... and the torch passes
 
 
 def test_env_trains_a_plain_host_in_one_call_with_the_results_of_the_minibatch_loop(native_on, monkeypatch):

@@ -119,11 +119,11 @@ from esper_lib.constants import (
     state_dim_for,
 )
 from esper_lib.envs import native
-from esper_lib.envs.blueprints import AttentionSeed, ChannelGate, NormSeed, blueprint_mask, build_blueprint
+from esper_lib.envs.blueprints import ChannelGate, blueprint_mask, build_blueprint
 from esper_lib.envs.fused_adam import FusedAdam
 from esper_lib.envs.host import DigitsSplit, HostCNN, load_digits_split
 from esper_lib.envs.lifecycle import SeedSlot
-from esper_lib.envs.small_ops import FusedSequential, SmallConv2d
+from esper_lib.envs.native_slots import stream_seed, training_seed
 from esper_lib.envs.spaces import action_space, action_to_dict, observation_space
 from esper_lib.observation import FEATURE_BOUND, HISTORY_LEN, observation_layout, symlog
 
@@ -545,7 +545,7 @@ class MorphoEnv(gym.Env):
 
     def _native_epoch(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """The epoch in one call of the opt-in C kernels (``FusedAdam.native_host_epoch``) when every slot passes its
-        input through or holds a NORM seed (``_native_slot``); True when done. Without seeds the same results as the
+        input through or holds a seed the kernels know (``native_slots.training_seed``); True when done. Without seeds the same results as the
         minibatch loop of ``_train_epoch`` with the kernels on bit for bit, with NORM seeds up to float rounding.
 
         ``x`` ``[N, 1, 8, 8]``, ``y`` ``[N]``: the epoch's images and labels in minibatch order.
@@ -556,7 +556,7 @@ class MorphoEnv(gym.Env):
         if layout is None:
             return False
         blocks, host_params = layout  # the host's parameters come first in its optimizer, then the fossils' (C reads them so)
-        slots = [_native_slot(s, self._opt) for s in self.host.slots]
+        slots = [training_seed(s, self._opt) for s in self.host.slots]
         if any(s is False for s in slots):
             return False
         fossil_params = [p for s in slots if s and s.mode == "fossil" for p in s.params[: s.stepped]]
@@ -625,26 +625,16 @@ class MorphoEnv(gym.Env):
     def _native_forward(self, x: torch.Tensor, y: torch.Tensor, ablations: list[set[int]]) -> torch.Tensor | None:
         """The validation passes in one call of the opt-in C kernels (``native.host_forward``): the logits of the full
         pass then of each ablation ``[1 + len(ablations), N, 10]``; None when the kernels are off or a slot's seed is
-        not one ``_seed_body`` describes (then ``HostCNN.forward_cached`` and ``forward_ablations`` run)."""
+        not one the kernels know (``native_slots``; then ``HostCNN.forward_cached`` and ``forward_ablations`` run)."""
         if not native.enabled():
             return None
         layout = self._native_layout()
         if layout is None:
             return None
         blocks, host_params = layout
-        slots: list[native.SlotSeed | None] = []
-        for s in self.host.slots:
-            if not s.in_stream:  # no seed, or one that changes nothing without gradients (TRAINING)
-                slots.append(None)
-                continue
-            body = _seed_body(s.seed)
-            if body is None or type(s.gate) is not ChannelGate:
-                return None
-            body_params, kind, groups, layers = body
-            params = [*body_params, s.gate.weight, s.gate.bias]
-            if not all(p.dtype == torch.float32 and p.is_contiguous() and p.device.type == "cpu" for p in params):
-                return None
-            slots.append(native.SlotSeed("stream", int(s.style), s.alpha, params, kind, groups, layers))
+        slots = [stream_seed(s) for s in self.host.slots]
+        if any(s is False for s in slots):
+            return None
         masks = [0] + [sum(1 << i for i in a) for a in ablations]
         return native.host_forward(x, y, host_params, blocks, slots, masks)
 
@@ -746,61 +736,6 @@ class MorphoEnv(gym.Env):
         if st.freshness is not None:
             state[fi[p + "counterfactual_freshness"]] = st.freshness
         state[fi[p + "interaction"]] = np.clip(st.interaction * 100.0 / 10.0, -1.0, 1.0)
-
-
-def _seed_body(seed: torch.nn.Module | None) -> tuple[list[torch.nn.Parameter], str, int, tuple[tuple[int, bool], ...]] | None:
-    """``(parameters, body, GroupNorm groups, convolution layers)`` of a seed body ``native.host_epoch`` computes: a
-    ``NormSeed``, an ``AttentionSeed``, or a ``FusedSequential`` of size-preserving ``SmallConv2d`` s (with bias, 1x1
-    or 3x3), each optionally followed by an ``nn.ReLU`` (the convolution blueprints); None for anything else."""
-    if type(seed) is NormSeed:
-        norm = seed.norm
-        return ([norm.weight, norm.bias], "norm", norm.num_groups, ()) if norm.affine and norm.eps == 1e-5 else None
-    if type(seed) is AttentionSeed:
-        params = list(seed.parameters())  # scale, channel MLP (w1, b1, w2, b2), spatial (w, b)
-        return (params, "attention", 1, ()) if len(params) == 7 else None
-    if not isinstance(seed, FusedSequential):
-        return None
-    mods, layers, params = list(seed), [], []
-    k = 0
-    while k < len(mods):
-        conv = mods[k]
-        if type(conv) is not SmallConv2d or conv.bias is None or conv.stride != (1, 1) or conv.dilation != (1, 1):
-            return None
-        if conv.padding_mode != "zeros" or conv.kernel_size not in ((1, 1), (3, 3)) or conv.padding != ((conv.kernel_size[0] - 1) // 2,) * 2:
-            return None
-        relu = k + 1 < len(mods) and type(mods[k + 1]) is nn.ReLU
-        layers.append((conv.groups, relu))
-        params += [conv.weight, conv.bias]
-        k += 2 if relu else 1
-    if not 1 <= len(layers) <= native.MAX_SEED_LAYERS:
-        return None
-    return params, "convs", 1, tuple(layers)
-
-
-def _native_slot(slot: SeedSlot, host_opt: FusedAdam) -> native.SlotSeed | None | bool:
-    """What ``native.host_epoch`` needs of ``slot``: None when it passes its input through and no seed learns or is
-    fossilized there; a ``native.SlotSeed`` for a seed ``_seed_body`` describes (every CNN blueprint) that learns (TRAINING,
-    or in the stream) or is a fossil in the stream; False for anything else (the epoch then runs the minibatch loop)."""
-    fossil = slot.stage == SeedStage.FOSSILIZED
-    if slot.passes_through and not slot.learning and not fossil:
-        return None
-    body = _seed_body(slot.seed)
-    if body is None or type(slot.gate) is not ChannelGate:
-        return False
-    body_params, kind, groups, layers = body
-    params = [*body_params, slot.gate.weight, slot.gate.bias]
-    if not all(p.dtype == torch.float32 and p.is_contiguous() and p.device.type == "cpu" for p in params):
-        return False
-    if slot.stage == SeedStage.TRAINING or (slot.learning and slot.in_stream):
-        opt = slot.optimizer
-        if opt is None or list(map(id, opt.params)) != list(map(id, params)) or opt.betas != host_opt.betas or opt.eps != host_opt.eps:
-            return False
-        m, v, t = opt.adam_state()
-        mode = "training" if slot.stage == SeedStage.TRAINING else "stream"
-        return native.SlotSeed(mode, int(slot.style), slot.alpha, params, kind, groups, layers, list(m), list(v), list(t), opt.lr)
-    if fossil and slot.in_stream:
-        return native.SlotSeed("fossil", int(slot.style), slot.alpha, params, kind, groups, layers)
-    return False
 
 
 def _zero_grad(params: list[torch.nn.Parameter]) -> None:
