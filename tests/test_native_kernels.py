@@ -631,6 +631,9 @@ def test_native_slots_describe_each_stage_of_a_seed_and_refuse_unknown_modules()
         spec = training_seed(other, host_opt)
         assert spec.layers == layers and spec.params == [*seed.parameters(), gate.weight, gate.bias]
         assert spec.body == ("convs" if layers else "attention") and spec.stepped == (6 if layers else 7)
+    from esper_lib.envs.native_slots import seed_body
+
+    assert seed_body(AttentionSeed(64)) is not None and seed_body(AttentionSeed(72)) is None  # at most 64 channels in C
     other.seed = nn.Identity()  # a seed module the kernels do not know: the minibatch loop
     assert training_seed(other, host_opt) is False
     other.advance(3)

@@ -31,7 +31,8 @@ def seed_body(seed: nn.Module | None) -> SeedBody | None:
         return ([norm.weight, norm.bias], "norm", norm.num_groups, ()) if norm.affine and norm.eps == 1e-5 else None
     if type(seed) is AttentionSeed:
         params = list(seed.parameters())  # scale, channel MLP (w1, b1, w2, b2), spatial (w, b)
-        return (params, "attention", 1, ()) if len(params) == 7 else None
+        fits = len(params) == 7 and params[0].numel() <= 64  # the kernel keeps a channel's values on its stack
+        return (params, "attention", 1, ()) if fits else None
     if not isinstance(seed, FusedSequential):
         return None
     mods, layers, params = list(seed), [], []
