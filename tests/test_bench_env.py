@@ -12,6 +12,20 @@ from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dic
 from script_support import load_script
 
 
+@pytest.fixture(autouse=True)
+def restore_the_kernel_switch(monkeypatch):
+    """The benches switch the kernels for their worker processes through ESPER_NATIVE (and in this process): put
+    both back, so that later tests (notebook 04 starts its kernel with this process's environment) see the run's."""
+    import os
+
+    from esper_lib.envs import native
+
+    monkeypatch.setenv("ESPER_NATIVE", os.environ.get("ESPER_NATIVE", "0"))  # undone at teardown, whatever a bench set
+    before = native._enabled
+    yield
+    native.enable(before)
+
+
 def test_schedule_controllers_play_the_best_fixed_schedule_within_the_masks():
     bench = load_script("bench_env", folder="benchmarks")
     ctrls = bench._controllers("schedule", 2)
