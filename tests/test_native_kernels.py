@@ -792,3 +792,34 @@ def test_whole_epochs_and_passes_do_not_depend_on_the_vector_width(tmp_path, mon
     (eval_a, params_a, loss_a), (eval_b, params_b, loss_b) = results
     assert eval_a == eval_b and loss_a == loss_b
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+
+
+def test_host_forward_takes_64_masks_on_16_blocks(native_on):
+    torch.manual_seed(0)
+    host = HostCNN((2,) * 16, pool_after=())
+    params, blocks = host.host_parameters(), host.native_blocks()
+    slots = [native.SlotSeed("stream", 0, 0.5, [torch.randn(2), torch.randn(2), torch.zeros(1, 2, 1, 1), torch.zeros(1, 2, 1, 1)], groups=2)
+             for _ in range(16)]
+    masks = [0, *torch.randint(1, 2**16, (63,), generator=torch.Generator().manual_seed(1)).tolist()]
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    out = native.host_forward(x, y, params, blocks, slots, masks)  # up to 2 cached maps per mask and block
+    assert out.shape == (64, 4, 10) and torch.isfinite(out).all()
+    torch.testing.assert_close(out[5], native.host_forward(x, y, params, blocks, slots, [masks[5]])[0], rtol=0, atol=0)
+
+
+def test_unchecked_host_epoch_still_refuses_state_of_the_wrong_shape(native_on):
+    from esper_lib.envs.fused_adam import FusedAdam
+
+    host = HostCNN((4, 8, 8))
+    opt = FusedAdam(host.host_parameters(), 5e-3)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    bad = [torch.zeros(1)] + opt._exp_avgs[1:]
+    with pytest.raises(ValueError, match=r"the Adam state of params\[0\] must have its shape"):
+        native.host_epoch(x, y, 4, opt.params, host.native_blocks(), bad, opt._exp_avg_sqs, opt._steps, 5e-3, (0.9, 0.999), 1e-8,
+                          5.0, check=False)
+    seed = native.SlotSeed("training", 0, 0.0, [torch.zeros(8), torch.zeros(8), torch.zeros(1, 8, 1, 1), torch.zeros(1, 8, 1, 1)],
+                           groups=4, exp_avgs=[torch.zeros(1)] * 4, exp_avg_sqs=[torch.zeros(8)] * 4, steps=[torch.zeros(())] * 4, lr=0.1)
+    with pytest.raises(ValueError, match=r"slots\[1\]: the Adam state of params\[0\] must have its shape"):
+        opt.native_host_epoch(x, y, 4, host.native_blocks(), 5.0, [None, seed, None])
+    with pytest.raises(ValueError, match=r"slots\[2\] must be a SlotSeed or None, got False"):
+        opt.native_host_epoch(x, y, 4, host.native_blocks(), 5.0, [None, None, False])

@@ -557,6 +557,8 @@ def _slot_arrays(
             alphas.append(0.0)
             lrs.append(0.0)
             continue
+        if not isinstance(seed, SlotSeed):
+            raise ValueError(f"slots[{i}] must be a SlotSeed or None, got {seed!r}")
         ints = _seed_ints(i, seed, c, check)
         ints[5] = len(arrays[0])
         spec += ints
@@ -572,11 +574,12 @@ def _slot_arrays(
         else:
             if not (len(seed.exp_avgs) == len(seed.exp_avg_sqs) == len(seed.steps) == n):
                 raise ValueError(f"slots[{i}]: a learning seed needs the Adam state of each of its {n} parameters")
-            for k, t in enumerate(seed.params if check else ()):
-                _check(f"slots[{i}].exp_avgs[{k}]", seed.exp_avgs[k])
-                _check(f"slots[{i}].exp_avg_sqs[{k}]", seed.exp_avg_sqs[k])
-                _check(f"slots[{i}].steps[{k}]", seed.steps[k], 0)
-                if seed.exp_avgs[k].shape != t.shape or seed.exp_avg_sqs[k].shape != t.shape:
+            for k, t in enumerate(seed.params):
+                if check:
+                    _check(f"slots[{i}].exp_avgs[{k}]", seed.exp_avgs[k])
+                    _check(f"slots[{i}].exp_avg_sqs[{k}]", seed.exp_avg_sqs[k])
+                    _check(f"slots[{i}].steps[{k}]", seed.steps[k], 0)
+                if seed.exp_avgs[k].shape != t.shape or seed.exp_avg_sqs[k].shape != t.shape or seed.steps[k].numel() != 1:
                     raise ValueError(f"slots[{i}]: the Adam state of params[{k}] must have its shape {tuple(t.shape)}")
             if not seed.lr > 0:
                 raise ValueError(f"slots[{i}].lr must be > 0, got {seed.lr!r}")
@@ -653,7 +656,7 @@ def host_epoch(
         exp_avgs, exp_avg_sqs, steps: the Adam state of each parameter (``FusedAdam``'s), updated in place.
         slots: per block, the ``SlotSeed`` in its slot or None (the slot passes its input through); None: no seeds.
         check: ``False`` skips checking each parameter and state tensor's dtype and layout (``FusedAdam`` and the
-            env keep theirs valid); shapes are checked either way.
+            env keep theirs valid); shapes are checked either way (the kernels write every state tensor).
 
     Returns ``(losses [nb], norms [nb], seed_norms [L, nb], logits [N, Kc])``: each minibatch's mean loss and the
     host's gradient norm before clipping, each fossil's or learning seed's gradient norm (0 for other slots), the
@@ -679,13 +682,14 @@ def host_epoch(
     if y.dtype != torch.int64 or y.device.type != "cpu" or not y.is_contiguous() or y.shape != (x.shape[0],):
         raise ValueError(f"y must be a contiguous int64 CPU tensor of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
     spec, block_channels, n_classes = _host_spec(x, params, blocks)
-    for i, (p, m, v, t) in enumerate(zip(params, exp_avgs, exp_avg_sqs, steps) if check else ()):
-        _check(f"params[{i}]", p)
-        _check(f"exp_avgs[{i}]", m)
-        _check(f"exp_avg_sqs[{i}]", v)
-        _check(f"steps[{i}]", t, 0)
-        if m.shape != p.shape or v.shape != p.shape:
-            raise ValueError(f"the Adam state of params[{i}] must have its shape {tuple(p.shape)}")
+    for i, (p, m, v, t) in enumerate(zip(params, exp_avgs, exp_avg_sqs, steps)):
+        if check:
+            _check(f"params[{i}]", p)
+            _check(f"exp_avgs[{i}]", m)
+            _check(f"exp_avg_sqs[{i}]", v)
+            _check(f"steps[{i}]", t, 0)
+        if m.shape != p.shape or v.shape != p.shape or t.numel() != 1:  # checked either way: the C code writes them
+            raise ValueError(f"the Adam state of params[{i}] must have its shape {tuple(p.shape)} and one step count")
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
     grads = [_grad_buffer(p) for p in params]

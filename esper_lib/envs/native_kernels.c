@@ -169,6 +169,7 @@ typedef float v16 __attribute__((vector_size(16 * sizeof(float))));
 static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 typedef int32_t vi16 __attribute__((vector_size(16 * sizeof(int32_t))));
+typedef uint32_t vu16 __attribute__((vector_size(16 * sizeof(uint32_t))));
 static inline v16 relu16(v16 v) { return (v16)((vi16)v & ~(vi16)(v < (v16){0})); }
 
 static int is_plane16(const geom_t *g) { return g->Ho == 4 && g->Wo == 4; }
@@ -811,7 +812,7 @@ static inline v16 exp16(v16 x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    vi16 bits = ((vi16)t - (vi16)((v16){0} + EXP_MAGIC) + 127) << 23;
+    vu16 bits = ((vu16)t - (vu16)((v16){0} + EXP_MAGIC) + 127) << 23; /* unsigned: a NaN's bits wrap, no overflow */
     return p * (v16)bits;
 }
 
@@ -828,11 +829,11 @@ static inline float exp1(float x) {
     p = fmaf(p, r, 0.5f);
     p = fmaf(p, r, 1.0f);
     p = fmaf(p, r, 1.0f);
-    int32_t ti, mi;
+    uint32_t ti, mi;
     float magic = EXP_MAGIC, scale;
     memcpy(&ti, &t, sizeof ti);
     memcpy(&mi, &magic, sizeof mi);
-    int32_t bits = (ti - mi + 127) << 23;
+    uint32_t bits = (ti - mi + 127) << 23;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
@@ -1438,9 +1439,11 @@ int host_epoch(const float *restrict x, const int64_t *restrict y, int64_t N, in
 }
 
 /* A cache of maps for host_forward: (block, ablated slots so far) -> a map of N images. */
+enum { MAX_MASKS = 64, CACHE_SIZE = 2 * MAXL * MAX_MASKS }; /* a mask adds at most a block pass and a slot output per block */
+
 typedef struct {
-    int64_t n, k[4 * MAXL * 8], key[4 * MAXL * 8];
-    float *data[4 * MAXL * 8];
+    int64_t n, k[CACHE_SIZE], key[CACHE_SIZE];
+    float *data[CACHE_SIZE];
 } map_cache_t;
 
 static float *cache_find(const map_cache_t *mc, int64_t k, int64_t key) {
@@ -1450,7 +1453,7 @@ static float *cache_find(const map_cache_t *mc, int64_t k, int64_t key) {
 }
 
 static float *cache_add(map_cache_t *mc, int64_t k, int64_t key, int64_t floats) {
-    if (mc->n >= 4 * MAXL * 8) return NULL;
+    if (mc->n >= CACHE_SIZE) return NULL;
     float *d = (float *)malloc((size_t)floats * sizeof(float));
     if (!d) return NULL;
     mc->k[mc->n] = k;
@@ -1470,7 +1473,7 @@ int host_forward(const float *restrict x, const int64_t *restrict y, int64_t N, 
                  float *const *seed_params, int64_t n_masks, const int64_t *masks, float *restrict logits) {
     int64_t C[MAXL + 1], H[MAXL + 1], W[MAXL + 1], Ho[MAXL], Wo[MAXL];
     seed_t seeds[MAXL];
-    if (N < 1 || n_masks < 1 || n_masks > 64 || host_geometry(C0, H0, W0, L, spec, C, H, W, Ho, Wo)) return 2;
+    if (N < 1 || n_masks < 1 || n_masks > MAX_MASKS || host_geometry(C0, H0, W0, L, spec, C, H, W, Ho, Wo)) return 2;
     int64_t scratch = 0, total = 0;
     for (int64_t l = 0; l < L; l++) {
         seed_t *sd = &seeds[l];
