@@ -199,3 +199,19 @@ def test_batched_hosts_study_times_both_layouts(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "one host after another" in out and "batched" in out and "block 2" in out
     assert "% of it" in out
+
+
+@pytest.mark.parametrize("native_flag", ["off", "on"])
+def test_run_episodes_plays_whole_episodes(native_flag, monkeypatch, capsys):
+    from esper_lib.envs import native
+
+    if native_flag == "on" and not native.available():
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    runner = load_script("run_episodes", folder="benchmarks")
+    monkeypatch.setattr("sys.argv", ["run_episodes.py", "--controller", "grown", "--episodes", "1", "--native", native_flag])
+    runner.main()
+    assert native.switched_on() is (native_flag == "on")
+    assert f"grown, kernels {native_flag}: {MorphoEnv().max_epochs} env steps" in capsys.readouterr().out  # one whole episode
+    monkeypatch.setattr("sys.argv", ["run_episodes.py", "--episodes", "0"])
+    with pytest.raises(SystemExit):
+        runner.main()

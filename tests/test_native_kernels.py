@@ -558,18 +558,15 @@ def test_host_epoch_refuses_bad_input_before_any_update(native_on):
         native.host_epoch(x, y, 8, opt.params[:5], blocks, *[a[:5] for a in state], 5e-3, (0.9, 0.999), 1e-8, 5.0)
     with pytest.raises(ValueError, match="slots have one entry per block"):
         opt.native_host_epoch(x, y, 8, blocks, 5.0, slots=[None, None])
-    bad = native.SlotSeed("blending", 0, 0.5, [torch.zeros(8)] * 4, groups=4)
-    with pytest.raises(ValueError, match=r"slots\[1\].mode must be one of"):
-        opt.native_host_epoch(x, y, 8, blocks, 5.0, slots=[None, bad, None])
-    bad = native.SlotSeed("stream", 0, 0.5, [torch.zeros(8)] * 4, groups=3)
-    with pytest.raises(ValueError, match=r"groups must divide the 8 channels"):
-        opt.native_host_epoch(x, y, 8, blocks, 5.0, slots=[None, bad, None])
-    bad = native.SlotSeed("stream", 0, 0.5, [torch.zeros(8)] * 4, groups=4)
-    with pytest.raises(ValueError, match=r"the Adam state of each of its 4 parameters"):
-        opt.native_host_epoch(x, y, 8, blocks, 5.0, slots=[None, bad, None])
-    bad = native.SlotSeed("fossil", 0, 0.5, [torch.zeros(8)] * 4, groups=4)
-    with pytest.raises(ValueError, match=r"a fossil's parameters must be among params"):
-        opt.native_host_epoch(x, y, 8, blocks, 5.0, slots=[None, bad, None])
+    for mode, groups, message in [
+        ("blending", 4, r"slots\[1\].mode must be one of"),
+        ("stream", 3, r"groups must divide the 8 channels"),
+        ("stream", 4, r"the Adam state of each of its 4 parameters"),  # a learning seed without its Adam state
+        ("fossil", 4, r"a fossil's parameters must be among params"),
+    ]:
+        bad = native.SlotSeed(mode, 0, 0.5, [torch.zeros(8)] * 4, groups=groups)
+        with pytest.raises(ValueError, match=message):
+            opt.native_host_epoch(x, y, 8, blocks, 5.0, slots=[None, bad, None])
     with pytest.raises(ValueError, match=r"block 0: weight \(4, 1, 3, 3\) must be \[O, 3, K, K\]"):
         native.host_epoch(torch.randn(4, 3, 8, 8), y[:4], 2, opt.params, blocks, *state, 5e-3, (0.9, 0.999), 1e-8, 5.0)
     with pytest.raises(ValueError, match="odd map"):
