@@ -17,10 +17,10 @@ minibatch Adam), validation (the forward pass on the validation split) and count
 ablated passes), measured by timing the env's own methods, so the same script measures older
 versions of the env too (run it with another ``PYTHONPATH`` to compare, interleaved).
 
-``--native`` picks the opt-in C kernels (``esper_lib.envs.native``: with them on, a host epoch with its seeds is
+``--native`` picks the C kernels (``esper_lib.envs.native``: with them on, a host epoch with its seeds is
 one call, and so are the validation and counterfactual passes): ``off`` the torch path, ``on`` the C kernels,
 ``both`` each configuration with one then the other, in the same process, with the ratio. Default: whatever
-``ESPER_NATIVE`` says (off when unset). With the kernels on, the counterfactual passes run inside the
+``ESPER_NATIVE`` says (on unless it is 0, as in the library). With the kernels on, the counterfactual passes run inside the
 validation call, so their time shows under ``valid``.
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=2, help="sub-envs of the vector envs")
     parser.add_argument("--controller", choices=("random", "wait", "schedule", "grown", "both", "all"), default="both")
     parser.add_argument("--no-vector", action="store_true", help="only the single env")
-    parser.add_argument("--native", choices=("off", "on", "both"), default=None, help="kernel path (default: ESPER_NATIVE)")
+    parser.add_argument("--native", choices=("off", "on", "both"), default=None, help="kernel path (default: ESPER_NATIVE, on unless 0)")
     parser.add_argument("--env-threads", type=int, default=1, help="torch threads inside each env's steps (MorphoEnv num_threads)")
     args = parser.parse_args()
     if args.steps < 1 or args.num_envs < 1 or args.env_threads < 1:

@@ -10,7 +10,7 @@ layout in turn, ``--rounds`` times alternating, and prints each time and the med
 Both layouts make the same updates (``train_morpho_policies``), so only the time differs.
 
 ``--compare native`` times the ``sync-N`` layout with the env's convolutions on the torch path and on the
-opt-in C kernels (``esper_lib.envs.native``) instead: the same learning problem, float rounding apart.
+C kernels (``esper_lib.envs.native``) instead: the same learning problem, float rounding apart.
 
     .venv/bin/python benchmarks/bench_training_layout.py --updates 8 --rounds 2
     .venv/bin/python benchmarks/bench_training_layout.py --updates 8 --rounds 2 --compare native

@@ -3,7 +3,7 @@
     python benchmarks/study_batched_hosts.py [--hosts E] [--calls N] [--repeats R]
 
 Times one training minibatch (forward, loss, backward, clip + Adam) of ``E`` bare default hosts (channels
-4/8/8, minibatch 64, no seeds) two ways, with the opt-in C kernels (``esper_lib.envs.native``), 1 thread:
+4/8/8, minibatch 64, no seeds) two ways, with the C kernels (``esper_lib.envs.native``), 1 thread:
 
 - one host after another, as ``MorphoEnv`` trains them (``HostCNN.train_loss``, ``FusedAdam.native_clip_and_step``);
 - all ``E`` hosts as one computation on the same minibatch (notebook 04's envs share their data order,

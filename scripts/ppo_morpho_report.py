@@ -42,7 +42,8 @@ def section(label: str, folder: Path, figures: Path) -> list[str]:
         "",
         f"{len(seeds)} training seeds x {summary['updates_per_seed']} updates ({summary['env_steps_total']:,} env steps in "
         f"{summary['train_seconds'] / 60:.1f} min, {summary['env_steps_per_s']:.1f} env-steps/s), "
-        f"{summary['heldout_seeds']} held-out env seeds, best fixed schedule `{summary['best_schedule']}`.",
+        f"{summary['heldout_seeds']} held-out env seeds, best fixed schedule `{summary['best_schedule']}`, "
+        f"env host training on {'the C kernels' if summary.get('native_kernels') else 'the torch path (`ESPER_NATIVE=0`)'}.",
         "",
         "| controller | training seed | n | mean return | IQM | paired diff. vs WAIT [95% CI] | P(improvement) |",
         "|---|---|---|---|---|---|---|",

@@ -20,7 +20,7 @@ def restore_the_kernel_switch(monkeypatch):
 
     from esper_lib.envs import native
 
-    monkeypatch.setenv("ESPER_NATIVE", os.environ.get("ESPER_NATIVE", "0"))  # undone at teardown, whatever a bench set
+    monkeypatch.setenv("ESPER_NATIVE", os.environ.get("ESPER_NATIVE", "1"))  # undone at teardown, whatever a bench set
     before = native._enabled
     yield
     native.enable(before)

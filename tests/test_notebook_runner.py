@@ -40,6 +40,14 @@ def test_cli_parameters_are_parsed_by_declared_type() -> None:
     assert lists["02_validate_shapes"] == {"batch_sizes": [1, 4]}
 
 
+def test_an_optional_bool_takes_true_false_or_none() -> None:
+    for raw, value in (("true", True), ("false", False), ("None", None), ("null", None)):  # notebook 04: Optional[bool]
+        params = nr.resolve_run_parameters(_runs("04_short_training"), cli_parameters=[("native_kernels", raw)])
+        assert params["04_short_training"] == {"native_kernels": value}
+    with pytest.raises(ValueError, match=r"parameter 'native_kernels' .* must be bool or None .*got 'maybe'"):
+        nr.resolve_run_parameters(_runs("04_short_training"), cli_parameters=[("native_kernels", "maybe")])
+
+
 def test_flat_parameters_go_to_every_selected_notebook_that_declares_them() -> None:
     params = nr.resolve_run_parameters(_runs("01_build_v2_model", "04_short_training"), cli_parameters=[("seed", "3"), ("updates", "5")])
     # notebook 04 declares train_seeds, not seed: the flat seed goes to 01 only

@@ -141,9 +141,9 @@ def test_notebook_04_names_a_native_kernels_value_that_is_not_a_bool(tmp_path: P
 
     from esper_lib.notebooks.runner import REPO_ROOT, default_kernel, notebook_path
 
-    with pytest.raises(ValueError, match=r"parameter 'native_kernels' of notebook '04_short_training' must be bool"):
+    with pytest.raises(ValueError, match=r"parameter 'native_kernels' of notebook '04_short_training' must be bool or None"):
         run_notebook("04_short_training", parameters={"native_kernels": "yes"}, quick=True, out_root=tmp_path)
-    with pytest.raises(papermill.PapermillExecutionError, match="parameter native_kernels must be True or False"):
+    with pytest.raises(papermill.PapermillExecutionError, match="parameter native_kernels must be True, False or None"):
         papermill.execute_notebook(
             str(notebook_path("04_short_training")), str(tmp_path / "out.ipynb"), parameters={"native_kernels": "yes"},
             kernel_name=default_kernel(), cwd=str(REPO_ROOT), progress_bar=False,
@@ -160,16 +160,20 @@ def test_notebook_04_trains_with_the_gae_lambda_it_is_given(tmp_path: Path) -> N
 
 
 @pytest.mark.notebook
-def test_notebook_04_trains_with_the_c_kernels_when_asked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernels", [True, False])
+def test_notebook_04_trains_on_the_path_it_is_asked_for(tmp_path: Path, kernels: bool) -> None:
+    """True: the C kernels (the default where they build); False: the torch path of the runs documented before."""
     import json
 
     from esper_lib.envs import native
 
-    if not native.available():
+    if kernels and not native.available():
         pytest.skip("no C compiler here: the native kernels cannot be built")
-    run_notebook("04_short_training", parameters={"native_kernels": True, "train_seeds": [0]}, quick=True, out_root=tmp_path)
+    before = native.switched_on()
+    run_notebook("04_short_training", parameters={"native_kernels": kernels, "train_seeds": [0]}, quick=True, out_root=tmp_path)
     summary = json.loads((tmp_path / "04_short_training" / "run_summary.json").read_text())
-    assert summary["native_kernels"] is True  # recorded with the run: which kernels produced it
+    assert summary["native_kernels"] is kernels  # recorded with the run: which kernels produced it
+    assert native.switched_on() == before  # the notebook's kernel process switched, not this one
 
 
 @pytest.mark.notebook
@@ -203,7 +207,7 @@ def test_notebook_04_trains_evaluates_and_saves(tmp_path: Path) -> None:
     assert run["vector_env"] == "sync" and run["workers"] == 3 and run["eval_workers"] == 2  # the defaults
     from esper_lib.envs import native
 
-    assert run["native_kernels"] is (native.switched_on() and native.available())  # off unless ESPER_NATIVE=1 here
+    assert run["native_kernels"] is (native.switched_on() and native.available())  # on unless ESPER_NATIVE=0 here (or no compiler)
     assert run["seed_group_size"] == 2
     training = pd.read_csv(out / "seed_0" / "training_episodes.csv")
     assert len(training) > 0 and {"reward_accuracy_delta", "reward_rent", "reward_terminal"} <= set(training.columns)

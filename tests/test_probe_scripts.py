@@ -1,10 +1,13 @@
-"""scripts/random_growth_probe.py and scripts/growth_vs_wait_probe.py on a tiny env."""
+"""The probe and study scripts on a tiny env: scripts/random_growth_probe.py, growth_vs_wait_probe.py,
+follow_through_probe.py and kernel_paths_study.py."""
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from esper_lib.constants import LifecycleOp
+from esper_lib.envs import native
 from esper_lib.envs.morpho import MorphoEnv
 from script_support import load_script
 
@@ -125,3 +128,17 @@ def test_follow_through_opening_then_only_the_allowed_ops():
     assert random_opening.act(obs)[0] == LifecycleOp.GERMINATE
     with pytest.raises(SystemExit, match="BLUEPRINT:STYLE"):
         module.germination(module.FixedSchedule(slot=0, blueprint=module.BlueprintAction.NORM, germinate_at=0), "NOPE", "LINEAR_ADD")
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler here: the C kernels cannot be built")
+def test_kernel_paths_study_pairs_every_controller_on_both_paths(monkeypatch, capsys, tmp_path):
+    module = load_script("kernel_paths_study")
+    before = native.switched_on()
+    monkeypatch.setattr(sys, "argv", ["kernel_paths_study.py", *TINY, "--seeds", "2", "--out", str(tmp_path / "paths.csv")])
+    module.main()
+    assert native.switched_on() == before  # the switch is restored
+    table = pd.read_csv(tmp_path / "paths.csv")
+    assert list(table.controller) == ["always_wait", "best_schedule", "heuristic", "random_masked"]
+    assert (table.episodes == 2).all() and (table.same_ops == 2).all()  # the same actions on both paths
+    assert (table.max_abs_diff <= 0.3).all() and (table.diff_ci_low <= table.diff_mean).all() and (table.diff_mean <= table.diff_ci_high).all()
+    assert "random_masked" in capsys.readouterr().out

@@ -12,7 +12,7 @@ As in ``torch.optim.Adam``, a parameter whose ``.grad`` is None is skipped (its 
 count stay as they are), and a parameter that has never had a gradient starts from zero moments
 and step 0. ``adopt`` moves parameters and their state from another ``FusedAdam`` (a fossilized
 seed joins the host's optimizer with its moments and step counts). ``native_clip_and_step`` clips the
-gradients and steps in one call of the opt-in C kernels (``esper_lib.envs.native``), when they are on;
+gradients and steps in one call of the C kernels (``esper_lib.envs.native``), when they are on;
 ``native_host_epoch`` runs a whole epoch of a plain host's training with them.
 """
 from __future__ import annotations

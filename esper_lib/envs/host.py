@@ -132,7 +132,7 @@ class HostCNN(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
     def train_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(F.cross_entropy(logits, y), logits)`` with ``logits = self(x)`` ``[B, 10]``; with the opt-in C kernels
+        """``(F.cross_entropy(logits, y), logits)`` with ``logits = self(x)`` ``[B, 10]``; with the C kernels
         on, the mean-pool, head and loss are one call (``native.head_loss``) whose logits carry no gradient."""
         h = self.features(x)
         if native.enabled() and _native_head_ok(h, self.head, y):

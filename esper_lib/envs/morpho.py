@@ -497,7 +497,7 @@ class MorphoEnv(gym.Env):
         Per minibatch: forward, backward, the fossils' gradient norms (before the host clip rescales
         them), the host's clip and Adam step, then each learning seed's norm, clip and Adam step (the
         parameter sets are disjoint, so the order does not matter).
-        The epoch's minibatches are gathered in one indexing op and split into views. With the opt-in C kernels on,
+        The epoch's minibatches are gathered in one indexing op and split into views. With the C kernels on,
         the whole epoch is one call instead (``_native_epoch``).
         """
         host, data = self.host, self._data
@@ -544,7 +544,7 @@ class MorphoEnv(gym.Env):
                 st.grad_norm, st.grad_health = norm, grad_health(norm)
 
     def _native_epoch(self, x: torch.Tensor, y: torch.Tensor) -> bool:
-        """The epoch in one call of the opt-in C kernels (``FusedAdam.native_host_epoch``) when every slot passes its
+        """The epoch in one call of the C kernels (``FusedAdam.native_host_epoch``) when every slot passes its
         input through or holds a seed the kernels know (``native_slots.training_seed``); True when done. Without seeds the same results as the
         minibatch loop of ``_train_epoch`` with the kernels on bit for bit, with NORM seeds up to float rounding.
 
@@ -623,7 +623,7 @@ class MorphoEnv(gym.Env):
         return loss, acc
 
     def _native_forward(self, x: torch.Tensor, y: torch.Tensor, ablations: list[set[int]]) -> torch.Tensor | None:
-        """The validation passes in one call of the opt-in C kernels (``native.host_forward``): the logits of the full
+        """The validation passes in one call of the C kernels (``native.host_forward``): the logits of the full
         pass then of each ablation ``[1 + len(ablations), N, 10]``; None when the kernels are off or a slot's seed is
         not one the kernels know (``native_slots``; then ``HostCNN.forward_cached`` and ``forward_ablations`` run)."""
         if not native.enabled():
@@ -749,7 +749,7 @@ def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     if native.enabled() and all(g.dtype == torch.float32 and g.is_contiguous() for g in grads):
-        return native._grad_norm(grads)  # one call instead of three ops (the opt-in C kernels)
+        return native._grad_norm(grads)  # one call instead of three ops (the C kernels)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
@@ -765,7 +765,7 @@ def _clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch
 
 def _clip_and_step(opt: FusedAdam, params: list[torch.nn.Parameter]) -> torch.Tensor:
     """Clip the gradients of ``params`` (``opt``'s parameters, in its order) at ``MAX_GRAD_NORM``, then step ``opt``;
-    returns the norm before clipping. One C call when the opt-in kernels are on (``FusedAdam.native_clip_and_step``)."""
+    returns the norm before clipping. One C call when the C kernels are on (``FusedAdam.native_clip_and_step``)."""
     norm = opt.native_clip_and_step(MAX_GRAD_NORM)
     if norm is not None:
         return norm

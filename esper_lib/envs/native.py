@@ -8,10 +8,10 @@ of them in one call each. The first call compiles the source with the system C c
 ``$CC``) into a cache folder (``$ESPER_NATIVE_CACHE``, else ``~/.cache/esper_lib``; a file name per
 source, flags, compiler and CPU, written atomically so parallel processes can race) and loads it.
 
-Opt-in (off by default, so the env's trajectories stay those of every reported run): ``ESPER_NATIVE=1``
-in the environment (read at import, inherited by worker processes) or ``native.enable(True)``. A failed
-build warns once and leaves the torch path (``esper_lib.envs.small_ops``), which computes the same
-functions up to float rounding. The kernels are compiled without ``-ffast-math``: every output is a
+On by default wherever they build: ``ESPER_NATIVE=0`` in the environment (read at import, inherited by
+worker processes) or ``native.enable(False)`` picks the torch path (``esper_lib.envs.small_ops``), which
+computes the same functions up to float rounding (the same MDP: tests/test_native_kernels.py plays the
+same actions on both). A failed build (no C compiler) warns once and leaves the torch path. The kernels are compiled without ``-ffast-math``: every output is a
 fixed sequence of IEEE operations, vectorised across independent outputs only, so the results do not
 depend on the vector width the compiler picks (multiply-adds are fused on CPUs with FMA).
 
@@ -101,7 +101,8 @@ def _build(flags: tuple[str, ...] = FLAGS) -> Path:
     return lib
 
 
-_enabled = os.environ.get("ESPER_NATIVE", "0").strip().lower() in ("1", "true", "yes", "on")
+OFF_VALUES = ("0", "false", "no", "off")
+_enabled = os.environ.get("ESPER_NATIVE", "1").strip().lower() not in OFF_VALUES  # on unless switched off
 
 
 def enable(flag: bool) -> None:

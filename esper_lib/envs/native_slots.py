@@ -1,4 +1,4 @@
-"""What the opt-in C kernels need to know of a host slot (``esper_lib.envs.native``: ``host_epoch``, ``host_forward``).
+"""What the C kernels need to know of a host slot (``esper_lib.envs.native``: ``host_epoch``, ``host_forward``).
 
 A slot's seed becomes a ``native.SlotSeed`` when the kernels compute its body: a ``NormSeed``, an ``AttentionSeed``
 or a ``FusedSequential`` of size-preserving ``SmallConv2d`` s each optionally followed by an ``nn.ReLU`` (the

@@ -85,12 +85,12 @@ def _float32_cpu(t: torch.Tensor | None) -> bool:
 
 
 def _native_conv_ok(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether the opt-in C kernels (``esper_lib.envs.native``) compute this convolution: when they are switched
+    """Whether the C kernels (``esper_lib.envs.native``) compute this convolution: when they are switched
     on, for a ``[N, C, H, W]`` input with the layer's channels and contiguous float32 CPU tensors (input, weight,
     bias; no autocast), stride 1, dilation 1, zero padding equal on both sides and a square 1x1 or 3x3 kernel.
     They are faster than the Toeplitz product and oneDNN on the env's maps, or as fast within noise (the host's
     4x4 block; ``benchmarks/bench_native_kernels.py``). Checked per call, so ``native``'s own checks are skipped."""
-    if not native.enabled():  # the default: no further checks
+    if not native.enabled():  # the torch path: no further checks
         return False
     if x.dim() != 4 or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
         return False
@@ -106,7 +106,7 @@ class SmallConv2d(nn.Conv2d):
     """``nn.Conv2d`` computed by ``toeplitz_conv2d`` on small maps (stride 1, dilation 1, zero padding).
 
     Any other configuration, or a map whose Toeplitz matrix is too large, goes through ``conv2d``. With the
-    opt-in C kernels on (``esper_lib.envs.native``), every convolution they support uses them
+    C kernels on (``esper_lib.envs.native``, the default where they build), every convolution they support uses them
     (``_native_conv_ok``); ``forward_relu`` then fuses the ReLU into the same call, and ``forward_relu_pool``
     the ReLU and a following 2x2 max-pool.
     """
