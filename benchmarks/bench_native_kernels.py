@@ -56,6 +56,7 @@ def main() -> None:
         ap.error("the C kernels could not be built here (see the warning above)")
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    before = native.switched_on()  # put back after the comparisons
     print(f"torch {torch.__version__}, 1 thread, minibatch 64; forward + backward per call, best of {args.repeats} x {args.calls} calls")
     print(f"{'layer':<24}{'shape':<18}{'torch path':>18}{'C kernels':>12}{'C / torch':>11}")
     for what, c_in, c_out, size, kernel, groups in SHAPES:
@@ -69,7 +70,7 @@ def main() -> None:
         for flag in (False, True):
             native.enable(flag)
             times.append(best_us(step, args.calls, args.repeats))
-        native.enable(False)
+        native.enable(before)
         toeplitz = c_in * size * size * c_out * size * size <= TOEPLITZ_MAX_ENTRIES
         path = "Toeplitz" if toeplitz else "oneDNN"
         on_c = "C"  # SmallConv2d uses the kernels for every 1x1 and 3x3 convolution when they are on
@@ -80,7 +81,7 @@ def main() -> None:
     for flag in (False, True):
         native.enable(flag)
         times.append(best_us(lambda: max_pool2x2(x).sum().backward(), args.calls, args.repeats))
-    native.enable(False)
+    native.enable(before)
     print(f"{'max-pool 2x2':<24}{'8 ch 8x8':<18}{times[0]:>10.0f} {'':<8}{times[1]:>7.0f} {'C':<5}{times[1] / times[0]:>7.2f}x")
     bare_kernel_rates(args.calls * 3, args.repeats)
 

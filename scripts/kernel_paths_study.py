@@ -5,7 +5,8 @@ The env's host training runs in C kernels by default (``esper_lib.envs.native``)
 held-out env seeds once per path and pairs the episodes by seed: the actions must agree step by step (the
 masks agreed) and the returns may differ only by rounding (a few validation images flipped), never by a
 systematic shift. Prints, per controller, the mean return difference (kernels - torch) with its 95% bootstrap
-CI, the largest difference, the episodes whose actions agreed, and each path's wall time.
+CI, the largest difference, the episodes whose actions (all eight heads, every step) agreed, and the ratio of the
+paths' wall times.
 
     .venv/bin/python scripts/kernel_paths_study.py                                  # 100 seeds x 4 controllers (~6 min)
     .venv/bin/python scripts/kernel_paths_study.py --seeds 20 --out docs/figures/kernel_paths_study.csv
@@ -19,7 +20,13 @@ import numpy as np
 import pandas as pd
 
 from esper_lib.envs import native
-from esper_lib.evaluation.baselines import AlwaysWaitController, EpisodeSeededRandomController, HeuristicController, evaluate_controller
+from esper_lib.evaluation.baselines import (
+    AlwaysWaitController,
+    EpisodeSeededRandomController,
+    HeuristicController,
+    evaluate_controller,
+    reset_controller,
+)
 from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dict
 from esper_lib.evaluation.stats import bootstrap_ci
 from esper_lib.notebooks.helpers import probe_parser
@@ -39,16 +46,41 @@ def controllers() -> dict[str, object]:
     }
 
 
+class RecordingController:
+    """Plays ``inner`` and keeps every action it takes, per episode seed (``actions[seed]``: tuples of the heads)."""
+
+    def __init__(self, inner: object):
+        self.inner, self.actions, self._seed = inner, {}, None
+
+    def reset(self, seed: int | None = None) -> None:
+        self._seed = seed
+        self.actions[seed] = []
+        reset_controller(self.inner, seed)
+
+    def act(self, obs: dict) -> np.ndarray:
+        action = np.asarray(self.inner.act(obs))
+        self.actions[self._seed].append(tuple(int(a) for a in action.reshape(-1)))
+        return action
+
+
 def play_both_paths(env_fn, seeds: range) -> pd.DataFrame:
-    """One row per (controller, seed): each path's return, ops and wall time, and their difference."""
-    frames = {}
-    for kernels in (True, False):
-        native.enable(kernels)
-        frames[kernels] = pd.concat([evaluate_controller(ctrl, env_fn, seeds, name=name) for name, ctrl in controllers().items()])
+    """One row per (controller, seed): each path's return and wall time, their difference, and whether every
+    action (all eight heads) was the same on both paths. Puts the kernels' switch back as it found it."""
+    frames, played = {}, {}
+    before = native.switched_on()
+    try:
+        for kernels in (True, False):
+            native.enable(kernels)
+            recorders = {name: RecordingController(ctrl) for name, ctrl in controllers().items()}
+            frames[kernels] = pd.concat([evaluate_controller(rec, env_fn, seeds, name=name) for name, rec in recorders.items()])
+            played[kernels] = {(name, seed): acts for name, rec in recorders.items() for seed, acts in rec.actions.items()}
+    finally:
+        native.enable(before)
     on, off = (frames[k].set_index(["controller", "seed"]) for k in (True, False))
+    same = pd.Series([played[True][key] == played[False][key] for key in on.index], index=on.index)
     return pd.DataFrame({
         "return_kernels": on["return"], "return_torch": off["return"], "diff": on["return"] - off["return"],
-        "same_ops": on["ops"] == off["ops"], "wall_s_kernels": on["wall_s"], "wall_s_torch": off["wall_s"],
+        "same_actions": same, "wall_s_kernels": on["wall_s"], "wall_s_torch": off["wall_s"],
     }).reset_index()
 
 
@@ -58,7 +90,7 @@ def summarize(pairs: pd.DataFrame) -> pd.DataFrame:
     for name, g in pairs.groupby("controller", sort=False):
         ci = bootstrap_ci(g["diff"].to_numpy(), clip=False)
         rows.append({
-            "controller": name, "episodes": len(g), "same_ops": int(g["same_ops"].sum()), "diff_mean": ci.estimate,
+            "controller": name, "episodes": len(g), "same_actions": int(g["same_actions"].sum()), "diff_mean": ci.estimate,
             "diff_ci_low": ci.low, "diff_ci_high": ci.high, "max_abs_diff": float(g["diff"].abs().max()),
             "return_torch_mean": float(g["return_torch"].mean()),
             "speed_up": float(g["wall_s_torch"].sum() / g["wall_s_kernels"].sum()),
@@ -81,11 +113,7 @@ def main() -> None:
     from esper_lib.envs.morpho import MorphoEnv
 
     torch.set_num_threads(1)
-    before = native.switched_on()
-    try:
-        pairs = play_both_paths(partial(MorphoEnv, **dict(args.env)), range(FIRST_SEED, FIRST_SEED + args.seeds))
-    finally:
-        native.enable(before)
+    pairs = play_both_paths(partial(MorphoEnv, **dict(args.env)), range(FIRST_SEED, FIRST_SEED + args.seeds))
     table = summarize(pairs)
     with pd.option_context("display.width", 200, "display.float_format", "{:+.4f}".format):
         print(table.to_string(index=False))

@@ -32,9 +32,19 @@ def pool_runs(frames: list[pd.DataFrame], controller: str = "ppo", baseline: str
     if len(frames) < 1:
         raise ValueError("pool_runs needs at least one run's episodes")
     for k, f in enumerate(frames):
+        columns = {"controller", "seed", "return", "train_seed"} - set(f.columns)
+        if columns:
+            raise ValueError(f"run {k} lacks the column(s) {sorted(columns)} of notebook 04's evaluation_episodes.csv")
         missing = {controller, baseline} - set(f["controller"])
         if missing:
             raise ValueError(f"run {k} has no episodes of {sorted(missing)}")
+        trained = f[f.controller == controller]
+        if trained["train_seed"].isna().any():
+            raise ValueError(f"run {k} has {controller} episodes without a train_seed")
+        held_out = set(f.loc[f.controller == baseline, "seed"])
+        uncovered = [int(t) for t, g in trained.groupby("train_seed") if set(g["seed"]) != held_out]
+        if uncovered:
+            raise ValueError(f"run {k}: the episodes of training seed(s) {uncovered} are not on the {baseline} episodes' held-out seeds")
     base = [f[f.controller == baseline].sort_values("seed")[["seed", "return"]].reset_index(drop=True) for f in frames]
     for k, b in enumerate(base[1:], start=1):
         if not b.equals(base[0]):
@@ -50,8 +60,10 @@ def pooled_table(pooled: pd.DataFrame, baseline: str = "always_wait") -> pd.Data
     tables = [compare_controllers(pooled, "return", baseline=baseline, resample_training_seeds=two) for two in (False, True)]
     rows = [t[t.controller != baseline][["train_seed", "diff_mean", "diff_ci_low", "diff_ci_high"]] for t in tables]
     out = rows[0].rename(columns={"diff_ci_low": "ci_low", "diff_ci_high": "ci_high"}).reset_index(drop=True)
-    out["two_level_low"] = np.where(out.train_seed.astype(str) == "all", rows[1].diff_ci_low.to_numpy(), np.nan)
-    out["two_level_high"] = np.where(out.train_seed.astype(str) == "all", rows[1].diff_ci_high.to_numpy(), np.nan)
+    # resampling the training runs needs at least two of them: with one, no interval for a new run
+    pooled_row = (out.train_seed.astype(str) == "all") & ((out.train_seed.astype(str) != "all").sum() >= 2)
+    out["two_level_low"] = np.where(pooled_row, rows[1].diff_ci_low.to_numpy(), np.nan)
+    out["two_level_high"] = np.where(pooled_row, rows[1].diff_ci_high.to_numpy(), np.nan)
     return out
 
 
@@ -64,7 +76,10 @@ def main() -> None:
     for path in args.episodes:
         if not path.is_file():
             parser.error(f"no such file: {path}")
-    pooled = pool_runs([pd.read_csv(p) for p in args.episodes], args.controller, args.baseline)
+    try:
+        pooled = pool_runs([pd.read_csv(p) for p in args.episodes], args.controller, args.baseline)
+    except ValueError as exc:
+        parser.error(str(exc))
     table = pooled_table(pooled, args.baseline)
     per_seed = table[table.train_seed.astype(str) != "all"].diff_mean
     print(f"{args.controller} - {args.baseline}, {len(per_seed)} training seeds x {pooled.seed.nunique()} held-out env seeds")

@@ -309,6 +309,19 @@ def test_the_environment_variable_switches_the_kernels_at_import(value, expected
     assert out == str(expected)
 
 
+@pytest.mark.parametrize("flag", [False, True])
+def test_enable_reaches_the_processes_started_after_it(monkeypatch, flag):
+    """Spawned workers (training and evaluation pools) re-import ``native`` and read ESPER_NATIVE: enable sets it."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("ESPER_NATIVE", raising=False)  # unset: the workers' default would be on
+    native.enable(flag)
+    out = subprocess.run([sys.executable, "-c", "from esper_lib.envs import native; print(native._enabled)"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(flag)
+
+
 @pytest.mark.parametrize("width", [32, 8])  # 8: the host's maps, a vectorised path (65 row pairs: one left over)
 def test_max_pool_picks_the_window_element_max_pool2d_picks_for_every_tie_and_nan_pattern(width):
     """All 4^4 windows over {0, 1, 2, NaN}: the same value and the same gradient route as max_pool2d."""

@@ -151,6 +151,18 @@ def test_notebook_04_names_a_native_kernels_value_that_is_not_a_bool(tmp_path: P
 
 
 @pytest.mark.notebook
+def test_notebook_04_refuses_kernels_it_was_asked_for_that_cannot_be_built(tmp_path: Path, monkeypatch) -> None:
+    """No C compiler (CC=false, an empty cache): native_kernels=True stops with the reason instead of training on
+    the other path."""
+    import papermill
+
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("ESPER_NATIVE_CACHE", str(tmp_path / "empty_cache"))  # the notebook's kernel inherits both
+    with pytest.raises(papermill.PapermillExecutionError, match="native_kernels is True, but the C kernels could not be built"):
+        run_notebook("04_short_training", parameters={"native_kernels": True, "train_seeds": [0]}, quick=True, out_root=tmp_path)
+
+
+@pytest.mark.notebook
 def test_notebook_04_trains_with_the_gae_lambda_it_is_given(tmp_path: Path) -> None:
     from esper_lib.ppo import load_trained
 

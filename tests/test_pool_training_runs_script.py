@@ -37,6 +37,23 @@ def test_runs_that_cannot_be_pooled_are_refused():
         module.pool_runs([_run([0], 0.1), _run([1], 0.1, held_out=range(20_000, 20_008))])
     with pytest.raises(ValueError, match=r"run 0 has no episodes of \['ppo'\]"):
         module.pool_runs([_run([0], 0.1).query("controller != 'ppo'")])
+    with pytest.raises(ValueError, match=r"run 0 lacks the column\(s\) \['train_seed'\]"):
+        module.pool_runs([_run([0], 0.1).drop(columns="train_seed")])
+    unlabelled = _run([0], 0.1)
+    unlabelled.loc[unlabelled.controller == "ppo", "train_seed"] = np.nan
+    with pytest.raises(ValueError, match="run 0 has ppo episodes without a train_seed"):
+        module.pool_runs([unlabelled])
+    short = _run([0, 1], 0.1)
+    short = short.drop(short.index[(short.controller == "ppo") & (short.train_seed == 1) & (short.seed == 10_003)])
+    with pytest.raises(ValueError, match=r"training seed\(s\) \[1\] are not on the always_wait episodes' held-out seeds"):
+        module.pool_runs([short])
+
+
+def test_one_training_seed_has_no_interval_for_a_new_run():
+    module = load_script("pool_training_runs")
+    table = module.pooled_table(module.pool_runs([_run([0], 0.1)]))
+    row = table[table.train_seed.astype(str) == "all"].iloc[0]
+    assert row.diff_mean == pytest.approx(0.1) and np.isnan(row.two_level_low) and np.isnan(row.two_level_high)
 
 
 def test_main_prints_the_pooled_table(tmp_path, monkeypatch, capsys):
@@ -48,3 +65,13 @@ def test_main_prints_the_pooled_table(tmp_path, monkeypatch, capsys):
     load_script("pool_training_runs").main()
     out = capsys.readouterr().out
     assert "3 training seeds x 8 held-out env seeds" in out and "median over training seeds +0.100" in out  # gains 0.1, 0.2 and 0.1
+
+
+def test_main_reports_runs_that_cannot_be_pooled_as_usage_errors(tmp_path, monkeypatch, capsys):
+    paths = [tmp_path / "a.csv", tmp_path / "b.csv"]
+    _run([0], 0.1).to_csv(paths[0], index=False)
+    _run([0], 0.1).to_csv(paths[1], index=False)
+    monkeypatch.setattr(sys, "argv", ["pool_training_runs.py", *map(str, paths)])
+    with pytest.raises(SystemExit) as exc:
+        load_script("pool_training_runs").main()
+    assert exc.value.code == 2 and "training seeds appear in more than one run: [0]" in capsys.readouterr().err

@@ -139,6 +139,6 @@ def test_kernel_paths_study_pairs_every_controller_on_both_paths(monkeypatch, ca
     assert native.switched_on() == before  # the switch is restored
     table = pd.read_csv(tmp_path / "paths.csv")
     assert list(table.controller) == ["always_wait", "best_schedule", "heuristic", "random_masked"]
-    assert (table.episodes == 2).all() and (table.same_ops == 2).all()  # the same actions on both paths
+    assert (table.episodes == 2).all() and (table.same_actions == 2).all()  # the same actions on both paths
     assert (table.max_abs_diff <= 0.3).all() and (table.diff_ci_low <= table.diff_mean).all() and (table.diff_mean <= table.diff_ci_high).all()
     assert "random_masked" in capsys.readouterr().out

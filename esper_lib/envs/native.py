@@ -9,7 +9,8 @@ of them in one call each. The first call compiles the source with the system C c
 source, flags, compiler and CPU, written atomically so parallel processes can race) and loads it.
 
 On by default wherever they build: ``ESPER_NATIVE=0`` in the environment (read at import, inherited by
-worker processes) or ``native.enable(False)`` picks the torch path (``esper_lib.envs.small_ops``), which
+worker processes) or ``native.enable(False)`` (which sets the variable for the processes started after it) picks
+the torch path (``esper_lib.envs.small_ops``), which
 computes the same functions up to float rounding (the same MDP: tests/test_native_kernels.py plays the
 same actions on both). A failed build (no C compiler) warns once and leaves the torch path. The kernels are compiled without ``-ffast-math``: every output is a
 fixed sequence of IEEE operations, vectorised across independent outputs only, so the results do not
@@ -26,7 +27,7 @@ Functions (contiguous float32 CPU tensors only; anything else raises ValueError)
   the seeds in its slots (every CNN blueprint), in one call; without seeds the same results as the calls above
   bit for bit; ``host_forward``: the host's logits with every set of ablated slots the counterfactuals need,
   in one call;
-- ``available()``, ``enable()``, ``enabled()``.
+- ``available()``, ``enable()``, ``enabled()``, ``switched_on()``, ``path_label()``.
 """
 from __future__ import annotations
 
@@ -106,9 +107,12 @@ _enabled = os.environ.get("ESPER_NATIVE", "1").strip().lower() not in OFF_VALUES
 
 
 def enable(flag: bool) -> None:
-    """Turn the native kernels on or off for this process (``SmallConv2d`` and ``max_pool2x2`` check it per call)."""
+    """Turn the native kernels on or off for this process (``SmallConv2d`` and ``max_pool2x2`` check it per call)
+    and for the processes it starts from now on: ``ESPER_NATIVE`` is set to match, so spawned workers (training
+    and evaluation pools, ``AsyncVectorEnv(context="spawn")``) run the same path."""
     global _enabled
     _enabled = bool(flag)
+    os.environ["ESPER_NATIVE"] = "1" if _enabled else "0"
 
 
 def switched_on() -> bool:
@@ -119,6 +123,11 @@ def switched_on() -> bool:
 def enabled() -> bool:
     """True when the kernels are switched on and built (builds them on the first call)."""
     return _enabled and _library() is not None
+
+
+def path_label() -> str:
+    """Which path computes the env's host training in this process, for the lines reports write about their runs."""
+    return "the C kernels" if enabled() else "the torch path"
 
 
 @lru_cache(maxsize=1)

@@ -86,10 +86,12 @@ class EnvWorker:
         except Exception as exc:  # noqa: BLE001 - every env error is reported with its index
             raise SubEnvError(self.first_index + j, method, traceback.format_exc()) from exc
 
-    def build(self, env_fns: Sequence[Callable[[], gym.Env]], first_index: int, native_kernels: bool = False) -> dict[str, Any]:
+    def build(self, env_fns: Sequence[Callable[[], gym.Env]], first_index: int, native_kernels: bool | None = None) -> dict[str, Any]:
         """Build the envs (with the driver's switch of the C kernels, ``esper_lib.envs.native``); returns their
-        spaces and metadata for the driver to check, and whether the kernels run here."""
-        native.enable(native_kernels)
+        spaces and metadata for the driver to check, and whether the kernels run here. None: the actor's own
+        ``ESPER_NATIVE`` (on unless 0)."""
+        if native_kernels is not None:
+            native.enable(native_kernels)
         self.first_index = first_index
         for j, fn in enumerate(env_fns):
             with self._blame(j, "construction"):

@@ -291,7 +291,8 @@ def _feature_names(num_slots: int) -> list[str]:
 # ---------------------------------------------------------------------------------- evaluation
 
 
-def _reset_controller(controller: Any, seed: int) -> None:
+def reset_controller(controller: Any, seed: int) -> None:
+    """Call ``controller.reset(seed=seed)``, or ``reset()`` when it takes no seed, or nothing without a ``reset``."""
     reset = getattr(controller, "reset", None)
     if reset is None:
         return
@@ -340,7 +341,7 @@ def evaluate_controller(
     rows = []
     try:
         for seed in iterator:
-            _reset_controller(controller, int(seed))
+            reset_controller(controller, int(seed))
             obs, info = env.reset(seed=int(seed))
             initial = float(info.get("initial_val_accuracy", math.nan))
             seed_lr = float(info.get("seed_lr", math.nan))
