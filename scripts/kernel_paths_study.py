@@ -63,15 +63,20 @@ class RecordingController:
         return action
 
 
-def play_both_paths(env_fn, seeds: range) -> pd.DataFrame:
+def play_both_paths(env_fn, seeds: range, names: tuple[str, ...] | None = None) -> pd.DataFrame:
     """One row per (controller, seed): each path's return and wall time, their difference, and whether every
-    action (all eight heads) was the same on both paths. Puts the kernels' switch back as it found it."""
+    action (all eight heads) was the same on both paths. ``names``: a subset of ``controllers()`` (None: all).
+    Puts the kernels' switch back as it found it."""
+    unknown = set(names or ()) - set(controllers())
+    if unknown:
+        raise ValueError(f"names: unknown controller(s) {sorted(unknown)}; expected some of {sorted(controllers())}")
     frames, played = {}, {}
     before = native.switched_on()
     try:
         for kernels in (True, False):
             native.enable(kernels)
-            recorders = {name: RecordingController(ctrl) for name, ctrl in controllers().items()}
+            chosen = {name: ctrl for name, ctrl in controllers().items() if names is None or name in names}
+            recorders = {name: RecordingController(ctrl) for name, ctrl in chosen.items()}
             frames[kernels] = pd.concat([evaluate_controller(rec, env_fn, seeds, name=name) for name, rec in recorders.items()])
             played[kernels] = {(name, seed): acts for name, rec in recorders.items() for seed, acts in rec.actions.items()}
     finally:

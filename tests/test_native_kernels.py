@@ -835,45 +835,17 @@ def test_unchecked_host_epoch_still_refuses_state_of_the_wrong_shape(native_on):
         opt.native_host_epoch(x, y, 4, host.native_blocks(), 5.0, [None, None, False])
 
 
-def _returns_with_the_same_actions(kind: str, seeds: range, kernels: bool) -> tuple[list[float], list[list[tuple]]]:
-    """Whole default-size episodes on one path: returns and the actions played (the best fixed schedule's,
-    or the masked random controller's, seeded per episode)."""
-    import json
-    from pathlib import Path
-
-    from esper_lib.evaluation.baselines import RandomMaskedController
-    from esper_lib.evaluation.schedules import ScheduleController, schedule_from_dict
-
-    native.enable(kernels)
-    best = Path(__file__).resolve().parents[1] / "docs" / "figures" / "headroom_best_schedule.json"
-    returns, actions = [], []
-    for seed in seeds:
-        env = MorphoEnv()
-        if kind == "schedule":
-            ctrl = ScheduleController(schedule_from_dict(json.loads(best.read_text())["schedule"]))
-        else:
-            ctrl = RandomMaskedController(seed=seed, wait_prob=0.5)
-        obs, _ = env.reset(seed=seed)
-        total, done, played = 0.0, False, []
-        while not done:
-            action = ctrl.act(obs)
-            played.append(tuple(int(a) for a in action))
-            obs, reward, term, trunc, _ = env.step(action)
-            total, done = total + float(reward), term or trunc
-        returns.append(total)
-        actions.append(played)
-    return returns, actions
-
-
-@pytest.mark.parametrize("kind", ["schedule", "random"])
+@pytest.mark.parametrize("kind", ["best_schedule", "random_masked"])
 def test_both_paths_pose_the_same_decision_problem(kind):
     """The kernels are the default because they pose the same MDP: the same actions on held-out seeds give the
     same returns up to a few validation images flipped by rounding (100 seeds per controller: mean difference
-    within +-0.01 of 0, largest 0.13, README), never a systematic shift."""
-    seeds = range(10_000, 10_006)
-    on, actions_on = _returns_with_the_same_actions(kind, seeds, kernels=True)
-    off, actions_off = _returns_with_the_same_actions(kind, seeds, kernels=False)
-    assert actions_on == actions_off  # the masks agreed at every step
-    diff = np.subtract(on, off)
-    assert np.max(np.abs(diff)) <= 0.3 and abs(diff.mean()) <= 0.04, diff
-    assert np.std(on) > 0.01  # episodes differ from one another: the comparison is not between constants
+    within +-0.01 of 0, largest 0.16, README), never a systematic shift. Played by scripts/kernel_paths_study.py."""
+    from script_support import load_script
+
+    study = load_script("kernel_paths_study")
+    pairs = study.play_both_paths(MorphoEnv, range(10_000, 10_006), names=(kind,))  # default-size episodes
+    assert len(pairs) == 6 and pairs.same_actions.all()  # every head of every action agreed: the masks agreed
+    assert pairs["diff"].abs().max() <= 0.3 and abs(pairs["diff"].mean()) <= 0.04, pairs["diff"]
+    assert pairs.return_kernels.std() > 0.01  # episodes differ from one another: the comparison is not between constants
+    with pytest.raises(ValueError, match=r"names: unknown controller\(s\) \['nope'\]"):
+        study.play_both_paths(MorphoEnv, range(2), names=("nope",))

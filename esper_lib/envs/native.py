@@ -9,10 +9,10 @@ of them in one call each. The first call compiles the source with the system C c
 source, flags, compiler and CPU, written atomically so parallel processes can race) and loads it.
 
 On by default wherever they build: ``ESPER_NATIVE=0`` in the environment (read at import, inherited by
-worker processes) or ``native.enable(False)`` (which sets the variable for the processes started after it) picks
-the torch path (``esper_lib.envs.small_ops``), which
-computes the same functions up to float rounding (the same MDP: tests/test_native_kernels.py plays the
-same actions on both). A failed build (no C compiler) warns once and leaves the torch path. The kernels are compiled without ``-ffast-math``: every output is a
+worker processes) or ``native.enable(False)`` (which sets the variable for the processes started after it)
+picks the torch path (``esper_lib.envs.small_ops``), which computes the same functions up to float rounding
+(the same MDP: ``scripts/kernel_paths_study.py`` plays the same actions on both). A failed build (no C
+compiler) warns once and leaves the torch path. The kernels are compiled without ``-ffast-math``: every output is a
 fixed sequence of IEEE operations, vectorised across independent outputs only, so the results do not
 depend on the vector width the compiler picks (multiply-adds are fused on CPUs with FMA).
 
